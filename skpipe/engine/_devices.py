@@ -1,0 +1,55 @@
+"""Which device each pipeline rank uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def resolve_devices(devices: str | Sequence[str], n_stages: int, launcher: str) -> tuple[str, ...]:
+    """One device string per pipeline rank.
+
+    ``'auto'``: one GPU per stage when at least ``n_stages`` GPUs exist; every stage on the one
+    GPU when the stages share this process (``launcher='local'`` or one stage); else the CPU.
+    A list names the devices in rank order; with one stage its first entry is used.
+    """
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if isinstance(devices, str):
+        if devices != "auto":
+            devices = [devices]
+        else:
+            if n_gpus >= n_stages:
+                return tuple(f"cuda:{i}" for i in range(n_stages))
+            if n_gpus >= 1 and launcher in ("local", "single"):
+                return ("cuda:0",) * n_stages
+            return ("cpu",) * n_stages
+    devices = list(devices)
+    if len(devices) == 0:
+        raise ValueError("devices is an empty list; give 'auto' or at least one device.")
+    out = []
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"devices entry {d!r} is not a torch device ({exc}).") from None
+        if dev.type == "cuda":
+            index = dev.index if dev.index is not None else 0
+            if index >= n_gpus:
+                raise ValueError(
+                    f"devices entry {d!r} names a GPU this machine does not have "
+                    f"({n_gpus} CUDA device(s) visible)."
+                )
+            out.append(f"cuda:{index}")
+        else:
+            out.append(str(dev))
+    if n_stages == 1:
+        return (out[0],)
+    if launcher == "local" and len(out) == 1:
+        return (out[0],) * n_stages
+    if len(out) < n_stages:
+        raise ValueError(
+            f"n_stages ({n_stages}) is larger than the number of devices given ({len(out)}: "
+            f"{out}); list one device per stage or lower n_stages."
+        )
+    return tuple(out[:n_stages])

@@ -1,0 +1,80 @@
+"""Fixed-shape batches and exact loss weights.
+
+torch's stages freeze their shapes at the first step and refuse uneven micro-batches, so every
+training batch is padded to one fixed row count that splits evenly into ``m`` micro-batches.
+Padding rows never reach the loss: the schedule's target is the row index of each row (-1 for
+padding), and each micro-batch's loss is weighted by its share of real rows, so the summed
+gradient equals the gradient of the loss over the real batch, whatever the micro-batch sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def step_rows(batch_size: int, n_microbatches: int) -> int:
+    """Rows of every padded training batch: batch_size rounded up to a multiple of m."""
+    return math.ceil(batch_size / n_microbatches) * n_microbatches
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` rows (``x`` itself when already that long)."""
+    n = x.shape[0]
+    if n == rows:
+        return x
+    if n > rows:
+        raise ValueError(f"a batch of {n} rows does not fit the fixed step size of {rows} rows")
+    pad = x.new_zeros((rows - n,) + tuple(x.shape[1:]))
+    return torch.cat([x, pad], dim=0)
+
+
+def row_targets(n_real: int, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row index of each padded row, -1 for padding."""
+    idx = torch.full((rows,), -1, dtype=torch.long, device=device)
+    idx[:n_real] = torch.arange(n_real, device=device)
+    return idx
+
+
+def reduction_of(criterion: nn.Module) -> str:
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"criterion {type(criterion).__name__} has reduction={reduction!r}; skpipe needs a "
+            "criterion that reduces with 'mean' or 'sum' to weight micro-batches exactly."
+        )
+    return reduction
+
+
+class WeightedLoss:
+    """Loss of one micro-batch, weighted so that micro-batch losses sum to the batch loss.
+
+    ``set_batch(y, n_real)`` before each step; the schedule then calls ``self(output, idx)`` once
+    per micro-batch with the row indices of that micro-batch.
+    """
+
+    def __init__(self, criterion: nn.Module) -> None:
+        self.criterion = criterion
+        self.reduction = reduction_of(criterion)
+        self.y: torch.Tensor | None = None
+        self.n_real = 0
+
+    def set_batch(self, y: torch.Tensor, n_real: int) -> None:
+        self.y = y
+        self.n_real = n_real
+
+    def __call__(self, output: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        assert self.y is not None, "set_batch must be called before the step"
+        real = idx >= 0
+        n = int(real.sum())
+        if n == 0:
+            return output.sum() * 0.0
+        if n == idx.shape[0]:
+            loss = self.criterion(output, self.y[idx])
+        else:
+            loss = self.criterion(output[real], self.y[idx[real]])
+        if self.reduction == "mean":
+            loss = loss * (n / self.n_real)
+        return loss

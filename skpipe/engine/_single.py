@@ -1,0 +1,60 @@
+"""One device, one process: the n_stages=1 home (micro-batches become gradient accumulation)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._config import PipelineConfig, TrainSpec
+from ._microbatch import WeightedLoss
+from ._runner import Runner
+
+
+class SingleRunner(Runner):
+    def __init__(self, module: nn.Module, config: PipelineConfig, spec: TrainSpec) -> None:
+        self.config = config
+        self.device = torch.device(config.devices[0])
+        self.module = module.to(self.device)
+        self.loss = WeightedLoss(spec.criterion.to(self.device))
+        self.optimizer = spec.optimizer(self.module.parameters(), **spec.optimizer_kwargs)
+        self._bf16 = config.precision == "bf16"
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bf16:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                return self.module(x).float()
+        return self.module(x)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        n = x.shape[0]
+        m = min(self.config.n_microbatches, n)
+        if m == 1:
+            out = self._forward(x)
+            loss = self.loss.criterion(out, y)
+            loss.backward()
+        else:  # gradient accumulation, weighted so the sum is the batch loss exactly
+            self.loss.set_batch(y, n)
+            outs, total = [], torch.zeros((), device=self.device)
+            for idx in torch.arange(n, device=self.device).tensor_split(m):
+                out_mb = self._forward(x[idx])
+                loss_mb = self.loss(out_mb, idx)
+                loss_mb.backward()
+                outs.append(out_mb.detach())
+                total = total + loss_mb.detach()
+            out, loss = torch.cat(outs), total
+        if self.config.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        return loss.detach().cpu(), out.detach().cpu()
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        return self._forward(x.to(self.device)).float().cpu()
+
+    def finish(self) -> None:
+        self.module.to("cpu")

@@ -1,0 +1,298 @@
+"""The stages one process holds: torch PipelineStages with static shapes, the schedule, the
+optimizer shard, checkpointing, and a forward-only path for prediction.
+
+The same ``StageHost`` serves all homes: every chunk in the user's process (``local``), one rank's
+chunks in a spawned worker, or one rank's chunks under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as torch_schedules
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from . import _schedules
+from ._config import PipelineConfig, TrainSpec
+from ._microbatch import WeightedLoss, pad_rows, row_targets
+
+
+class ChunkModule(nn.Module):
+    """One chunk of layers, with per-micro-batch activation recomputation and autocast.
+
+    ``checkpoint``: 'never'; 'always' (recompute every micro-batch in backward); 'except_last'
+    (every micro-batch but the last of a step, as torchgpipe defines it). Forwards of one chunk
+    run in micro-batch order in every schedule, so a counter reset at each step knows the index.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        *,
+        index: int,
+        checkpoint: str = "never",
+        n_microbatches: int = 1,
+        precision: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+        self.index = index
+        self.checkpoint = checkpoint
+        self.n_microbatches = n_microbatches
+        self.precision = precision
+        self.calls = 0
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "bf16":
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                out = self.layers(x)
+        else:
+            out = self.layers(x)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"pipeline chunk {self.index} returned {type(out).__name__}, not a tensor: every "
+                "layer at a chunk boundary must return one tensor (wrap layers that return "
+                "tuples or dicts in a block that returns a tensor)."
+            )
+        return out.float() if out.dtype != torch.float32 and out.is_floating_point() else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mb = self.calls % self.n_microbatches
+        self.calls += 1
+        recompute = (
+            self.training
+            and torch.is_grad_enabled()
+            and (
+                self.checkpoint == "always"
+                or (self.checkpoint == "except_last" and mb != self.n_microbatches - 1)
+            )
+        )
+        if recompute:
+            return activation_checkpoint(self._run, x, use_reentrant=False)
+        return self._run(x)
+
+
+def boundary_shapes(
+    layers: Sequence[nn.Module], bounds: Sequence[tuple[int, int]], n_features: int
+) -> list[tuple[int, ...]]:
+    """Per-row shape at every chunk boundary (len = n_chunks + 1), found on the meta device so
+    that no real compute runs; falls back to a real one-row forward for layers meta cannot run."""
+    shapes: list[tuple[int, ...]] = [(n_features,)]
+    x = torch.zeros((2, n_features), device="meta")
+    for k, (s, e) in enumerate(bounds):
+        chunk = nn.Sequential(*layers[s:e])
+        try:
+            with torch.no_grad():
+                out = _meta_copy(chunk)(x)
+        except Exception:  # noqa: BLE001 - meta unsupported by some layer: measure for real
+            with torch.no_grad():
+                real = torch.zeros((2,) + tuple(x.shape[1:]))
+                out = chunk(real)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"pipeline chunk {k} (layers {s}..{e - 1}) returns {type(out).__name__}, not a "
+                "tensor: stage outputs must be tensors. Wrap layers that return tuples or dicts "
+                "in a block whose forward returns one tensor, or change the balance."
+            )
+        shapes.append(tuple(out.shape[1:]))
+        x = torch.zeros(out.shape, device="meta", dtype=out.dtype)
+    return shapes
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(module)
+    return clone.to_empty(device="meta")
+
+
+def ensure_local_group(device: str) -> dist.ProcessGroup:
+    """A world-size-1 default process group for stages that all live in this process."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(
+                f"launcher='local' runs every stage in this process, but a process group of "
+                f"world size {dist.get_world_size()} is already initialized (torchrun?); use "
+                "launcher='torchrun' or 'auto'."
+            )
+        group = dist.group.WORLD
+        assert group is not None
+        return group
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    group = dist.group.WORLD
+    assert group is not None
+    return group
+
+
+class StageHost:
+    """The chunks one process owns, their torch stages, schedule and optimizer."""
+
+    def __init__(
+        self,
+        chunks: dict[int, nn.Sequential],
+        config: PipelineConfig,
+        spec: TrainSpec,
+        shapes: Sequence[tuple[int, ...]],
+        *,
+        rank: int,
+        device: str,
+        group: dist.ProcessGroup,
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.device = torch.device(device)
+        self.group = group
+        self.shapes = list(shapes)
+        self.chunk_ids = sorted(chunks)
+        self.world_size = dist.get_world_size(group)
+        m = config.n_microbatches
+        self.chunks = {
+            c: ChunkModule(
+                list(chunks[c]),
+                index=c,
+                checkpoint=config.checkpoint,
+                n_microbatches=m,
+                precision=config.precision,
+            ).to(self.device)
+            for c in self.chunk_ids
+        }
+        self.holds_first = 0 in self.chunks
+        self.holds_last = (config.n_chunks - 1) in self.chunks
+        self.loss = WeightedLoss(spec.criterion.to(self.device))
+        params = [p for c in self.chunk_ids for p in self.chunks[c].parameters()]
+        self.optimizer = spec.optimizer(params, **spec.optimizer_kwargs)
+        self.schedule_class = self._schedule_class()
+        self._schedule = self._build_schedule()
+
+    # -- building --------------------------------------------------------------------------
+    def _schedule_class(self) -> str:
+        name = _schedules.SCHEDULES[self.config.schedule].torch_class
+        if self.world_size == 1 and self.config.n_stages > 1:
+            local = _schedules.LOCAL_EQUIVALENT.get(self.config.schedule)
+            if local is not None:
+                return local
+        return name
+
+    def _stage(self, c: int) -> PipelineStage:
+        mb = self.config.microbatch_rows
+        n_chunks = self.config.n_chunks
+        inp = torch.empty((mb,) + self.shapes[c], device=self.device, requires_grad=c > 0)
+        out = torch.empty((mb,) + self.shapes[c + 1], device=self.device, requires_grad=True)
+        return PipelineStage(
+            self.chunks[c],
+            c,
+            n_chunks,
+            self.device,
+            input_args=(inp,),
+            output_args=(out,),
+            group=self.group,
+        )
+
+    def _build_schedule(self):  # noqa: ANN202 - torch's schedule types are private
+        cls = getattr(torch_schedules, self.schedule_class)
+        stages = [self._stage(c) for c in self.chunk_ids]
+        m = self.config.n_microbatches
+        if issubclass(cls, torch_schedules.PipelineScheduleSingle):
+            return cls(stages[0], m, loss_fn=self.loss, scale_grads=False)
+        return cls(stages, m, loss_fn=self.loss, scale_grads=False)
+
+    # -- training ----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        for chunk in self.chunks.values():
+            chunk.train(mode)
+
+    def train_step(
+        self, x: torch.Tensor | None, y: torch.Tensor | None, n_real: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One optimizer step over a batch of ``n_real`` rows.
+
+        ``x`` is needed where the first chunk lives, ``y`` where the last one lives. Returns the
+        batch loss and the real rows' outputs on the process holding the last chunk.
+        """
+        self.train(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        for chunk in self.chunks.values():
+            chunk.calls = 0
+        rows = self.config.batch_rows
+        args: tuple[torch.Tensor, ...] = ()
+        if self.holds_first:
+            assert x is not None
+            args = (pad_rows(x.to(self.device, non_blocking=True), rows),)
+        target = None
+        losses: list[torch.Tensor] | None = None
+        if self.holds_last:
+            assert y is not None
+            self.loss.set_batch(y.to(self.device, non_blocking=True), n_real)
+            target = row_targets(n_real, rows, self.device)
+            losses = []
+        out = self._schedule.step(*args, target=target, losses=losses)
+        self.clip_gradients()
+        self.optimizer.step()
+        if not self.holds_last:
+            return None, None
+        assert losses is not None
+        total = torch.stack([loss.detach().float() for loss in losses]).sum()
+        return total, out[:n_real].detach()
+
+    def clip_gradients(self) -> float | None:
+        """Clip by the global norm over every stage of the pipeline (all ranks agree)."""
+        max_norm = self.config.max_grad_norm
+        if max_norm is None:
+            return None
+        grads = [
+            p.grad for c in self.chunk_ids for p in self.chunks[c].parameters() if p.grad is not None
+        ]
+        sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        for g in grads:
+            sq += g.detach().double().pow(2).sum()
+        if self.world_size > 1:
+            dist.all_reduce(sq, group=self.group)
+        total = float(sq.sqrt())
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return total
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
+        """Forward-only pass of ``n_rows`` rows through every chunk, in eval mode.
+
+        Activations cross ranks with plain send/recv (torch's ``schedule.eval`` cannot run when
+        adjacent stages share a rank). Returns the output where the last chunk lives.
+        """
+        self.train(False)
+        h: torch.Tensor | None = None
+        for c in range(self.config.n_chunks):
+            owner = self.config.owner(c)
+            if owner != self.rank:
+                continue
+            if c == 0:
+                assert x is not None
+                h = x.to(self.device)
+            elif self.config.owner(c - 1) != self.rank:
+                h = torch.empty((n_rows,) + self.shapes[c], device=self.device)
+                dist.recv(h, group_src=self.config.owner(c - 1), group=self.group)
+            assert h is not None
+            h = self.chunks[c](h)
+            if c + 1 < self.config.n_chunks and self.config.owner(c + 1) != self.rank:
+                dist.send(h.contiguous(), group_dst=self.config.owner(c + 1), group=self.group)
+        return h if self.holds_last else None
+
+    def state_dicts(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each chunk's layer parameters and buffers, on the CPU."""
+        return {
+            c: {k: v.detach().cpu() for k, v in self.chunks[c].layers.state_dict().items()}
+            for c in self.chunk_ids
+        }
+
+    def close(self) -> None:
+        self._schedule = None
+        self.chunks.clear()
+        self.optimizer = None  # type: ignore[assignment]

@@ -1,0 +1,130 @@
+"""Entry point of a stage worker: ``python -m skpipe.engine._worker_main`` (started by _workers)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Client
+from typing import Any
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Never outlive the driver: ask the kernel for SIGKILL when the parent dies, and watch."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="skpipe-parent-watch").start()
+
+
+def main() -> None:
+    parent = int(os.environ["SKPIPE_PARENT_PID"])
+    _die_with_parent(parent)
+    rank = int(os.environ["SKPIPE_RANK"])
+    world = int(os.environ["SKPIPE_WORLD_SIZE"])
+    conn = Client(
+        ("127.0.0.1", int(os.environ["SKPIPE_CONTROL_PORT"])),
+        authkey=bytes.fromhex(os.environ["SKPIPE_AUTHKEY"]),
+    )
+    conn.send_bytes(pickle.dumps(rank))
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    host = None
+
+    def reply(payload: Any) -> None:
+        conn.send_bytes(pickle.dumps(("ok", payload), protocol=5))
+
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            break
+        kind = message[0]
+        if kind == "close":
+            break
+        try:
+            if kind == "setup":
+                from skpipe.engine._stage import StageHost
+
+                setup = message[1]
+                config = setup["config"]
+                device = setup["device"]
+                if device.startswith("cuda"):
+                    torch.cuda.set_device(torch.device(device))
+                store = dist.TCPStore(
+                    "127.0.0.1",
+                    int(os.environ["SKPIPE_STORE_PORT"]),
+                    None,
+                    is_master=False,
+                    timeout=timedelta(seconds=config.timeout),
+                )
+                backend = "nccl" if device.startswith("cuda") else "gloo"
+                dist.init_process_group(
+                    backend,
+                    store=store,
+                    rank=rank,
+                    world_size=world,
+                    timeout=timedelta(seconds=config.timeout),
+                )
+                group = dist.group.WORLD
+                host = StageHost(
+                    setup["chunks"],
+                    config,
+                    setup["spec"],
+                    setup["shapes"],
+                    rank=rank,
+                    device=device,
+                    group=group,
+                )
+                reply(None)
+            elif kind == "step":
+                assert host is not None
+                _, x, y, n_real = message
+                loss, out = host.train_step(x, y, n_real)
+                reply(None if loss is None else (loss.cpu(), out.cpu()))
+            elif kind == "forward":
+                assert host is not None
+                _, x, n_rows = message
+                out = host.forward(x, n_rows)
+                reply(None if out is None else out.cpu())
+            elif kind == "state":
+                assert host is not None
+                reply(host.state_dicts())
+            else:
+                raise ValueError(f"unknown message {kind!r}")
+        except BaseException:  # noqa: BLE001 - everything goes back to the driver
+            text = traceback.format_exc()
+            try:
+                conn.send_bytes(pickle.dumps(("error", text)))
+            except OSError:
+                pass
+            break
+    try:
+        conn.close()
+    finally:
+        # a process group with a broken peer cannot be destroyed cleanly; leave at once
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

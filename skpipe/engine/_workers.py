@@ -1,0 +1,282 @@
+"""One worker process per pipeline rank, started from the user's process.
+
+Workers are plain ``python -m skpipe.engine._worker_main`` subprocesses, not ``multiprocessing``
+children, so they start the same way from a script, a notebook or a joblib (loky) worker. They
+connect back to the driver on 127.0.0.1 over an authenticated channel, join a torch process group
+through a TCPStore the driver hosts on 127.0.0.1, and then do only what the driver asks, one
+message at a time. Modules travel with cloudpickle, so a class defined in ``__main__`` or a
+notebook cell works. A worker exits when the driver says so, when its channel closes, or when its
+parent dies (PR_SET_PDEATHSIG on Linux, plus a watchdog thread); the driver kills workers that
+fail, hang past ``timeout`` or outlive an interrupted fit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from multiprocessing.connection import Connection, Listener, wait
+from typing import Any
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._config import PipelineConfig, TrainSpec
+from ._plan import make_plan
+from ._runner import Runner
+
+_LIVE: weakref.WeakSet[WorkerGroup] = weakref.WeakSet()
+
+
+class WorkerError(RuntimeError):
+    """A stage worker failed, died or stopped answering; the message carries its traceback."""
+
+
+def _threads_per_worker(n_workers: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // n_workers)
+
+
+def _describe_exit(proc: subprocess.Popen[bytes]) -> str:
+    code = proc.poll()
+    if code is None:
+        return "its channel closed while it was still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"it was killed by signal {name}"
+    return f"it exited with code {code}"
+
+
+class WorkerGroup:
+    """The processes of one pipeline, their channels and the rendezvous store."""
+
+    def __init__(self, n_workers: int, devices: tuple[str, ...], timeout: float) -> None:
+        self.n_workers = n_workers
+        self.timeout = timeout
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.conns: list[Connection] = []
+        authkey = secrets.token_bytes(32)
+        self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        self._store = dist.TCPStore(
+            "127.0.0.1", 0, None, is_master=True, wait_for_workers=False, use_libuv=True
+        )
+        ctrl_port = self._listener.address[1]
+        threads = _threads_per_worker(n_workers) if devices[0] == "cpu" else 1
+        _LIVE.add(self)
+        try:
+            for rank in range(n_workers):
+                env = dict(os.environ)
+                env.update(
+                    SKPIPE_CONTROL_PORT=str(ctrl_port),
+                    SKPIPE_AUTHKEY=authkey.hex(),
+                    SKPIPE_RANK=str(rank),
+                    SKPIPE_WORLD_SIZE=str(n_workers),
+                    SKPIPE_STORE_PORT=str(self._store.port),
+                    SKPIPE_PARENT_PID=str(os.getpid()),
+                    OMP_NUM_THREADS=str(threads),
+                    MKL_NUM_THREADS=str(threads),
+                )
+                # torchrun's variables would make the worker think it is part of another job
+                for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                    env.pop(key, None)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "skpipe.engine._worker_main"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches the driver only; it stops workers
+                )
+                self.procs.append(proc)
+            self._accept_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def _accept_all(self) -> None:
+        import socket
+
+        sock = self._listener._listener._socket  # type: ignore[attr-defined]
+        deadline = time.monotonic() + min(self.timeout, 120.0)
+        by_rank: dict[int, Connection] = {}
+        while len(by_rank) < self.n_workers:
+            remaining = deadline - time.monotonic()
+            for rank, proc in enumerate(self.procs):
+                if proc.poll() is not None and rank not in by_rank:
+                    raise WorkerError(
+                        f"stage worker {rank} (pid {proc.pid}) failed to start: "
+                        f"{_describe_exit(proc)}."
+                    )
+            if remaining <= 0:
+                raise WorkerError(
+                    f"only {len(by_rank)} of {self.n_workers} stage workers connected within "
+                    f"{min(self.timeout, 120.0):.0f} s."
+                )
+            sock.settimeout(min(1.0, remaining))
+            try:
+                conn = self._listener.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            rank = pickle.loads(conn.recv_bytes())
+            by_rank[rank] = conn
+        self.conns = [by_rank[r] for r in range(self.n_workers)]
+
+    # -- messaging -----------------------------------------------------------------------------
+    def send(self, rank: int, message: Any, *, cloud: bool = False) -> None:
+        data = cloudpickle.dumps(message) if cloud else pickle.dumps(message, protocol=5)
+        try:
+            self.conns[rank].send_bytes(data)
+        except (BrokenPipeError, ConnectionError, OSError):
+            raise self._dead(rank) from None
+
+    def _dead(self, rank: int) -> WorkerError:
+        proc = self.procs[rank]
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        return WorkerError(f"stage worker {rank} (pid {proc.pid}) stopped: {_describe_exit(proc)}.")
+
+    def gather(self, ranks: list[int] | None = None) -> dict[int, Any]:
+        """Wait for one reply from each rank; raise WorkerError on any failure or timeout."""
+        pending = {self.conns[r]: r for r in (ranks if ranks is not None else range(self.n_workers))}
+        replies: dict[int, Any] = {}
+        deadline = time.monotonic() + self.timeout
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                ranks_left = sorted(pending.values())
+                raise WorkerError(
+                    f"stage worker(s) {ranks_left} gave no answer within timeout={self.timeout} s; "
+                    "they were stopped. Raise the estimator's timeout if a step really takes "
+                    "this long."
+                )
+            for conn in wait(list(pending), timeout=min(remaining, 0.5)):
+                rank = pending.pop(conn)  # type: ignore[arg-type]
+                try:
+                    reply = pickle.loads(conn.recv_bytes())  # type: ignore[union-attr]
+                except (EOFError, ConnectionError, OSError):
+                    raise self._dead(rank) from None
+                if reply[0] == "error":
+                    raise WorkerError(
+                        f"stage worker {rank} raised an exception:\n{reply[1]}"
+                    )
+                replies[rank] = reply[1]
+            # a worker that died without closing its socket cleanly
+            for conn, rank in list(pending.items()):
+                if self.procs[rank].poll() is not None and not conn.poll():
+                    raise self._dead(rank)
+        return replies
+
+    def close(self) -> None:
+        """Ask workers to exit, then terminate and kill what is left. Idempotent."""
+        for conn in self.conns:
+            try:
+                conn.send_bytes(pickle.dumps(("close",)))
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        deadline = time.monotonic() + 2.0
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:  # pragma: no cover - kill cannot fail this way
+                pass
+        for conn in self.conns:
+            conn.close()
+        self.conns = []
+        self.procs = []
+        try:
+            self._listener.close()
+        except Exception:  # noqa: BLE001
+            pass
+        _LIVE.discard(self)
+
+
+@atexit.register
+def _close_all() -> None:
+    for group in list(_LIVE):
+        group.close()
+
+
+class SpawnRunner(Runner):
+    """Drives one worker per pipeline rank; the training loop stays in this process."""
+
+    def __init__(
+        self, module: nn.Module, config: PipelineConfig, spec: TrainSpec, sample: torch.Tensor
+    ) -> None:
+        self.config = config
+        self.module = module
+        self.plan, self._layers = make_plan(module, config, sample)
+        self.first = config.owner(0)
+        self.last = config.owner(config.n_chunks - 1)
+        self.group = WorkerGroup(config.n_stages, config.devices, config.timeout)
+        try:
+            for rank in range(config.n_stages):
+                chunks = {c: self.plan.chunk_layers(self._layers, c) for c in config.chunks_of(rank)}
+                setup = {
+                    "chunks": chunks,
+                    "config": config,
+                    "spec": spec,
+                    "shapes": self.plan.shapes,
+                    "device": config.devices[rank],
+                }
+                self.group.send(rank, ("setup", setup), cloud=True)
+            self.group.gather()
+        except BaseException:
+            self.group.close()
+            raise
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        for rank in range(self.config.n_stages):
+            self.group.send(
+                rank,
+                (
+                    "step",
+                    x if rank == self.first else None,
+                    y if rank == self.last else None,
+                    n,
+                ),
+            )
+        replies = self.group.gather()
+        loss, out = replies[self.last]
+        return loss, out
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        for rank in range(self.config.n_stages):
+            self.group.send(rank, ("forward", x if rank == self.first else None, n))
+        return self.group.gather()[self.last]
+
+    def finish(self) -> None:
+        for rank in range(self.config.n_stages):
+            self.group.send(rank, ("state",))
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        for reply in self.group.gather().values():
+            states.update(reply)
+        for c, state in states.items():
+            self.plan.chunk_layers(self._layers, c).load_state_dict(state)
+        self.module.to("cpu")
+
+    def close(self) -> None:
+        self.group.close()
