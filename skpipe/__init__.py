@@ -1,0 +1,8 @@
+"""skpipe: scikit-learn estimators that train neural networks with pipeline parallelism."""
+
+from . import datasets, modules
+from .estimators import PipeNetClassifier, PipeNetRegressor
+
+__version__ = "0.1.0"
+
+__all__ = ["PipeNetClassifier", "PipeNetRegressor", "datasets", "modules"]

@@ -127,11 +127,6 @@ def check_microbatches(
             f"n_microbatches ({n_microbatches}) must be >= the number of model chunks "
             f"({n_chunks} = 2 x n_stages) for schedule 'dualpipev'; raise n_microbatches."
         )
-    if schedule == "zbv" and n_microbatches < n_stages:
-        raise ValueError(
-            f"n_microbatches ({n_microbatches}) must be >= n_stages ({n_stages}) for schedule "
-            "'zbv'; raise n_microbatches."
-        )
 
 
 def auto_microbatches(schedule: str, n_stages: int, chunks_per_stage: int, batch_size: int) -> int:

@@ -1,0 +1,74 @@
+"""Validated arrays to tensors, one batch at a time (sparse matrices are densified per batch)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import Subset
+
+
+def rows_to_tensor(X: np.ndarray | sp.spmatrix, rows: np.ndarray | slice) -> torch.Tensor:
+    """Rows of a validated float32 array or CSR matrix as a dense float32 tensor."""
+    part = X[rows]
+    if sp.issparse(part):
+        part = part.toarray()
+    return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+
+
+def _arrays(dataset: object) -> tuple[object, np.ndarray | None, np.ndarray | None]:
+    """(X, y, row indices or None) behind a skorch Dataset or a Subset of one."""
+    indices = None
+    if isinstance(dataset, Subset):
+        indices = np.asarray(dataset.indices)
+        dataset = dataset.dataset
+    X = getattr(dataset, "X")
+    y = getattr(dataset, "y", None)
+    return X, y, indices
+
+
+class BatchIterator:
+    """Slices shuffled rows into batches; what skorch's DataLoader does per sample, per batch.
+
+    ``seed`` fixes the order of every epoch; the generator carries over between epochs, so the
+    epochs differ from one another but repeat exactly from fit to fit.
+    """
+
+    def __init__(
+        self,
+        dataset: object,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        self.X, self.y, self.indices = _arrays(dataset)
+        self.n = len(self.indices) if self.indices is not None else self.X.shape[0]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rng = np.random.RandomState(seed)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        order: np.ndarray | None = None
+        if self.shuffle:
+            order = self.rng.permutation(self.n)
+            if self.indices is not None:
+                order = self.indices[order]
+        elif self.indices is not None:
+            order = self.indices
+        stop = len(self) * self.batch_size
+        for start in range(0, min(stop, self.n), self.batch_size):
+            end = min(start + self.batch_size, self.n)
+            rows = slice(start, end) if order is None else order[start:end]
+            xb = rows_to_tensor(self.X, rows)
+            yb = None if self.y is None else torch.from_numpy(np.ascontiguousarray(self.y[rows]))
+            yield xb, yb

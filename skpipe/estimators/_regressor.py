@@ -1,0 +1,96 @@
+"""PipeNetRegressor: 1-D or 2-D numeric targets; predictions take the shape of y."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.base import RegressorMixin
+from sklearn.utils.validation import validate_data
+from torch import nn
+
+from ._base import BasePipeNet
+from ._classifier import PipeNetClassifier
+
+
+class PipeNetRegressor(RegressorMixin, BasePipeNet):
+    """A neural-network regressor whose ``fit`` can train with pipeline parallelism.
+
+    The parameters are those of :class:`PipeNetClassifier`, except that the default
+    ``criterion`` is ``nn.MSELoss`` and ``n_outputs`` is the number of target columns.
+
+    Attributes
+    ----------
+    module_ : nn.Module
+    history_ : skorch.History
+    n_features_in_ : int
+    n_outputs_ : int
+    n_iter_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpipe import PipeNetRegressor
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(200, 3))
+    >>> y = X @ np.array([1.0, -2.0, 0.5])
+    >>> reg = PipeNetRegressor(lr=0.01, max_epochs=50, random_state=0).fit(X, y)
+    >>> reg.predict(X[:2]).shape
+    (2,)
+    """
+
+    __doc__ = __doc__  # the full parameter list is the classifier's
+
+    def _default_criterion(self) -> nn.Module:
+        return nn.MSELoss()
+
+    def __sklearn_tags__(self):  # noqa: ANN204
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def _validate_X_y(self, X: Any, y: Any, reset: bool) -> tuple[Any, np.ndarray]:
+        X, y = validate_data(
+            self,
+            X,
+            y,
+            reset=reset,
+            accept_sparse=["csr", "csc", "coo"],
+            dtype=np.float32,
+            ensure_all_finite=True,
+            multi_output=True,
+            y_numeric=True,
+        )
+        return self._to_csr(X), y
+
+    def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
+        y = np.asarray(y, dtype=np.float32)
+        if reset:
+            self._y_ndim = y.ndim
+            self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
+        elif (1 if y.ndim == 1 else y.shape[1]) != self.n_outputs_:
+            raise ValueError(
+                f"y has {1 if y.ndim == 1 else y.shape[1]} target column(s) but the fitted "
+                f"network has n_outputs_={self.n_outputs_}."
+            )
+        return y.reshape(len(y), -1), self.n_outputs_
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted targets, shaped like the ``y`` given to ``fit``.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,) or (n_samples, n_targets)
+        """
+        X = self._to_csr(self._validate_X_predict(X))
+        out = self._forward(X).astype(np.float64)
+        if out.size == 0:
+            out = out.reshape(0, self.n_outputs_)
+        return out.ravel() if self._y_ndim == 1 else out
+
+
+PipeNetRegressor.__init__.__doc__ = PipeNetClassifier.__init__.__doc__
