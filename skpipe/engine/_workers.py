@@ -87,6 +87,8 @@ class WorkerGroup:
                     SKPIPE_WORLD_SIZE=str(n_workers),
                     SKPIPE_STORE_PORT=str(self._store.port),
                     SKPIPE_PARENT_PID=str(os.getpid()),
+                    # the worker imports whatever the driver can (user modules beside a script)
+                    PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
                     OMP_NUM_THREADS=str(threads),
                     MKL_NUM_THREADS=str(threads),
                 )

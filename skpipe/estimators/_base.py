@@ -265,6 +265,16 @@ class BasePipeNet(BaseEstimator):
         self : object
             The fitted estimator.
         """
+        before = dict(self.__dict__)
+        try:
+            return self._fit(X, y)
+        except BaseException:
+            # a failed or interrupted fit leaves the estimator exactly as it was
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _fit(self, X: Any, y: Any) -> BasePipeNet:
         self._validate_params()
         self._validate_prefixed()
         warm = self.warm_start and hasattr(self, "module_")

@@ -1,0 +1,57 @@
+import os
+import time
+
+import numpy as np
+import pytest
+
+
+def worker_pids(parent: int | None = None) -> list[int]:
+    """Live skpipe stage workers started by ``parent`` (default: this process), found in /proc."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            if b"skpipe.engine._worker_main" not in cmd:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue
+        if f"SKPIPE_PARENT_PID={parent}".encode() in env:
+            found.append(int(entry))
+    return found
+
+
+def wait_no_workers(parent: int | None = None, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = worker_pids(parent)
+        if not left:
+            return []
+        time.sleep(0.1)
+    return worker_pids(parent)
+
+
+@pytest.fixture
+def classification_data():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(90, 6)).astype(np.float64)
+    w = rng.normal(size=(6, 3))
+    y = np.argmax(X @ w + 0.1 * rng.normal(size=(90, 3)), axis=1)
+    return X, y
+
+
+@pytest.fixture
+def regression_data():
+    rng = np.random.RandomState(1)
+    X = rng.normal(size=(80, 5))
+    y = X @ rng.normal(size=5) + 0.05 * rng.normal(size=80)
+    return X, y

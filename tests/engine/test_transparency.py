@@ -1,0 +1,131 @@
+"""A pipelined fit trains the same network as one device: parameters and losses within 1e-5.
+
+90 rows in batches of 13 leave a ragged last batch (12 rows), and 13 rows in m micro-batches
+give micro-batches of unequal real size (e.g. 4, 4, 4, 1 for m=4).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from skpipe import PipeNetClassifier
+from skpipe.engine._schedules import SCHEDULE_NAMES, check_microbatches
+
+HIDDEN = (16, 16, 16, 16)  # 9 layers: enough for 4 stages x 2 chunks
+
+
+def make(**kw):
+    params = dict(
+        module__hidden_layer_sizes=HIDDEN,
+        module__activation="tanh",
+        lr=0.01,
+        max_epochs=3,
+        batch_size=13,
+        random_state=0,
+    )
+    params.update(kw)
+    return PipeNetClassifier(**params)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(90, 6)).astype(np.float32)
+    y = rng.randint(0, 3, size=90)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    return make(n_stages=1).fit(*data)
+
+
+def assert_same_training(est, ref):
+    ref_state = ref.module_.state_dict()
+    state = est.module_.state_dict()
+    assert state.keys() == ref_state.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], ref_state[key], atol=1e-5, rtol=0, msg=key)
+    losses = [b["train_loss"] for epoch in est.history_ for b in epoch["batches"]]
+    ref_losses = [b["train_loss"] for epoch in ref.history_ for b in epoch["batches"]]
+    assert len(losses) == len(ref_losses) == 3 * 7
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(est.history_[:, "train_loss"], ref.history_[:, "train_loss"], atol=1e-5)
+
+
+def matrix():
+    cases = []
+    for schedule in SCHEDULE_NAMES:
+        for p in (2, 4):
+            chunks = 2 if schedule not in ("gpipe", "1f1b") else 1
+            for m in (1, 2, 4, 8):
+                try:
+                    check_microbatches(schedule, p, m, chunks, 13)
+                except ValueError:
+                    continue
+                cases.append((schedule, p, m))
+    return cases
+
+
+MATRIX = matrix()
+
+
+def test_matrix_covers_every_schedule():
+    assert {c[0] for c in MATRIX} == set(SCHEDULE_NAMES)
+    assert len(MATRIX) >= 40
+
+
+@pytest.mark.parametrize("schedule,n_stages,n_microbatches", MATRIX)
+def test_local_pipeline_trains_like_one_device(data, reference, schedule, n_stages, n_microbatches):
+    est = make(n_stages=n_stages, n_microbatches=n_microbatches, schedule=schedule, launcher="local")
+    est.fit(*data)
+    assert_same_training(est, reference)
+
+
+@pytest.mark.parametrize("checkpoint", ["except_last", "always"])
+@pytest.mark.parametrize("schedule", ["gpipe", "interleaved_zero_bubble"])
+def test_checkpointing_does_not_change_training(data, reference, checkpoint, schedule):
+    est = make(n_stages=2, n_microbatches=4, schedule=schedule, launcher="local", checkpoint=checkpoint)
+    assert_same_training(est.fit(*data), reference)
+
+
+@pytest.mark.parametrize("balance", ["parameters", "time", [1, 3, 3, 2]])
+def test_balance_does_not_change_training(data, reference, balance):
+    est = make(n_stages=4, n_microbatches=4, schedule="1f1b", launcher="local", balance=balance)
+    assert_same_training(est.fit(*data), reference)
+
+
+def test_gradient_clipping_uses_global_norm(data):
+    ref = make(n_stages=1, max_grad_norm=0.05).fit(*data)
+    est = make(n_stages=4, n_microbatches=4, schedule="looped_bfs", launcher="local", max_grad_norm=0.05)
+    assert_same_training(est.fit(*data), ref)
+    unclipped = make(n_stages=1).fit(*data)
+    diff = (ref.module_[0].weight - unclipped.module_[0].weight).abs().max()
+    assert diff > 1e-4  # clipping was active
+
+
+def test_pipelined_predict_matches(data, reference):
+    est = make(n_stages=2, n_microbatches=4, launcher="local").fit(*data)
+    np.testing.assert_allclose(est.predict_proba(data[0]), reference.predict_proba(data[0]), atol=1e-5)
+
+
+SPAWN_CASES = [
+    ("gpipe", 2, 4),
+    ("1f1b", 4, 4),
+    ("interleaved_1f1b", 2, 4),
+    ("looped_bfs", 2, 8),
+    ("interleaved_zero_bubble", 2, 2),
+    ("zbv", 2, 1),
+    ("dualpipev", 2, 4),
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("schedule,n_stages,n_microbatches", SPAWN_CASES)
+def test_spawned_workers_train_like_one_device(data, reference, schedule, n_stages, n_microbatches):
+    from tests.conftest import wait_no_workers
+
+    est = make(n_stages=n_stages, n_microbatches=n_microbatches, schedule=schedule, launcher="spawn")
+    est.fit(*data)
+    assert_same_training(est, reference)
+    assert wait_no_workers() == []
