@@ -269,19 +269,19 @@ class StageHost:
         """
         self.train(False)
         h: torch.Tensor | None = None
-        for c in range(self.config.n_chunks):
-            owner = self.config.owner(c)
-            if owner != self.rank:
+        n_chunks = self.config.n_chunks
+        for c in range(n_chunks):
+            if c not in self.chunks:
                 continue
             if c == 0:
                 assert x is not None
                 h = x.to(self.device)
-            elif self.config.owner(c - 1) != self.rank:
+            elif c - 1 not in self.chunks:
                 h = torch.empty((n_rows,) + self.shapes[c], device=self.device)
                 dist.recv(h, group_src=self.config.owner(c - 1), group=self.group)
             assert h is not None
             h = self.chunks[c](h)
-            if c + 1 < self.config.n_chunks and self.config.owner(c + 1) != self.rank:
+            if c + 1 < n_chunks and c + 1 not in self.chunks:
                 dist.send(h.contiguous(), group_dst=self.config.owner(c + 1), group=self.group)
         return h if self.holds_last else None
 

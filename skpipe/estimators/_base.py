@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, is_classifier
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 from torch import nn
@@ -25,7 +25,7 @@ from ..engine._devices import resolve_devices
 from ..engine._runner import make_runner, resolve_launcher
 from ..modules import MLP
 from ._data import rows_to_tensor
-from ._loop import TrainingLoop
+from ._loop import ClassifierTrainingLoop, TrainingLoop
 
 PREFIXES = ("module", "optimizer", "criterion", "iterator_train", "iterator_valid", "callbacks")
 
@@ -340,7 +340,8 @@ class BasePipeNet(BaseEstimator):
         batch: int,
         warm: bool,
     ) -> Any:
-        net = TrainingLoop(
+        loop = ClassifierTrainingLoop if is_classifier(self) else TrainingLoop
+        net = loop(
             module=runner.module,
             criterion=criterion,
             optimizer=self.optimizer,

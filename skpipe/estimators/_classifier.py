@@ -115,8 +115,9 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         if reset:
             classes, encoded = np.unique(y, return_inverse=True)
             if len(classes) < 2:
+                only = classes[0].item() if isinstance(classes[0], np.generic) else classes[0]
                 raise ValueError(
-                    f"y has only one class ({classes[0]!r}); {type(self).__name__} needs at "
+                    f"y has only one class ({only!r}); {type(self).__name__} needs at "
                     "least 2 classes to train."
                 )
             self.classes_ = classes

@@ -58,3 +58,10 @@ class TrainingLoop(NeuralNet):
     def evaluation_step(self, batch: Any, training: bool = False) -> torch.Tensor:
         Xi, _ = unpack_data(batch)
         return self.runner_.predict(Xi)
+
+
+class ClassifierTrainingLoop(TrainingLoop):
+    """Scoring callbacks (``EpochScoring('accuracy')``) see class indices, as y does here."""
+
+    def predict(self, X: Any) -> Any:
+        return self.predict_proba(X).argmax(axis=1)
