@@ -33,6 +33,9 @@ from ._config import PipelineConfig, TrainSpec
 from ._plan import make_plan
 from ._runner import Runner
 
+# Starting a worker (importing torch, joining the group) is not bounded by the step timeout.
+STARTUP_TIMEOUT = 120.0
+
 _LIVE: weakref.WeakSet[WorkerGroup] = weakref.WeakSet()
 
 
@@ -111,7 +114,7 @@ class WorkerGroup:
         import socket
 
         sock = self._listener._listener._socket  # type: ignore[attr-defined]
-        deadline = time.monotonic() + min(self.timeout, 120.0)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
         by_rank: dict[int, Connection] = {}
         while len(by_rank) < self.n_workers:
             remaining = deadline - time.monotonic()
@@ -124,7 +127,7 @@ class WorkerGroup:
             if remaining <= 0:
                 raise WorkerError(
                     f"only {len(by_rank)} of {self.n_workers} stage workers connected within "
-                    f"{min(self.timeout, 120.0):.0f} s."
+                    f"{STARTUP_TIMEOUT:.0f} s."
                 )
             sock.settimeout(min(1.0, remaining))
             try:
@@ -151,17 +154,18 @@ class WorkerGroup:
             pass
         return WorkerError(f"stage worker {rank} (pid {proc.pid}) stopped: {_describe_exit(proc)}.")
 
-    def gather(self, ranks: list[int] | None = None) -> dict[int, Any]:
+    def gather(self, timeout: float | None = None) -> dict[int, Any]:
         """Wait for one reply from each rank; raise WorkerError on any failure or timeout."""
-        pending = {self.conns[r]: r for r in (ranks if ranks is not None else range(self.n_workers))}
+        pending = {self.conns[r]: r for r in range(self.n_workers)}
         replies: dict[int, Any] = {}
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 ranks_left = sorted(pending.values())
                 raise WorkerError(
-                    f"stage worker(s) {ranks_left} gave no answer within timeout={self.timeout} s; "
+                    f"stage worker(s) {ranks_left} gave no answer within timeout={timeout:g} s; "
                     "they were stopped. Raise the estimator's timeout if a step really takes "
                     "this long."
                 )
@@ -243,7 +247,7 @@ class SpawnRunner(Runner):
                     "device": config.devices[rank],
                 }
                 self.group.send(rank, ("setup", setup), cloud=True)
-            self.group.gather()
+            self.group.gather(timeout=max(config.timeout, STARTUP_TIMEOUT))
         except BaseException:
             self.group.close()
             raise
