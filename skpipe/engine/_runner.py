@@ -60,7 +60,11 @@ def resolve_launcher(launcher: str, n_stages: int) -> str:
 
 
 def make_runner(
-    module: nn.Module, config: PipelineConfig, spec: TrainSpec, sample: torch.Tensor
+    module: nn.Module,
+    config: PipelineConfig,
+    spec: TrainSpec,
+    sample: torch.Tensor,
+    seed: int = 0,
 ) -> Runner:
     """Build the runner for ``config.launcher``; ``sample`` is a few rows of X."""
     if config.launcher == "single":
@@ -74,7 +78,7 @@ def make_runner(
     if config.launcher == "spawn":
         from ._workers import SpawnRunner
 
-        return SpawnRunner(module, config, spec, sample)
+        return SpawnRunner(module, config, spec, sample, seed)
     if config.launcher == "torchrun":
         from ._torchrun import TorchrunRunner
 

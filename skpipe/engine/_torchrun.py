@@ -87,3 +87,12 @@ class TorchrunRunner(Runner):
 
     def close(self) -> None:
         self.host.close()
+
+
+def agree_seed(seed: int) -> int:
+    """Rank 0's seed on every rank, so that all ranks build the same network and batches."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])

@@ -54,8 +54,11 @@ def main() -> None:
     def reply(payload: Any) -> None:
         conn.send_bytes(pickle.dumps(("ok", payload), protocol=5))
 
+    idle = float(os.environ.get("SKPIPE_IDLE_TIMEOUT", "300"))
     while True:
         try:
+            if not conn.poll(idle):
+                break  # idle too long: a warm worker nobody came back for
             message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             break
@@ -69,8 +72,20 @@ def main() -> None:
                 setup = message[1]
                 config = setup["config"]
                 device = setup["device"]
+                # same seed warm or cold, so that a fit does not depend on what ran before
+                torch.manual_seed(setup["seed"] + rank)
+                if host is not None:
+                    host.close()
+                    host = None
                 if device.startswith("cuda"):
                     torch.cuda.set_device(torch.device(device))
+                if dist.is_initialized():
+                    host = StageHost(
+                        setup["chunks"], config, setup["spec"], setup["shapes"],
+                        rank=rank, device=device, group=dist.group.WORLD,
+                    )
+                    reply(None)
+                    continue
                 store = dist.TCPStore(
                     "127.0.0.1",
                     int(os.environ["SKPIPE_STORE_PORT"]),
@@ -107,6 +122,16 @@ def main() -> None:
                 _, x, n_rows = message
                 out = host.forward(x, n_rows)
                 reply(None if out is None else out.cpu())
+            elif kind == "reset":
+                if host is not None:
+                    host.close()
+                    host = None
+                import gc
+
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                reply(None)
             elif kind == "state":
                 assert host is not None
                 reply(host.state_dicts())

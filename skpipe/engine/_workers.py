@@ -19,6 +19,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, Listener, wait
@@ -44,11 +45,24 @@ class WorkerError(RuntimeError):
 
 
 def _threads_per_worker(n_workers: int) -> int:
+    """CPU threads for each worker so that the fit does not oversubscribe its share of cores.
+
+    The share is the cores this process may use, or fewer when a thread limit was set for it
+    (joblib's loky workers get OMP_NUM_THREADS = cores // n_jobs), split among the workers.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS")
+    if limit and limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
     return max(1, cores // n_workers)
+
+
+def idle_timeout() -> float:
+    """Seconds an idle warm worker waits for its next fit before exiting (SKPIPE_IDLE_TIMEOUT)."""
+    return float(os.environ.get("SKPIPE_IDLE_TIMEOUT", "300"))
 
 
 def _describe_exit(proc: subprocess.Popen[bytes]) -> str:
@@ -69,7 +83,9 @@ class WorkerGroup:
 
     def __init__(self, n_workers: int, devices: tuple[str, ...], timeout: float) -> None:
         self.n_workers = n_workers
+        self.devices = devices
         self.timeout = timeout
+        self.idle_since = time.monotonic()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.conns: list[Connection] = []
         authkey = secrets.token_bytes(32)
@@ -92,6 +108,7 @@ class WorkerGroup:
                     SKPIPE_PARENT_PID=str(os.getpid()),
                     # the worker imports whatever the driver can (user modules beside a script)
                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+                    SKPIPE_IDLE_TIMEOUT=str(idle_timeout()),
                     OMP_NUM_THREADS=str(threads),
                     MKL_NUM_THREADS=str(threads),
                 )
@@ -145,6 +162,9 @@ class WorkerGroup:
             self.conns[rank].send_bytes(data)
         except (BrokenPipeError, ConnectionError, OSError):
             raise self._dead(rank) from None
+
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.poll() is None for p in self.procs)
 
     def _dead(self, rank: int) -> WorkerError:
         proc = self.procs[rank]
@@ -218,8 +238,58 @@ class WorkerGroup:
         _LIVE.discard(self)
 
 
+# -- warm workers ------------------------------------------------------------------------------
+# Fits in one process (and in each joblib worker) reuse idle worker groups of the same shape, so
+# a grid search pays the start-up once. Every fit sends a fresh network, optimizer and seed.
+_POOL: dict[tuple[int, tuple[str, ...]], list[WorkerGroup]] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def acquire_group(n_workers: int, devices: tuple[str, ...], timeout: float) -> tuple[WorkerGroup, bool]:
+    """An idle live group of this shape, or a new one; and whether it was warm."""
+    key = (n_workers, devices)
+    with _POOL_LOCK:
+        groups = _POOL.get(key, [])
+        while groups:
+            group = groups.pop()
+            if group.alive() and time.monotonic() - group.idle_since < idle_timeout() - 1.0:
+                group.timeout = timeout
+                return group, True
+            group.close()
+    return WorkerGroup(n_workers, devices, timeout), False
+
+
+def release_group(group: WorkerGroup) -> None:
+    """Put a healthy group back for the next fit (its stages are dropped first)."""
+    try:
+        for rank in range(group.n_workers):
+            group.send(rank, ("reset",))
+        group.gather()
+    except WorkerError:
+        group.close()
+        return
+    group.idle_since = time.monotonic()
+    with _POOL_LOCK:
+        _POOL.setdefault((group.n_workers, group.devices), []).append(group)
+
+
+def shutdown_workers() -> int:
+    """Stop every idle warm worker of this process now; returns how many groups were stopped.
+
+    Idle workers also exit by themselves after ``SKPIPE_IDLE_TIMEOUT`` seconds (default 300)
+    and when this process exits.
+    """
+    with _POOL_LOCK:
+        groups = [g for gs in _POOL.values() for g in gs]
+        _POOL.clear()
+    for group in groups:
+        group.close()
+    return len(groups)
+
+
 @atexit.register
 def _close_all() -> None:
+    shutdown_workers()
     for group in list(_LIVE):
         group.close()
 
@@ -228,14 +298,20 @@ class SpawnRunner(Runner):
     """Drives one worker per pipeline rank; the training loop stays in this process."""
 
     def __init__(
-        self, module: nn.Module, config: PipelineConfig, spec: TrainSpec, sample: torch.Tensor
+        self,
+        module: nn.Module,
+        config: PipelineConfig,
+        spec: TrainSpec,
+        sample: torch.Tensor,
+        seed: int = 0,
     ) -> None:
         self.config = config
         self.module = module
         self.plan, self._layers = make_plan(module, config, sample)
         self.first = config.owner(0)
         self.last = config.owner(config.n_chunks - 1)
-        self.group = WorkerGroup(config.n_stages, config.devices, config.timeout)
+        self._finished = False
+        self.group, self.warm = acquire_group(config.n_stages, config.devices, config.timeout)
         try:
             for rank in range(config.n_stages):
                 chunks = {c: self.plan.chunk_layers(self._layers, c) for c in config.chunks_of(rank)}
@@ -245,6 +321,7 @@ class SpawnRunner(Runner):
                     "spec": spec,
                     "shapes": self.plan.shapes,
                     "device": config.devices[rank],
+                    "seed": seed,
                 }
                 self.group.send(rank, ("setup", setup), cloud=True)
             self.group.gather(timeout=max(config.timeout, STARTUP_TIMEOUT))
@@ -283,6 +360,11 @@ class SpawnRunner(Runner):
         for c, state in states.items():
             self.plan.chunk_layers(self._layers, c).load_state_dict(state)
         self.module.to("cpu")
+        self._finished = True
 
     def close(self) -> None:
-        self.group.close()
+        """A fit that ended well hands its workers back warm; any other end stops them."""
+        if self._finished and self.group.alive():
+            release_group(self.group)
+        else:
+            self.group.close()

@@ -286,6 +286,10 @@ class BasePipeNet(BaseEstimator):
         n_samples = X.shape[0]
         batch = n_samples if self.batch_size == "all" else min(int(self.batch_size), n_samples)
         launcher = resolve_launcher(self.launcher, self.n_stages)
+        if launcher == "torchrun":
+            from ..engine._torchrun import agree_seed
+
+            seed = agree_seed(seed)
         devices = resolve_devices(self.devices, self.n_stages, launcher)
         config = make_config(
             n_stages=self.n_stages,
@@ -314,7 +318,7 @@ class BasePipeNet(BaseEstimator):
             else:
                 module = self._make_module(X.shape[1], n_outputs)
             sample = rows_to_tensor(X, slice(0, min(batch, 8)))
-            runner = make_runner(module, config, spec, sample)
+            runner = make_runner(module, config, spec, sample, seed)
             try:
                 history = self._run_loop(runner, criterion, X, y_enc, seed, batch, warm)
                 runner.finish()
@@ -385,6 +389,41 @@ class BasePipeNet(BaseEstimator):
                 outs.append(module(xb).float().numpy())
         if not outs:
             return np.empty((0, 0), dtype=np.float32)
+        return np.concatenate(outs, axis=0)
+
+    def forward_pipelined(self, X: Any, *, batch_size: int = 4096) -> np.ndarray:
+        """Raw network outputs for X computed by the pipeline's stages (forward only).
+
+        For inputs too large for one device: the fitted network is split as in ``fit`` and
+        each batch flows through the stages' workers (warm ones when a fit left them up). The
+        numbers are those of ``module_`` (logits for the classifier).
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+        batch_size : int, default=4096
+            Rows sent through the pipeline at a time.
+
+        Returns
+        -------
+        outputs : ndarray of shape (n_samples, n_outputs)
+        """
+        X = self._to_csr(self._validate_X_predict(X))
+        config = self.config_
+        if config.n_stages == 1:
+            return self._forward(X)
+        spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_)
+        module = copy.deepcopy(self.module_)
+        runner = make_runner(module, config, spec, rows_to_tensor(X, slice(0, min(8, X.shape[0]))))
+        try:
+            outs = [
+                runner.predict(rows_to_tensor(X, slice(s, min(s + batch_size, X.shape[0])))).numpy()
+                for s in range(0, X.shape[0], batch_size)
+            ]
+            if hasattr(runner, "_finished"):
+                runner._finished = True  # nothing was trained: the workers stay warm
+        finally:
+            runner.close()
         return np.concatenate(outs, axis=0)
 
     def _validate_X_predict(self, X: Any) -> Any:

@@ -129,3 +129,10 @@ def test_spawned_workers_train_like_one_device(data, reference, schedule, n_stag
     est.fit(*data)
     assert_same_training(est, reference)
     assert wait_no_workers() == []
+
+
+def test_bf16_autocast_on_cpu_trains(data):
+    est = make(n_stages=2, n_microbatches=2, launcher="local", precision="bf16", max_epochs=10)
+    est.fit(*data)
+    assert np.isfinite(est.history_[:, "train_loss"]).all()
+    assert est.history_[-1, "train_loss"] < est.history_[0, "train_loss"]

@@ -1,0 +1,75 @@
+"""CUDA paths; skipped where no GPU exists (run on a lent GPU machine with `pytest -m gpu`)."""
+
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+import torch
+
+from skpipe import PipeNetClassifier
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def data():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(90, 6)).astype(np.float32)
+    return X, rng.randint(0, 3, 90)
+
+
+def make(**kw):
+    p = dict(module__hidden_layer_sizes=(16, 16, 16), module__activation="tanh", lr=0.01,
+             max_epochs=3, batch_size=13, random_state=0)
+    p.update(kw)
+    return PipeNetClassifier(**p)
+
+
+def test_single_gpu_fit_matches_cpu():
+    X, y = data()
+    cpu = make(devices=["cpu"]).fit(X, y)
+    gpu = make(devices=["cuda:0"]).fit(X, y)
+    assert all(p.device.type == "cpu" for p in gpu.module_.parameters())
+    np.testing.assert_allclose(gpu.predict_proba(X), cpu.predict_proba(X), atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"])
+def test_local_pipeline_on_one_gpu_matches_one_device(schedule):
+    X, y = data()
+    ref = make(devices=["cuda:0"]).fit(X, y)
+    est = make(devices=["cuda:0"], n_stages=2, n_microbatches=4, schedule=schedule, launcher="local").fit(X, y)
+    for (k, a), b in zip(est.module_.state_dict().items(), ref.module_.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=k)
+
+
+def test_bf16_autocast_trains():
+    X, y = data()
+    est = make(devices=["cuda:0"], precision="bf16", max_epochs=20).fit(X, y)
+    assert est.score(X, y) > 0.5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_spawn_two_gpus_nccl():
+    X, y = data()
+    ref = make(devices=["cuda:0"]).fit(X, y)
+    est = make(n_stages=2, n_microbatches=4, launcher="spawn", devices=["cuda:0", "cuda:1"]).fit(X, y)
+    np.testing.assert_allclose(est.predict_proba(X), ref.predict_proba(X), atol=1e-4)
+
+
+def test_gpu_trained_model_loads_without_gpu(tmp_path):
+    X, y = data()
+    est = make(devices=["cuda:0"]).fit(X, y)
+    joblib.dump(est, tmp_path / "m.joblib")
+    np.save(tmp_path / "X.npy", X)
+    code = (
+        "import joblib, numpy as np, torch; assert not torch.cuda.is_available();"
+        f"e = joblib.load({str(tmp_path / 'm.joblib')!r}); print(e.predict(np.load({str(tmp_path / 'X.npy')!r})[:5]).tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(est.predict(X[:5]).tolist())
