@@ -42,7 +42,7 @@ def resolve_devices(devices: str | Sequence[str], n_stages: int, launcher: str) 
                 )
             out.append(f"cuda:{index}")
         else:
-            out.append(str(dev))
+            out.append(d if dev.type == "cpu" else str(dev))
     if n_stages == 1:
         return (out[0],)
     if launcher == "local" and len(out) == 1:
@@ -53,3 +53,17 @@ def resolve_devices(devices: str | Sequence[str], n_stages: int, launcher: str) 
             f"{out}); list one device per stage or lower n_stages."
         )
     return tuple(out[:n_stages])
+
+
+def execution_devices(devices: Sequence[str]) -> tuple[str, ...]:
+    """Where tensors go: a CPU "device" with an index (a lease name such as 'cpu:1') is the CPU."""
+    return tuple("cpu" if d.startswith("cpu") else d for d in devices)
+
+
+def auto_gpu_pool(requested: str | Sequence[str], devices: Sequence[str]) -> tuple[str, ...] | None:
+    """With devices='auto' on several GPUs, the GPUs a lease may choose from; else None."""
+    if requested != "auto" or not devices or not devices[0].startswith("cuda"):
+        return None
+    if len(set(devices)) != len(devices):  # every stage on one GPU: that GPU
+        return None
+    return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))

@@ -31,6 +31,8 @@ def _die_with_parent(parent_pid: int) -> None:
                 os._exit(3)
             time.sleep(0.5)
 
+    if os.getppid() != parent_pid:  # the parent died before the kernel was asked to tell us
+        os._exit(3)
     threading.Thread(target=watch, daemon=True, name="skpipe-parent-watch").start()
 
 

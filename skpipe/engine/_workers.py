@@ -163,6 +163,20 @@ class WorkerGroup:
         except (BrokenPipeError, ConnectionError, OSError):
             raise self._dead(rank) from None
 
+    def _root_cause(self, rank: int, text: str) -> WorkerError:
+        """A worker's error; when a peer died, the death is the cause and the error its echo
+        (a peer's lost connection surfaces in the survivors as a communication error)."""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for other, proc in enumerate(self.procs):
+                if other != rank and proc.poll() is not None and proc.returncode != 0:
+                    dead = self._dead(other)
+                    return WorkerError(
+                        f"{dead} Stage worker {rank} then failed with:\n{text}"
+                    )
+            time.sleep(0.05)
+        return WorkerError(f"stage worker {rank} raised an exception:\n{text}")
+
     def alive(self) -> bool:
         return bool(self.procs) and all(p.poll() is None for p in self.procs)
 
@@ -196,9 +210,7 @@ class WorkerGroup:
                 except (EOFError, ConnectionError, OSError):
                     raise self._dead(rank) from None
                 if reply[0] == "error":
-                    raise WorkerError(
-                        f"stage worker {rank} raised an exception:\n{reply[1]}"
-                    )
+                    raise self._root_cause(rank, reply[1])
                 replies[rank] = reply[1]
             # a worker that died without closing its socket cleanly
             for conn, rank in list(pending.items()):

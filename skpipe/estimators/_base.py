@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import inspect
 import signal
@@ -21,7 +22,8 @@ from torch import nn
 
 from ..engine import _schedules
 from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, TrainSpec, make_config
-from ..engine._devices import resolve_devices
+from ..engine._devices import auto_gpu_pool, execution_devices, resolve_devices
+from ..engine._leases import lease_devices
 from ..engine._runner import make_runner, resolve_launcher
 from ..modules import MLP
 from ._data import rows_to_tensor
@@ -318,12 +320,24 @@ class BasePipeNet(BaseEstimator):
             else:
                 module = self._make_module(X.shape[1], n_outputs)
             sample = rows_to_tensor(X, slice(0, min(batch, 8)))
-            runner = make_runner(module, config, spec, sample, seed)
+            # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
+            lease = (
+                lease_devices(devices, config.timeout, choose_from=auto_gpu_pool(self.devices, devices))
+                if launcher != "torchrun"
+                else None
+            )
             try:
-                history = self._run_loop(runner, criterion, X, y_enc, seed, batch, warm)
-                runner.finish()
+                if lease is not None:
+                    config = dataclasses.replace(config, devices=execution_devices(lease.devices))
+                runner = make_runner(module, config, spec, sample, seed)
+                try:
+                    history = self._run_loop(runner, criterion, X, y_enc, seed, batch, warm)
+                    runner.finish()
+                finally:
+                    runner.close()
             finally:
-                runner.close()
+                if lease is not None:
+                    lease.release()
 
         module.eval()
         self.module_ = module

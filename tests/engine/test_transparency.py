@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import skpipe
 from skpipe import PipeNetClassifier
 from skpipe.engine._schedules import SCHEDULE_NAMES, check_microbatches
 
@@ -128,6 +129,7 @@ def test_spawned_workers_train_like_one_device(data, reference, schedule, n_stag
     est = make(n_stages=n_stages, n_microbatches=n_microbatches, schedule=schedule, launcher="spawn")
     est.fit(*data)
     assert_same_training(est, reference)
+    skpipe.shutdown_workers()
     assert wait_no_workers() == []
 
 
