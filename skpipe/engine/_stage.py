@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from . import _schedules
 from ._config import PipelineConfig, TrainSpec
+from ._memory import ActivationMeter
 from ._microbatch import WeightedLoss, pad_rows, row_targets
 
 
@@ -168,6 +169,14 @@ class StageHost:
         self.optimizer = spec.optimizer(params, **spec.optimizer_kwargs)
         self.schedule_class = self._schedule_class()
         self._schedule = self._build_schedule()
+        self.meter: ActivationMeter | None = None
+
+    def track_memory(self, on: bool = True) -> None:
+        """Measure the activations held for backward during each step (peak per process)."""
+        self.meter = ActivationMeter(p for c in self.chunks.values() for p in c.parameters()) if on else None
+
+    def stats(self) -> dict[str, float]:
+        return {"peak_activation_bytes": float(self.meter.peak) if self.meter else float("nan")}
 
     # -- building --------------------------------------------------------------------------
     def _schedule_class(self) -> str:
@@ -230,7 +239,11 @@ class StageHost:
             self.loss.set_batch(y.to(self.device, non_blocking=True), n_real)
             target = row_targets(n_real, rows, self.device)
             losses = []
-        out = self._schedule.step(*args, target=target, losses=losses)
+        if self.meter is not None:
+            with self.meter.track():
+                out = self._schedule.step(*args, target=target, losses=losses)
+        else:
+            out = self._schedule.step(*args, target=target, losses=losses)
         self.clip_gradients()
         self.optimizer.step()
         if not self.holds_last:

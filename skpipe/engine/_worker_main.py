@@ -134,6 +134,13 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 reply(None)
+            elif kind == "track":
+                assert host is not None
+                host.track_memory(message[1])
+                reply(None)
+            elif kind == "stats":
+                assert host is not None
+                reply(host.stats())
             elif kind == "state":
                 assert host is not None
                 reply(host.state_dicts())

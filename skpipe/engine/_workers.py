@@ -363,6 +363,18 @@ class SpawnRunner(Runner):
             self.group.send(rank, ("forward", x if rank == self.first else None, n))
         return self.group.gather()[self.last]
 
+    def track_memory(self, on: bool = True) -> None:
+        for rank in range(self.config.n_stages):
+            self.group.send(rank, ("track", on))
+        self.group.gather()
+
+    def stats(self) -> list[dict[str, float]]:
+        """Per rank: the peak activation bytes held for backward (after ``track_memory``)."""
+        for rank in range(self.config.n_stages):
+            self.group.send(rank, ("stats",))
+        replies = self.group.gather()
+        return [replies[r] for r in range(self.config.n_stages)]
+
     def finish(self) -> None:
         for rank in range(self.config.n_stages):
             self.group.send(rank, ("state",))

@@ -1,0 +1,62 @@
+"""Shared bits of the benchmarks: JSON output, medians, sleep layers with known times."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+def emit(name: str, figures: dict) -> None:
+    """Print the one JSON line a benchmark reports."""
+    record = {
+        "benchmark": name,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "python": sys.version.split()[0],
+        **figures,
+    }
+    print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+class _Sleep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, b):  # noqa: ANN001
+        ctx.b = b
+        time.sleep(f)
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        time.sleep(ctx.b)
+        return grad * 1.0, None, None
+
+
+class SleepLayer(nn.Module):
+    """A layer whose forward takes ``f`` seconds and backward ``b`` seconds, whatever the CPU."""
+
+    def __init__(self, f: float, b: float, width: int = 8) -> None:
+        super().__init__()
+        self.f, self.b = f, b
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):  # noqa: ANN001
+        return _Sleep.apply(x, self.f, self.b) * self.scale
