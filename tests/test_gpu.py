@@ -1,5 +1,6 @@
 """CUDA paths; skipped where no GPU exists (run on a lent GPU machine with `pytest -m gpu`)."""
 
+import os
 import subprocess
 import sys
 
@@ -70,6 +71,6 @@ def test_gpu_trained_model_loads_without_gpu(tmp_path):
         f"e = joblib.load({str(tmp_path / 'm.joblib')!r}); print(e.predict(np.load({str(tmp_path / 'X.npy')!r})[:5]).tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(est.predict(X[:5]).tolist())

@@ -1,6 +1,7 @@
 """The estimators inside real scikit-learn workflows, with skorch's callbacks, and persisted."""
 
 import pickle
+import os
 import subprocess
 import sys
 import time
@@ -111,7 +112,7 @@ def test_persisted_model_loads_in_a_process_without_gpu(tmp_path, classification
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert out.stdout.strip() == str(est.predict(X[:4]).tolist())
 
