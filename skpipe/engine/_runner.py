@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,20 @@ class Runner(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+    # -- checkpoints: the whole network and every stage's optimizer state ------------------------
+    def get_state(self) -> dict[str, Any]:
+        """``{'module': state dict of the whole network (CPU), 'optimizers': [per rank]}``."""
+        assert self.optimizer is not None
+        return {
+            "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+            "optimizers": [_cpu(self.optimizer.state_dict())],
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        assert self.optimizer is not None
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizers"][0])
 
     def __enter__(self) -> Runner:
         return self
@@ -84,3 +99,14 @@ def make_runner(
 
         return TorchrunRunner(module, config, spec, sample)
     raise ValueError(f"launcher {config.launcher!r} is not known")
+
+
+def _cpu(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj

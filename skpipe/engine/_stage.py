@@ -305,6 +305,12 @@ class StageHost:
             for c in self.chunk_ids
         }
 
+    def load_state(self, chunk_states: dict[int, dict[str, torch.Tensor]], optimizer_state: dict) -> None:
+        """Put saved parameters (and the optimizer's state) back into this host's chunks."""
+        for c, state in chunk_states.items():
+            self.chunks[c].layers.load_state_dict(state)
+        self.optimizer.load_state_dict(optimizer_state)
+
     def close(self) -> None:
         self._schedule = None
         self.chunks.clear()

@@ -85,6 +85,27 @@ class TorchrunRunner(Runner):
                 self.plan.chunk_layers(self._layers, c).load_state_dict(state)
         self.module.to("cpu")
 
+    def get_state(self) -> dict:
+        from ._runner import _cpu
+
+        mine = (self.host.state_dicts(), _cpu(self.host.optimizer.state_dict()))
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        for chunk_states, _ in everyone:
+            for c, state in chunk_states.items():
+                self.plan.chunk_layers(self._layers, c).load_state_dict(state)
+        return {
+            "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+            "optimizers": [opt for _, opt in everyone],
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        chunks = {
+            c: self.plan.chunk_layers(self._layers, c).state_dict() for c in self.config.chunks_of(self.rank)
+        }
+        self.host.load_state(chunks, state["optimizers"][self.rank])
+
     def close(self) -> None:
         self.host.close()
 

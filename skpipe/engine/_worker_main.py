@@ -36,6 +36,18 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="skpipe-parent-watch").start()
 
 
+def _cpu(obj: Any) -> Any:
+    from skpipe.engine._runner import _cpu as cpu
+
+    return cpu(obj)
+
+
+def _tensor(a: Any) -> Any:
+    import torch
+
+    return None if a is None else torch.from_numpy(a)
+
+
 def main() -> None:
     parent = int(os.environ["SKPIPE_PARENT_PID"])
     _die_with_parent(parent)
@@ -93,7 +105,7 @@ def main() -> None:
                     int(os.environ["SKPIPE_STORE_PORT"]),
                     None,
                     is_master=False,
-                    timeout=timedelta(seconds=config.timeout),
+                    timeout=timedelta(seconds=max(config.timeout, 120.0)),
                 )
                 backend = "nccl" if device.startswith("cuda") else "gloo"
                 dist.init_process_group(
@@ -101,7 +113,7 @@ def main() -> None:
                     store=store,
                     rank=rank,
                     world_size=world,
-                    timeout=timedelta(seconds=config.timeout),
+                    timeout=timedelta(seconds=max(config.timeout, 120.0)),
                 )
                 group = dist.group.WORLD
                 host = StageHost(
@@ -117,13 +129,13 @@ def main() -> None:
             elif kind == "step":
                 assert host is not None
                 _, x, y, n_real = message
-                loss, out = host.train_step(x, y, n_real)
-                reply(None if loss is None else (loss.cpu(), out.cpu()))
+                loss, out = host.train_step(_tensor(x), _tensor(y), n_real)
+                reply(None if loss is None else (loss.cpu().numpy(), out.cpu().numpy()))
             elif kind == "forward":
                 assert host is not None
                 _, x, n_rows = message
-                out = host.forward(x, n_rows)
-                reply(None if out is None else out.cpu())
+                out = host.forward(_tensor(x), n_rows)
+                reply(None if out is None else out.cpu().numpy())
             elif kind == "reset":
                 if host is not None:
                     host.close()
@@ -133,6 +145,13 @@ def main() -> None:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                reply(None)
+            elif kind == "get_state":
+                assert host is not None
+                reply((host.state_dicts(), _cpu(host.optimizer.state_dict())))
+            elif kind == "set_state":
+                assert host is not None
+                host.load_state(message[1], message[2])
                 reply(None)
             elif kind == "track":
                 assert host is not None

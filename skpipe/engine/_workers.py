@@ -86,6 +86,7 @@ class WorkerGroup:
         self.devices = devices
         self.timeout = timeout
         self.idle_since = time.monotonic()
+        self.pending_reset = False
         self.procs: list[subprocess.Popen[bytes]] = []
         self.conns: list[Connection] = []
         authkey = secrets.token_bytes(32)
@@ -266,20 +267,28 @@ def acquire_group(n_workers: int, devices: tuple[str, ...], timeout: float) -> t
             group = groups.pop()
             if group.alive() and time.monotonic() - group.idle_since < idle_timeout() - 1.0:
                 group.timeout = timeout
+                try:
+                    if group.pending_reset:
+                        group.gather()
+                        group.pending_reset = False
+                except WorkerError:
+                    group.close()
+                    continue
                 return group, True
             group.close()
     return WorkerGroup(n_workers, devices, timeout), False
 
 
 def release_group(group: WorkerGroup) -> None:
-    """Put a healthy group back for the next fit (its stages are dropped first)."""
+    """Put a healthy group back for the next fit. Its workers drop their stages (and free
+    device memory) while idle; the next fit collects that answer before its own setup."""
     try:
         for rank in range(group.n_workers):
             group.send(rank, ("reset",))
-        group.gather()
     except WorkerError:
         group.close()
         return
+    group.pending_reset = True
     group.idle_since = time.monotonic()
     with _POOL_LOCK:
         _POOL.setdefault((group.n_workers, group.devices), []).append(group)
@@ -341,6 +350,8 @@ class SpawnRunner(Runner):
             self.group.close()
             raise
 
+    # Batches travel as numpy arrays (pickle protocol 5 copies their buffers directly; torch's
+    # own pickling of tensors goes through its serializer and costs more per message).
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         for rank in range(self.config.n_stages):
@@ -348,20 +359,42 @@ class SpawnRunner(Runner):
                 rank,
                 (
                     "step",
-                    x if rank == self.first else None,
-                    y if rank == self.last else None,
+                    x.numpy() if rank == self.first else None,
+                    y.numpy() if rank == self.last else None,
                     n,
                 ),
             )
         replies = self.group.gather()
         loss, out = replies[self.last]
-        return loss, out
+        return torch.from_numpy(loss), torch.from_numpy(out)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         for rank in range(self.config.n_stages):
-            self.group.send(rank, ("forward", x if rank == self.first else None, n))
-        return self.group.gather()[self.last]
+            self.group.send(rank, ("forward", x.numpy() if rank == self.first else None, n))
+        return torch.from_numpy(self.group.gather()[self.last])
+
+    def get_state(self) -> dict[str, Any]:
+        for rank in range(self.config.n_stages):
+            self.group.send(rank, ("get_state",))
+        replies = self.group.gather()
+        for rank in range(self.config.n_stages):
+            for c, state in replies[rank][0].items():
+                self.plan.chunk_layers(self._layers, c).load_state_dict(state)
+        return {
+            "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+            "optimizers": [replies[r][1] for r in range(self.config.n_stages)],
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        for rank in range(self.config.n_stages):
+            chunks = {
+                c: self.plan.chunk_layers(self._layers, c).state_dict()
+                for c in self.config.chunks_of(rank)
+            }
+            self.group.send(rank, ("set_state", chunks, state["optimizers"][rank]))
+        self.group.gather()
 
     def track_memory(self, on: bool = True) -> None:
         for rank in range(self.config.n_stages):

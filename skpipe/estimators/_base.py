@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from skorch.history import History
 from sklearn.base import BaseEstimator, is_classifier
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
@@ -25,6 +26,7 @@ from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, TrainSpec, make
 from ..engine._devices import auto_gpu_pool, execution_devices, resolve_devices
 from ..engine._leases import lease_devices
 from ..engine._runner import make_runner, resolve_launcher
+from ..callbacks import Checkpoint, LoadInitState, fit_fingerprint
 from ..modules import MLP
 from ._data import rows_to_tensor
 from ._loop import ClassifierTrainingLoop, TrainingLoop
@@ -378,10 +380,27 @@ class BasePipeNet(BaseEstimator):
         net.initialize()
         if warm and getattr(self, "history_", None) is not None:
             net.history_ = copy.deepcopy(self.history_)
+        epochs = self.max_epochs
+        resume = [cb for _, cb in net.callbacks_ if isinstance(cb, (Checkpoint, LoadInitState))]
+        if resume:
+            net.fingerprint_ = fit_fingerprint(self.get_params(), X, y)
+            plan = runner.plan
+            net.layout_ = {
+                "n_stages": runner.config.n_stages,
+                "placement": runner.config.placement,
+                "bounds": [list(b) for b in plan.bounds] if plan is not None else [],
+            }
+            for cb in resume:
+                payload = cb.load(net.fingerprint_, net.layout_) if isinstance(cb, LoadInitState) else None
+                if payload is not None:
+                    runner.set_state({"module": payload["module"], "optimizers": payload["optimizers"]})
+                    net.history_ = History(payload["history"])
+                    net.skip_epochs_ = payload["epoch"]
+                    epochs = max(0, self.max_epochs - payload["epoch"])
         with _InterruptGuard():
             net.notify("on_train_begin", X=X, y=y)
             try:
-                net.fit_loop(X, y)
+                net.fit_loop(X, y, epochs=epochs)
             except _UserInterrupt:
                 raise KeyboardInterrupt("fit interrupted by the user; the estimator is unchanged")
             except KeyboardInterrupt:

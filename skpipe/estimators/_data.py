@@ -52,6 +52,12 @@ class BatchIterator:
         self.drop_last = drop_last
         self.rng = np.random.RandomState(seed)
 
+    def skip_epochs(self, n: int) -> None:
+        """Advance the shuffling generator past ``n`` epochs (to resume a fit exactly)."""
+        if self.shuffle:
+            for _ in range(n):
+                self.rng.permutation(self.n)
+
     def __len__(self) -> int:
         if self.drop_last:
             return self.n // self.batch_size

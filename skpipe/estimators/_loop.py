@@ -41,7 +41,11 @@ class TrainingLoop(NeuralNet):
         kwargs.setdefault("batch_size", self.batch_size)
         if kwargs["batch_size"] == -1:
             kwargs["batch_size"] = len(dataset)
-        return BatchIterator(dataset, **kwargs)
+        iterator = BatchIterator(dataset, **kwargs)
+        if training:
+            # a resumed fit continues the shuffling where the checkpointed fit left it
+            iterator.skip_epochs(getattr(self, "skip_epochs_", 0))
+        return iterator
 
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
         Xi, yi = unpack_data(batch)

@@ -1,0 +1,129 @@
+"""Checkpoints: the whole network and every stage's optimizer, resumed exactly."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from skorch.callbacks import Callback
+from sklearn.model_selection import GridSearchCV
+
+import skpipe
+from skpipe import PipeNetClassifier
+from skpipe.callbacks import Checkpoint, LoadInitState
+
+
+class CrashAt(Callback):
+    """Stands in for a machine that dies after a checkpoint was written."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, net, **kw):
+        if len(net.history) == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def make(tmp_path, extra=(), **kw):
+    ckpt = Checkpoint(str(tmp_path / "ckpt"))
+    p = dict(module__hidden_layer_sizes=(12, 12), module__activation="tanh", max_epochs=6,
+             batch_size=16, lr=0.01, random_state=0, callbacks=[ckpt, LoadInitState(ckpt), *extra])
+    p.update(kw)
+    return PipeNetClassifier(**p)
+
+
+CONFIGS = [
+    dict(),
+    dict(n_stages=2, n_microbatches=2, launcher="local"),
+    pytest.param(dict(n_stages=2, n_microbatches=4, launcher="spawn", schedule="zbv"),
+                 marks=pytest.mark.distributed),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_resume_after_crash_equals_uninterrupted(tmp_path, classification_data, config):
+    X, y = classification_data
+    full = PipeNetClassifier(module__hidden_layer_sizes=(12, 12), module__activation="tanh",
+                             max_epochs=6, batch_size=16, lr=0.01, random_state=0, **config).fit(X, y)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make(tmp_path, extra=[CrashAt(4)], **config).fit(X, y)
+    resumed = make(tmp_path, **config).fit(X, y)
+    assert len(resumed.history_) == 6
+    for (k, a), b in zip(resumed.module_.state_dict().items(), full.module_.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    np.testing.assert_allclose(resumed.history_[:, "train_loss"], full.history_[:, "train_loss"], atol=1e-6)
+    skpipe.shutdown_workers()
+
+
+def test_checkpoint_files_load_with_weights_only(tmp_path, classification_data):
+    est = make(tmp_path, max_epochs=2).fit(*classification_data)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(files) == 1 and files[0].endswith("checkpoint.pt")
+    payload = torch.load(files[0], weights_only=True)
+    assert payload["epoch"] == 2 and set(payload["module"]) == set(est.module_.state_dict())
+
+
+def test_layout_mismatch_is_refused(tmp_path, classification_data):
+    X, y = classification_data
+    make(tmp_path, max_epochs=2, n_stages=2, n_microbatches=2, launcher="local").fit(X, y)
+    ckpt = Checkpoint(str(tmp_path / "ckpt"))
+    est = make(tmp_path, max_epochs=2, n_stages=2, n_microbatches=2, launcher="local", balance=[1, 4])
+    # a different balance is a different fit (fingerprint), so nothing is resumed ...
+    est.fit(X, y)
+    # ... and a checkpoint whose layout disagrees with the fit is refused, naming both
+    loader = LoadInitState(ckpt)
+    with pytest.raises(ValueError, match="pipeline layout"):
+        loader.load(est.callbacks[0].path_.split(os.sep)[-2], {"n_stages": 4})
+
+
+def test_grid_search_fits_write_to_their_own_paths(tmp_path, classification_data):
+    X, y = classification_data
+    est = make(tmp_path, max_epochs=1)
+    GridSearchCV(est, {"lr": [0.01, 0.02]}, cv=3, n_jobs=2).fit(X, y)
+    dirs = os.listdir(tmp_path / "ckpt")
+    assert len(dirs) == 2 * 3 + 1  # every candidate x fold, and the refit
+
+
+@pytest.mark.distributed
+def test_killed_fit_resumes_from_its_last_checkpoint(tmp_path, classification_data):
+    X, y = classification_data
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np, time
+        from skorch.callbacks import Callback
+        from skpipe import PipeNetClassifier
+        from skpipe.callbacks import Checkpoint, LoadInitState
+
+        class Slow(Callback):
+            def on_epoch_end(self, net, **kw):
+                print("epoch", len(net.history), flush=True)
+                time.sleep(0.5 if len(net.history) < 3 else 1000)
+
+        X, y = np.load({str(tmp_path / 'X.npy')!r}), np.load({str(tmp_path / 'y.npy')!r})
+        ckpt = Checkpoint({str(tmp_path / 'ckpt')!r})
+        PipeNetClassifier(module__hidden_layer_sizes=(12, 12), module__activation="tanh",
+                          max_epochs=6, batch_size=16, lr=0.01, random_state=0, n_stages=2,
+                          n_microbatches=2, launcher="spawn",
+                          callbacks=[ckpt, LoadInitState(ckpt), Slow()]).fit(X, y)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    for line in proc.stdout:
+        if line.strip() == "epoch 3":
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = make(tmp_path, n_stages=2, n_microbatches=2, launcher="spawn").fit(X, y)
+    full = PipeNetClassifier(module__hidden_layer_sizes=(12, 12), module__activation="tanh",
+                             max_epochs=6, batch_size=16, lr=0.01, random_state=0).fit(X, y)
+    for a, b in zip(resumed.module_.state_dict().values(), full.module_.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    skpipe.shutdown_workers()
