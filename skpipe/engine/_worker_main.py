@@ -100,13 +100,7 @@ def main() -> None:
                     )
                     reply(None)
                     continue
-                store = dist.TCPStore(
-                    "127.0.0.1",
-                    int(os.environ["SKPIPE_STORE_PORT"]),
-                    None,
-                    is_master=False,
-                    timeout=timedelta(seconds=max(config.timeout, 120.0)),
-                )
+                store = dist.FileStore(os.environ["SKPIPE_STORE_PATH"], world)
                 backend = "nccl" if device.startswith("cuda") else "gloo"
                 dist.init_process_group(
                     backend,

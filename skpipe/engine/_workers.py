@@ -3,7 +3,8 @@
 Workers are plain ``python -m skpipe.engine._worker_main`` subprocesses, not ``multiprocessing``
 children, so they start the same way from a script, a notebook or a joblib (loky) worker. They
 connect back to the driver on 127.0.0.1 over an authenticated channel, join a torch process group
-through a TCPStore the driver hosts on 127.0.0.1, and then do only what the driver asks, one
+through a FileStore in a private temporary folder (a TCPStore server would listen on every
+interface), exchange tensors over loopback only, and then do only what the driver asks, one
 message at a time. Modules travel with cloudpickle, so a class defined in ``__main__`` or a
 notebook cell works. A worker exits when the driver says so, when its channel closes, or when its
 parent dies (PR_SET_PDEATHSIG on Linux, plus a watchdog thread); the driver kills workers that
@@ -16,8 +17,10 @@ import atexit
 import os
 import pickle
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -27,7 +30,6 @@ from typing import Any
 
 import cloudpickle
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ._config import PipelineConfig, TrainSpec
@@ -91,9 +93,8 @@ class WorkerGroup:
         self.conns: list[Connection] = []
         authkey = secrets.token_bytes(32)
         self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        self._store = dist.TCPStore(
-            "127.0.0.1", 0, None, is_master=True, wait_for_workers=False, use_libuv=True
-        )
+        self._store_dir = tempfile.mkdtemp(prefix="skpipe-rdzv-")  # mode 0700
+        self._store_path = os.path.join(self._store_dir, "store")
         ctrl_port = self._listener.address[1]
         threads = _threads_per_worker(n_workers) if devices[0] == "cpu" else 1
         _LIVE.add(self)
@@ -105,7 +106,7 @@ class WorkerGroup:
                     SKPIPE_AUTHKEY=authkey.hex(),
                     SKPIPE_RANK=str(rank),
                     SKPIPE_WORLD_SIZE=str(n_workers),
-                    SKPIPE_STORE_PORT=str(self._store.port),
+                    SKPIPE_STORE_PATH=self._store_path,
                     SKPIPE_PARENT_PID=str(os.getpid()),
                     # the worker imports whatever the driver can (user modules beside a script)
                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
@@ -113,6 +114,9 @@ class WorkerGroup:
                     OMP_NUM_THREADS=str(threads),
                     MKL_NUM_THREADS=str(threads),
                 )
+                # gloo and NCCL talk over loopback only: nothing listens beyond 127.0.0.1
+                env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                env.setdefault("NCCL_SOCKET_IFNAME", "lo")
                 # torchrun's variables would make the worker think it is part of another job
                 for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                     env.pop(key, None)
@@ -248,6 +252,7 @@ class WorkerGroup:
             self._listener.close()
         except Exception:  # noqa: BLE001
             pass
+        shutil.rmtree(self._store_dir, ignore_errors=True)
         _LIVE.discard(self)
 
 
