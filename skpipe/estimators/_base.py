@@ -25,6 +25,7 @@ from ..engine import _schedules
 from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, TrainSpec, make_config
 from ..engine._devices import auto_gpu_pool, execution_devices, resolve_devices
 from ..engine._leases import lease_devices
+from ..engine._microbatch import reduction_of
 from ..engine._runner import make_runner, resolve_launcher
 from ..callbacks import Checkpoint, LoadInitState, fit_fingerprint
 from ..modules import MLP
@@ -310,6 +311,7 @@ class BasePipeNet(BaseEstimator):
             timeout=float(self.timeout),
         )
         criterion = self._make_criterion()
+        reduction_of(criterion)  # refused here, before any worker starts
         optimizer_kwargs = {"lr": self.lr, **self._params_for("optimizer")}
         spec = TrainSpec(
             optimizer=self.optimizer, optimizer_kwargs=optimizer_kwargs, criterion=copy.deepcopy(criterion)

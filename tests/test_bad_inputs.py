@@ -1,0 +1,110 @@
+"""The bad-input matrix: every case raises the right error type, its message names the parameter
+or input and the value given, and (with launcher='spawn') no worker was started."""
+
+import time
+
+import numpy as np
+import pytest
+from torch import nn
+
+import skpipe
+from skpipe import PipeNetClassifier, PipeNetRegressor
+from tests.conftest import worker_pids
+
+rng = np.random.RandomState(0)
+X = rng.normal(size=(40, 5))
+Y = np.arange(40) % 3
+
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+class NotSequential(nn.Module):
+    def __init__(self, n_features_in, n_outputs):
+        super().__init__()
+        self.lin = nn.Linear(n_features_in, n_outputs)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def with_nan(X):
+    X = X.copy(); X[1, 1] = np.nan; return X
+
+
+def with_inf(X):
+    X = X.copy(); X[2, 0] = -np.inf; return X
+
+
+SPAWN = dict(n_stages=2, launcher="spawn", n_microbatches=2, max_epochs=1)
+
+CASES = [
+    # (id, estimator params, X, y, error type, message pattern)
+    ("nan-X", SPAWN, with_nan(X), Y, ValueError, r"Input X contains NaN"),
+    ("inf-X", SPAWN, with_inf(X), Y, ValueError, r"Input X contains infinity"),
+    ("one-class", SPAWN, X, np.zeros(40), ValueError, r"only one class \(0.0\)"),
+    ("empty-X", SPAWN, X[:0], Y[:0], ValueError, r"0 sample\(s\)"),
+    ("lengths", SPAWN, X, Y[:30], ValueError, r"inconsistent numbers of samples: \[40, 30\]"),
+    ("complex-X", SPAWN, X + 1j, Y, ValueError, r"[Cc]omplex"),
+    ("continuous-y", SPAWN, X, X[:, 0], ValueError, r"Unknown label type: continuous"),
+    ("stages>layers", dict(SPAWN, n_stages=4, n_microbatches=4), X, Y, ValueError, r"3 splittable layers, fewer than the 4 pipeline chunks"),
+    ("stages>devices", dict(SPAWN, n_stages=3, devices=["cpu", "cpu"], module__hidden_layer_sizes=(4, 4)), X, Y, ValueError, r"n_stages \(3\) is larger than the number of devices given \(2"),
+    ("mb>batch", dict(SPAWN, batch_size=4, n_microbatches=8), X, Y, ValueError, r"n_microbatches \(8\) must be <= batch_size \(4\)"),
+    ("1f1b-mb<stages", dict(SPAWN, n_stages=3, n_microbatches=2, module__hidden_layer_sizes=(4, 4)), X, Y, ValueError, r"n_microbatches \(2\) must be >= n_stages \(3\) for schedule '1f1b'"),
+    ("dualpipev-mb", dict(SPAWN, schedule="dualpipev", n_microbatches=2, module__hidden_layer_sizes=(4, 4)), X, Y, ValueError, r"n_microbatches \(2\) must be >= the number of model chunks \(4"),
+    ("zb-rounds", dict(SPAWN, schedule="interleaved_zero_bubble", n_microbatches=5, module__hidden_layer_sizes=(4, 4)), X, Y, ValueError, r"n_microbatches \(5\) must be a multiple of the number of rounds \(2"),
+    ("unknown-schedule", dict(SPAWN, schedule="pipedream"), X, Y, ValueError, r"The 'schedule' parameter of PipeNetClassifier must be .*Got 'pipedream' instead"),
+    ("interleaved-1-chunk", dict(SPAWN, schedule="interleaved_1f1b", chunks_per_stage=1), X, Y, ValueError, r"chunks_per_stage \(1\) is not allowed for schedule 'interleaved_1f1b'"),
+    ("zbv-3-chunks", dict(SPAWN, schedule="zbv", chunks_per_stage=3), X, Y, ValueError, r"chunks_per_stage \(3\) is not allowed for schedule 'zbv', which needs exactly 2"),
+    ("balance-sum", dict(SPAWN, balance=[1, 1]), X, Y, ValueError, r"balance \[1, 1\] must list 2 positive layer counts .*\(3\); got 2 counts summing to 2"),
+    ("balance-length", dict(SPAWN, balance=[1, 1, 1]), X, Y, ValueError, r"balance \[1, 1, 1\] has 3 entries but the pipeline has 2 chunks"),
+    ("unsplittable", dict(SPAWN, module=NotSequential), X, Y, TypeError, r"module NotSequential cannot be split into 2 pipeline chunks"),
+    ("stage-output-tuple", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), Pair(), nn.Identity())), X, Y, TypeError, r"pipeline chunk 0 \(layers 0..1\) returns tuple, not a tensor"),
+    ("lr<=0", dict(SPAWN, lr=-0.5), X, Y, ValueError, r"The 'lr' parameter of PipeNetClassifier must be a float in the range \(0.0, inf\). Got -0.5 instead"),
+    ("batch_size=0", dict(SPAWN, batch_size=0), X, Y, ValueError, r"The 'batch_size' parameter .*Got 0 instead"),
+    ("max_epochs=0", dict(SPAWN, max_epochs=0), X, Y, ValueError, r"The 'max_epochs' parameter .*Got 0 instead"),
+    ("n_stages=0", dict(SPAWN, n_stages=0), X, Y, ValueError, r"The 'n_stages' parameter .*Got 0 instead"),
+    ("timeout<=0", dict(SPAWN, timeout=0), X, Y, ValueError, r"The 'timeout' parameter .*Got 0 instead"),
+    ("max_grad_norm<=0", dict(SPAWN, max_grad_norm=-1.0), X, Y, ValueError, r"The 'max_grad_norm' parameter .*Got -1.0 instead"),
+    ("launcher", dict(SPAWN, launcher="slurm"), X, Y, ValueError, r"The 'launcher' parameter .*Got 'slurm' instead"),
+    ("checkpoint", dict(SPAWN, checkpoint="sometimes"), X, Y, ValueError, r"The 'checkpoint' parameter .*Got 'sometimes' instead"),
+    ("precision", dict(SPAWN, precision="fp8"), X, Y, ValueError, r"The 'precision' parameter .*Got 'fp8' instead"),
+    ("unknown-module-param", dict(SPAWN, module__hidden_sizes=(3,)), X, Y, ValueError, r"module__hidden_sizes is not a parameter of MLP.*Did you mean 'module__hidden_layer_sizes'"),
+    ("unknown-param", dict(SPAWN, n_stage=2), X, Y, TypeError, r"unexpected parameter 'n_stage'. Did you mean 'n_stages'"),
+    ("module-not-module", dict(SPAWN, module="resnet"), X, Y, TypeError, r"The 'module' parameter of PipeNetClassifier must be a torch.nn.Module subclass or instance. Got 'resnet' instead"),
+    ("criterion-type", dict(SPAWN, criterion="mse"), X, Y, TypeError, r"The 'criterion' parameter .*Got 'mse' instead"),
+    ("criterion-reduction", dict(SPAWN, criterion=nn.CrossEntropyLoss(reduction="none")), X, Y, ValueError, r"criterion CrossEntropyLoss has reduction='none'"),
+    ("missing-gpu", dict(SPAWN, devices=["cuda:3", "cuda:4"]), X, Y, ValueError, r"devices entry 'cuda:3' names a GPU this machine does not have"),
+    ("bad-device", dict(SPAWN, devices=["abacus", "cpu"]), X, Y, ValueError, r"devices entry 'abacus' is not a torch device"),
+    ("torchrun-without-group", dict(SPAWN, launcher="torchrun"), X, Y, RuntimeError, r"launcher='torchrun' needs a process group"),
+    ("module-params-with-instance", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 3)), module__hidden_layer_sizes=(3,)), X, Y, ValueError, r"module__ parameters \['hidden_layer_sizes'\] were given, but module is an instance \(Sequential\)"),
+]
+
+
+def test_matrix_is_big_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name,params,X_,y_,error,pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, params, X_, y_, error, pattern):
+    skpipe.shutdown_workers()
+    t0 = time.monotonic()
+    with pytest.raises(error, match=pattern):
+        PipeNetClassifier(**params).fit(X_, y_)
+    assert time.monotonic() - t0 < 5.0
+    assert worker_pids() == []  # raised before any worker started
+
+
+def test_nan_in_y_regressor():
+    y = X[:, 0].copy(); y[3] = np.nan
+    with pytest.raises(ValueError, match=r"Input y contains NaN"):
+        PipeNetRegressor(**SPAWN).fit(X, y)
+    assert worker_pids() == []
+
+
+def test_wrong_feature_count_at_predict():
+    est = PipeNetClassifier(max_epochs=1).fit(X, Y)
+    with pytest.raises(ValueError, match=r"X has 4 features, but PipeNetClassifier is expecting 5 features"):
+        est.predict(X[:, :4])
