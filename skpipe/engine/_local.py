@@ -37,6 +37,12 @@ class LocalRunner(Runner):
         assert out is not None
         return out.cpu()
 
+    def record_timeline(self, steps: int) -> None:
+        self.host.record_timeline(steps)
+
+    def spans(self) -> list:
+        return self.host.spans()
+
     def finish(self) -> None:
         self.module.to("cpu")
 

@@ -74,6 +74,10 @@ def time_costs(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int =
     """Measured forward+backward seconds of each layer on ``sample`` (median of ``repeats``)."""
     costs = []
     x = sample
+    with torch.no_grad():  # warm-up: first calls pay one-off costs that are not the layer's
+        h = sample
+        for layer in layers:
+            h = layer(h)
     for layer in layers:
         inp = x.detach().requires_grad_(x.is_floating_point())
         times = []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 from ._config import PipelineConfig, TrainSpec
 from ._microbatch import WeightedLoss
 from ._runner import Runner
+from ._timeline import Span
 
 
 class SingleRunner(Runner):
@@ -18,6 +21,21 @@ class SingleRunner(Runner):
         self.loss = WeightedLoss(spec.criterion.to(self.device))
         self.optimizer = spec.optimizer(self.module.parameters(), **spec.optimizer_kwargs)
         self._bf16 = config.precision == "bf16"
+        self._record_left = 0
+        self._step = 0
+        self._spans: list[Span] = []
+
+    def record_timeline(self, steps: int) -> None:
+        self._record_left = steps
+
+    def spans(self) -> list[Span]:
+        return list(self._spans)
+
+    def _span(self, kind: str, mb: int, t0: float) -> None:
+        if self._record_left > 0:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._spans.append(Span(self._step, 0, 0, kind, mb, t0, time.time()))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._bf16:
@@ -33,19 +51,30 @@ class SingleRunner(Runner):
         n = x.shape[0]
         m = min(self.config.n_microbatches, n)
         if m == 1:
+            t0 = time.time()
             out = self._forward(x)
             loss = self.loss.criterion(out, y)
+            self._span("F", 0, t0)
+            t0 = time.time()
             loss.backward()
+            self._span("B", 0, t0)
         else:  # gradient accumulation, weighted so the sum is the batch loss exactly
             self.loss.set_batch(y, n)
             outs, total = [], torch.zeros((), device=self.device)
-            for idx in torch.arange(n, device=self.device).tensor_split(m):
+            for mb, idx in enumerate(torch.arange(n, device=self.device).tensor_split(m)):
+                t0 = time.time()
                 out_mb = self._forward(x[idx])
                 loss_mb = self.loss(out_mb, idx)
+                self._span("F", mb, t0)
+                t0 = time.time()
                 loss_mb.backward()
+                self._span("B", mb, t0)
                 outs.append(out_mb.detach())
                 total = total + loss_mb.detach()
             out, loss = torch.cat(outs), total
+        if self._record_left > 0:
+            self._record_left -= 1
+        self._step += 1
         if self.config.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
         self.optimizer.step()

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from . import _schedules
 from ._config import PipelineConfig, TrainSpec
 from ._memory import ActivationMeter
+from ._timeline import Recorder, Span
 from ._microbatch import WeightedLoss, pad_rows, row_targets
 
 
@@ -170,6 +171,14 @@ class StageHost:
         self.schedule_class = self._schedule_class()
         self._schedule = self._build_schedule()
         self.meter: ActivationMeter | None = None
+        self.recorder = Recorder(rank, config.owner)
+
+    def record_timeline(self, steps: int) -> None:
+        """Record the spans of the next ``steps`` steps."""
+        self.recorder.steps_left = steps
+
+    def spans(self) -> list[Span]:
+        return list(self.recorder.spans)
 
     def track_memory(self, on: bool = True) -> None:
         """Measure the activations held for backward during each step (peak per process)."""
@@ -205,6 +214,7 @@ class StageHost:
     def _build_schedule(self):  # noqa: ANN202 - torch's schedule types are private
         cls = getattr(torch_schedules, self.schedule_class)
         stages = [self._stage(c) for c in self.chunk_ids]
+        self.stages = dict(zip(self.chunk_ids, stages))
         m = self.config.n_microbatches
         if issubclass(cls, torch_schedules.PipelineScheduleSingle):
             return cls(stages[0], m, loss_fn=self.loss, scale_grads=False)
@@ -239,11 +249,20 @@ class StageHost:
             self.loss.set_batch(y.to(self.device, non_blocking=True), n_real)
             target = row_targets(n_real, rows, self.device)
             losses = []
-        if self.meter is not None:
-            with self.meter.track():
+        uninstall = None
+        if self.recorder.steps_left > 0:
+            uninstall = self.recorder.install(self.stages)
+        try:
+            if self.meter is not None:
+                with self.meter.track():
+                    out = self._schedule.step(*args, target=target, losses=losses)
+            else:
                 out = self._schedule.step(*args, target=target, losses=losses)
-        else:
-            out = self._schedule.step(*args, target=target, losses=losses)
+        finally:
+            if uninstall is not None:
+                uninstall()
+                self.recorder.steps_left -= 1
+            self.recorder.step += 1
         self.clip_gradients()
         self.optimizer.step()
         if not self.holds_last:

@@ -75,6 +75,14 @@ class TorchrunRunner(Runner):
         out = self.host.forward(x, n)
         return self._share(out, (n,) + self.out_shape)
 
+    def record_timeline(self, steps: int) -> None:
+        self.host.record_timeline(steps)
+
+    def spans(self) -> list:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, self.host.spans())
+        return [s for spans in everyone for s in spans]
+
     def finish(self) -> None:
         mine = self.host.state_dicts()
         everyone: list[dict[int, dict[str, torch.Tensor]] | None] = [None] * dist.get_world_size()

@@ -147,6 +147,13 @@ def main() -> None:
                 assert host is not None
                 host.load_state(message[1], message[2])
                 reply(None)
+            elif kind == "timeline":
+                assert host is not None
+                host.record_timeline(message[1])
+                reply(None)
+            elif kind == "spans":
+                assert host is not None
+                reply(host.spans())
             elif kind == "track":
                 assert host is not None
                 host.track_memory(message[1])

@@ -401,6 +401,17 @@ class SpawnRunner(Runner):
             self.group.send(rank, ("set_state", chunks, state["optimizers"][rank]))
         self.group.gather()
 
+    def record_timeline(self, steps: int) -> None:
+        for rank in range(self.config.n_stages):
+            self.group.send(rank, ("timeline", steps))
+        self.group.gather()
+
+    def spans(self) -> list[Any]:
+        for rank in range(self.config.n_stages):
+            self.group.send(rank, ("spans",))
+        replies = self.group.gather()
+        return [s for r in range(self.config.n_stages) for s in replies[r]]
+
     def track_memory(self, on: bool = True) -> None:
         for rank in range(self.config.n_stages):
             self.group.send(rank, ("track", on))

@@ -16,7 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from skorch.history import History
-from sklearn.base import BaseEstimator, is_classifier
+from sklearn.base import BaseEstimator, clone, is_classifier
+from sklearn.callback import CallbackSupportMixin, with_callbacks
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 from torch import nn
@@ -26,6 +27,10 @@ from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, TrainSpec, make
 from ..engine._devices import auto_gpu_pool, execution_devices, resolve_devices
 from ..engine._leases import lease_devices
 from ..engine._microbatch import reduction_of
+from ..engine._partition import flatten_layers  # noqa: F401
+from ..engine._plan import Plan, make_plan
+from ..engine._report import PlanReport, build_report
+from ..engine._timeline import Timeline
 from ..engine._runner import make_runner, resolve_launcher
 from ..callbacks import Checkpoint, LoadInitState, fit_fingerprint
 from ..modules import MLP
@@ -63,7 +68,7 @@ class _InterruptGuard:
             signal.signal(signal.SIGINT, self._previous)
 
 
-class BasePipeNet(BaseEstimator):
+class BasePipeNet(CallbackSupportMixin, BaseEstimator):
     """Base of PipeNetClassifier and PipeNetRegressor; not meant to be used directly."""
 
     _parameter_constraints: dict[str, list[Any]] = {
@@ -89,6 +94,7 @@ class BasePipeNet(BaseEstimator):
         "precision": [StrOptions(set(PRECISIONS))],
         "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
         "timeout": [Interval(Real, 0, None, closed="neither")],
+        "timeline_steps": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
@@ -116,6 +122,7 @@ class BasePipeNet(BaseEstimator):
         precision: str = "float32",
         max_grad_norm: float | None = None,
         timeout: float = 300.0,
+        timeline_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         self.module = module
@@ -140,6 +147,7 @@ class BasePipeNet(BaseEstimator):
         self.precision = precision
         self.max_grad_norm = max_grad_norm
         self.timeout = timeout
+        self.timeline_steps = timeline_steps
         # Prefixed parameters (module__*, ...) are stored as given, like every parameter; a name
         # that is not one is reported by fit, with the closest valid name.
         for key, value in kwargs.items():
@@ -255,6 +263,7 @@ class BasePipeNet(BaseEstimator):
     def _validate_X_y(self, X: Any, y: Any, reset: bool) -> tuple[Any, np.ndarray]:
         raise NotImplementedError
 
+    @with_callbacks
     def fit(self, X: Any, y: Any) -> BasePipeNet:
         """Train the network on ``X`` and ``y``.
 
@@ -279,10 +288,10 @@ class BasePipeNet(BaseEstimator):
             self.__dict__.update(before)
             raise
 
-    def _fit(self, X: Any, y: Any) -> BasePipeNet:
+    def _prepare(self, X: Any, y: Any, warm: bool) -> dict[str, Any]:
+        """Validate parameters and data; resolve the configuration. Raises before any worker."""
         self._validate_params()
         self._validate_prefixed()
-        warm = self.warm_start and hasattr(self, "module_")
         X, y = self._validate_X_y(X, y, reset=not warm)
         y_enc, n_outputs = self._validate_targets(y, reset=not warm)
 
@@ -316,6 +325,52 @@ class BasePipeNet(BaseEstimator):
         spec = TrainSpec(
             optimizer=self.optimizer, optimizer_kwargs=optimizer_kwargs, criterion=copy.deepcopy(criterion)
         )
+        sample = rows_to_tensor(X, slice(0, min(config.microbatch_rows, n_samples)))
+        return dict(X=X, y_enc=y_enc, n_outputs=n_outputs, seed=seed, batch=batch, launcher=launcher,
+                    devices=devices, config=config, criterion=criterion, spec=spec, sample=sample)
+
+    def plan(self, X: Any, y: Any) -> PlanReport:
+        """The plan a fit on ``X, y`` would use, without training (the estimator is unchanged).
+
+        Per stage and chunk: the layers, parameter count and memory, the activation memory
+        held per micro-batch (measured on one micro-batch of X), the measured forward+backward
+        time when ``balance='time'``; the schedule's expected bubble and predicted step time.
+        ``print`` it for a table; ``.to_frame()`` / ``.to_dict()`` for code.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+
+        Returns
+        -------
+        plan : PlanReport
+        """
+        est = clone(self)
+        p = est._prepare(X, y, warm=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p["seed"])
+            module = est._make_module(p["X"].shape[1], p["n_outputs"])
+        return self._report(module, p["config"], p["sample"])
+
+    @staticmethod
+    def _report(module: nn.Module, config: Any, sample: torch.Tensor) -> PlanReport:
+        module = copy.deepcopy(module).cpu()
+        if config.n_stages == 1:
+            params = sum(q.numel() for q in module.parameters())
+            plan = Plan(1, [(0, 1)], [], [0], [params], None, [type(module).__name__])
+            return build_report(plan, [module], config, sample)
+        plan, layers = make_plan(module, config, sample)
+        return build_report(plan, layers, config, sample)
+
+    def _fit(self, X: Any, y: Any) -> BasePipeNet:
+        warm = self.warm_start and hasattr(self, "module_")
+        p = self._prepare(X, y, warm)
+        X, y_enc, n_outputs, seed, batch = p["X"], p["y_enc"], p["n_outputs"], p["seed"], p["batch"]
+        launcher, devices, config = p["launcher"], p["devices"], p["config"]
+        criterion, spec, sample = p["criterion"], p["spec"], p["sample"]
+        callback_ctx = self._init_callback_context(max_subtasks=self.max_epochs)
+        callback_ctx.call_on_fit_task_begin(estimator=self, X=X, y=y)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -323,7 +378,7 @@ class BasePipeNet(BaseEstimator):
                 module = copy.deepcopy(self.module_)
             else:
                 module = self._make_module(X.shape[1], n_outputs)
-            sample = rows_to_tensor(X, slice(0, min(batch, 8)))
+            report = self._report(module, config, sample)
             # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
             lease = (
                 lease_devices(devices, config.timeout, choose_from=auto_gpu_pool(self.devices, devices))
@@ -335,7 +390,11 @@ class BasePipeNet(BaseEstimator):
                     config = dataclasses.replace(config, devices=execution_devices(lease.devices))
                 runner = make_runner(module, config, spec, sample, seed)
                 try:
-                    history = self._run_loop(runner, criterion, X, y_enc, seed, batch, warm)
+                    history = self._run_loop(runner, criterion, X, y_enc, seed, batch, warm, callback_ctx)
+                    timeline = None
+                    if self.timeline_steps:
+                        timeline = Timeline(runner.spans(), config.n_stages, config.n_microbatches,
+                                            config.chunks_per_stage, config.schedule)
                     runner.finish()
                 finally:
                     runner.close()
@@ -349,7 +408,9 @@ class BasePipeNet(BaseEstimator):
         self.history_ = history
         self.n_iter_ = len(history)
         self.config_ = config
-        self.plan_ = runner.plan
+        self.plan_ = report
+        self.timeline_ = timeline
+        callback_ctx.call_on_fit_task_end(estimator=self, X=X, y=y)
         return self
 
     def _run_loop(
@@ -361,6 +422,7 @@ class BasePipeNet(BaseEstimator):
         seed: int,
         batch: int,
         warm: bool,
+        callback_ctx: Any = None,
     ) -> Any:
         loop = ClassifierTrainingLoop if is_classifier(self) else TrainingLoop
         net = loop(
@@ -379,6 +441,9 @@ class BasePipeNet(BaseEstimator):
             **{k: v for k, v in self._prefixed_params().items() if k.startswith(("callbacks__", "iterator_"))},
         )
         net.runner_ = runner
+        net.timeline_steps_ = self.timeline_steps
+        net.sklearn_ctx_ = callback_ctx
+        net.estimator_ = self
         net.initialize()
         if warm and getattr(self, "history_", None) is not None:
             net.history_ = copy.deepcopy(self.history_)

@@ -49,8 +49,28 @@ class TrainingLoop(NeuralNet):
 
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
         Xi, yi = unpack_data(batch)
+        steps = getattr(self, "steps_", 0)
+        if steps == 1 and getattr(self, "timeline_steps_", 0):
+            # record from the second step: the first one also pays one-off set-up costs
+            self.runner_.record_timeline(self.timeline_steps_)
+        self.steps_ = steps + 1
         loss, y_pred = self.runner_.train_step(Xi, yi)
         return {"loss": loss, "y_pred": y_pred}
+
+    # scikit-learn's callbacks (ProgressBar...) see one sub-task per epoch
+    def on_epoch_begin(self, net: Any, **kwargs: Any) -> None:
+        super().on_epoch_begin(net, **kwargs)
+        ctx = getattr(self, "sklearn_ctx_", None)
+        if ctx is not None:
+            self.epoch_ctx_ = ctx.subcontext(task_name="epoch")
+            self.epoch_ctx_.call_on_fit_task_begin(estimator=self.estimator_)
+
+    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+        super().on_epoch_end(net, **kwargs)
+        ctx = getattr(self, "epoch_ctx_", None)
+        if ctx is not None:
+            ctx.call_on_fit_task_end(estimator=self.estimator_)
+            self.epoch_ctx_ = None
 
     def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
         Xi, yi = unpack_data(batch)

@@ -1,0 +1,89 @@
+"""Pictures of a fit: the measured timeline as a Gantt chart, and the learning curves.
+
+Needs matplotlib (``pip install "skpipe[plot]"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .engine._timeline import Timeline
+
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#DD8452", "W": "#55A868", "comm": "#BBBBBB"}
+LABELS = {"F": "forward", "B": "backward", "I": "backward (input grad)", "W": "backward (weight grad)", "comm": "waiting on communication"}
+
+
+def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) -> Any:
+    """Draw the recorded spans of a fit: one row per stage, time in ms from the first span.
+
+    Forward spans are blue, backward orange (input-gradient halves too), weight-gradient green,
+    waits on communication grey; each compute span is labelled with its micro-batch. The title
+    gives the measured bubble beside the schedule's theoretical one.
+
+    Parameters
+    ----------
+    timeline : Timeline
+        ``est.timeline_`` of an estimator fitted with ``timeline_steps > 0``.
+    ax : matplotlib Axes, optional
+    title : str, optional
+
+    Returns
+    -------
+    ax : matplotlib Axes
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(12, 1.0 + 0.7 * timeline.n_stages))
+    if not timeline.spans:
+        raise ValueError("the timeline has no spans: fit with timeline_steps > 0 and at least 2 steps")
+    t0 = min(s.start for s in timeline.spans)
+    seen = set()
+    for s in sorted(timeline.spans, key=lambda s: s.kind == "comm", reverse=True):
+        y = timeline.n_stages - 1 - s.rank
+        height = 0.3 if s.kind == "comm" else 0.8
+        label = LABELS[s.kind] if s.kind not in seen else None
+        seen.add(s.kind)
+        ax.broken_barh([((s.start - t0) * 1e3, (s.end - s.start) * 1e3)], (y - height / 2, height),
+                       facecolors=COLORS[s.kind], edgecolor="white", linewidth=0.3, label=label)
+        width = (s.end - s.start) * 1e3
+        if s.kind != "comm" and width > 0:
+            ax.text((s.start - t0) * 1e3 + width / 2, y, str(s.microbatch), ha="center",
+                    va="center", fontsize=6, color="white", clip_on=True)
+    ax.set_yticks(range(timeline.n_stages))
+    ax.set_yticklabels([f"stage {timeline.n_stages - 1 - i}" for i in range(timeline.n_stages)])
+    ax.set_xlabel("time (ms)")
+    measured = timeline.measured_bubble()
+    ax.set_title(title or (
+        f"{timeline.schedule}: {timeline.n_stages} stages, {timeline.n_microbatches} micro-batches, "
+        f"{len(timeline.steps())} step(s) - measured bubble {measured:.0%}, "
+        f"theoretical {timeline.theoretical_bubble:.0%}"
+    ), fontsize=9)
+    ax.legend(loc="upper right", fontsize=7, ncol=4)
+    return ax
+
+
+def plot_learning_curves(history: Any, ax: Any = None) -> Any:
+    """Training (and validation) loss per epoch from ``est.history_``.
+
+    Parameters
+    ----------
+    history : skorch History
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    ax : matplotlib Axes
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    epochs = history[:, "epoch"]
+    ax.plot(epochs, history[:, "train_loss"], marker="o", label="train loss")
+    if "valid_loss" in history[-1]:
+        ax.plot(epochs, history[:, "valid_loss"], marker="o", label="valid loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return ax

@@ -1,0 +1,86 @@
+"""Plan before training, timeline after, pictures, and scikit-learn's progress callbacks."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.callback import ProgressBar
+from sklearn.model_selection import GridSearchCV
+
+import skpipe
+from skpipe import PipeNetClassifier
+from skpipe.viz import plot_learning_curves, plot_timeline
+
+
+def make(**kw):
+    p = dict(module__hidden_layer_sizes=(16, 16, 16), max_epochs=2, batch_size=16, random_state=0,
+             n_stages=2, n_microbatches=4, launcher="local")
+    p.update(kw)
+    return PipeNetClassifier(**p)
+
+
+def test_plan_before_fit_leaves_estimator_unfitted(classification_data):
+    est = make(balance="time")
+    plan = est.plan(*classification_data)
+    assert not hasattr(est, "n_features_in_")
+    frame = plan.to_frame()
+    assert list(frame["stage"]) == [0, 1]
+    assert frame["n_layers"].sum() == 7
+    assert frame["parameters"].sum() == sum(p.numel() for p in make().fit(*classification_data).module_.parameters())
+    assert (frame["activation_MiB_per_microbatch"] > 0).all()
+    assert frame["fwd_bwd_ms"].notna().all()
+    assert plan.bubble == pytest.approx(1 / 5)
+    assert plan.predicted_step_ms > 0
+    text = str(plan)
+    assert "expected bubble: 20.0%" in text and "stage" in text
+    assert plan.to_dict()["schedule"] == "1f1b"
+
+
+def test_plan_kept_after_fit_and_interleaved_chunks(classification_data):
+    est = make(schedule="interleaved_1f1b").fit(*classification_data)
+    frame = est.plan_.to_frame()
+    assert list(frame["stage"]) == [0, 1, 0, 1] and list(frame["chunk"]) == [0, 1, 2, 3]
+    assert est.plan_.predicted_step_ms is None  # no times measured without balance='time'
+
+
+@pytest.mark.parametrize("launcher", ["local", pytest.param("spawn", marks=pytest.mark.distributed)])
+def test_timeline_records_spans_of_chosen_steps(classification_data, launcher, tmp_path):
+    est = make(timeline_steps=2, launcher=launcher, schedule="interleaved_zero_bubble").fit(*classification_data)
+    tl = est.timeline_
+    assert tl.steps() == [1, 2]
+    kinds = {s.kind for s in tl.spans}
+    assert {"F", "I", "W"} <= kinds
+    for step in tl.steps():
+        for rank in range(2):
+            fw = [s for s in tl.spans if s.step == step and s.rank == rank and s.kind == "F"]
+            assert len(fw) == 4 * 2  # 4 micro-batches x 2 chunks per stage
+    assert 0.0 <= tl.measured_bubble() < 1.0
+    ax = plot_timeline(tl)
+    ax.figure.savefig(tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    assert isinstance(tl.to_frame(), pd.DataFrame)
+    skpipe.shutdown_workers()
+
+
+def test_no_timeline_by_default(classification_data):
+    assert make().fit(*classification_data).timeline_ is None
+
+
+def test_learning_curves(classification_data, tmp_path):
+    est = make(max_epochs=3).fit(*classification_data)
+    ax = plot_learning_curves(est.history_)
+    assert len(ax.lines) == 1
+    ax.figure.savefig(tmp_path / "c.png")
+
+
+def test_sklearn_progress_bar_nests_epochs_in_search(classification_data, capsys):
+    X, y = classification_data
+    search = GridSearchCV(make(max_epochs=3), {"lr": [0.01, 0.02]}, cv=2)
+    search.set_callbacks(ProgressBar())
+    search.fit(X, y)
+    est = make(max_epochs=3).set_callbacks(ProgressBar())
+    est.fit(X, y)
+    assert len(est.history_) == 3
