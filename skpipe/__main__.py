@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where the stages run (default auto: worker processes)",
     )
     demo.add_argument("--max-epochs", type=int, default=30, help="epochs per fit (default 30)")
-    demo.add_argument("--quiet", action="store_true", help="no per-fit progress lines")
+    demo.add_argument("--quiet", action="store_true", help="no progress display")
+    demo.add_argument(
+        "--timeline", default="skpipe-demo-timeline.png",
+        help="where to save the timeline picture (default skpipe-demo-timeline.png; '' for none)",
+    )
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -40,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             n_stages=args.n_stages,
             launcher=args.launcher,
             max_epochs=args.max_epochs,
-            verbose=0 if args.quiet else 3,
+            verbose=0 if args.quiet else 2,
+            progress=not args.quiet,
+            timeline_png=args.timeline or None,
         )
     return 0
 

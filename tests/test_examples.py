@@ -49,3 +49,32 @@ def test_cli_demo_small():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "best parameters:" in out.stdout
     assert "best cross-validated accuracy:" in out.stdout
+
+
+EXAMPLES = ["quick_start.py", "mixed_types_pipeline.py", "choose_schedule.py"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs(name, tmp_path):
+    env = {**os.environ, "SKPIPE_EXAMPLE_QUICK": "1", "SKPIPE_EXAMPLE_OUT": str(tmp_path / "out.png"),
+           "MPLBACKEND": "Agg"}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if name == "choose_schedule.py":
+        assert (tmp_path / "out.png").stat().st_size > 1000
+
+
+@pytest.mark.distributed
+def test_notebook_cells_run_in_order(tmp_path):
+    """Each code cell runs in one namespace whose module is __main__, as in a kernel."""
+    import json
+
+    nb = json.loads((ROOT / "examples" / "notebook.ipynb").read_text())
+    code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    env = {**os.environ, "SKPIPE_EXAMPLE_QUICK": "1", "MPLBACKEND": "Agg"}
+    out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "expected bubble" in out.stdout
