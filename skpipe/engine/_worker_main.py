@@ -64,6 +64,7 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     host = None
+    device_used = "cpu"
 
     def reply(payload: Any) -> None:
         conn.send_bytes(pickle.dumps(("ok", payload), protocol=5))
@@ -86,6 +87,7 @@ def main() -> None:
                 setup = message[1]
                 config = setup["config"]
                 device = setup["device"]
+                device_used = device
                 # same seed warm or cold, so that a fit does not depend on what ran before
                 torch.manual_seed(setup["seed"] + rank)
                 if host is not None:
@@ -134,10 +136,10 @@ def main() -> None:
                 if host is not None:
                     host.close()
                     host = None
-                import gc
+                if device_used.startswith("cuda"):  # give the idle GPU memory back
+                    import gc
 
-                gc.collect()
-                if torch.cuda.is_available():
+                    gc.collect()
                     torch.cuda.empty_cache()
                 reply(None)
             elif kind == "get_state":
