@@ -84,3 +84,17 @@ def test_sklearn_progress_bar_nests_epochs_in_search(classification_data, capsys
     est = make(max_epochs=3).set_callbacks(ProgressBar())
     est.fit(X, y)
     assert len(est.history_) == 3
+
+
+def test_memory_budget_raises_microbatch_count(classification_data):
+    X, y = classification_data
+    kw = dict(module__hidden_layer_sizes=(256, 256, 256), batch_size=64, schedule="gpipe")
+    free = make(**kw).fit(X, y)
+    assert free.config_.n_microbatches == 8  # the plain 'auto' rule: 4p
+    from skpipe.engine._budget import stage_bytes
+
+    static_mib = max(c.parameter_MiB for c in free.plan_.chunks) * 4
+    tight = make(stage_memory_budget=(static_mib + 0.3) * 2**20, **kw).fit(X, y)
+    assert tight.config_.n_microbatches > 8
+    with pytest.raises(ValueError, match=r"stage_memory_budget \(0.0 MiB\) is too small: even with one row per micro-batch, stage \d needs about"):
+        make(stage_memory_budget=1000, **kw).fit(X, y)

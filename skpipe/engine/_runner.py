@@ -42,10 +42,14 @@ class Runner(ABC):
     def get_state(self) -> dict[str, Any]:
         """``{'module': state dict of the whole network (CPU), 'optimizers': [per rank]}``."""
         assert self.optimizer is not None
-        return {
-            "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-            "optimizers": [_cpu(self.optimizer.state_dict())],
-        }
+        return {"module": _cpu(self.module.state_dict()), "optimizers": [_cpu(self.optimizer.state_dict())]}
+
+    def _load_chunks(self, chunk_states: Any) -> None:
+        """Copy chunk parameters gathered from the ranks (``{chunk: state}`` per rank) into the
+        layers of ``module``, which the chunks of this process's plan share."""
+        for states in chunk_states:
+            for c, state in states.items():
+                self.plan.chunk_layers(self._layers, c).load_state_dict(state)
 
     def set_state(self, state: dict[str, Any]) -> None:
         assert self.optimizer is not None

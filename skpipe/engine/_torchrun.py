@@ -11,7 +11,7 @@ from torch import nn
 
 from ._config import PipelineConfig, TrainSpec
 from ._plan import make_plan
-from ._runner import Runner
+from ._runner import Runner, _cpu
 from ._stage import StageHost
 
 
@@ -87,25 +87,15 @@ class TorchrunRunner(Runner):
         mine = self.host.state_dicts()
         everyone: list[dict[int, dict[str, torch.Tensor]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        for states in everyone:
-            assert states is not None
-            for c, state in states.items():
-                self.plan.chunk_layers(self._layers, c).load_state_dict(state)
+        self._load_chunks(everyone)
         self.module.to("cpu")
 
     def get_state(self) -> dict:
-        from ._runner import _cpu
-
         mine = (self.host.state_dicts(), _cpu(self.host.optimizer.state_dict()))
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        for chunk_states, _ in everyone:
-            for c, state in chunk_states.items():
-                self.plan.chunk_layers(self._layers, c).load_state_dict(state)
-        return {
-            "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-            "optimizers": [opt for _, opt in everyone],
-        }
+        self._load_chunks(chunks for chunks, _ in everyone)
+        return {"module": _cpu(self.module.state_dict()), "optimizers": [opt for _, opt in everyone]}
 
     def set_state(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])

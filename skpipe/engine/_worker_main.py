@@ -36,12 +36,6 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="skpipe-parent-watch").start()
 
 
-def _cpu(obj: Any) -> Any:
-    from skpipe.engine._runner import _cpu as cpu
-
-    return cpu(obj)
-
-
 def _tensor(a: Any) -> Any:
     import torch
 
@@ -144,6 +138,8 @@ def main() -> None:
                 reply(None)
             elif kind == "get_state":
                 assert host is not None
+                from skpipe.engine._runner import _cpu
+
                 reply((host.state_dicts(), _cpu(host.optimizer.state_dict())))
             elif kind == "set_state":
                 assert host is not None

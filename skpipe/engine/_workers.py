@@ -34,7 +34,7 @@ from torch import nn
 
 from ._config import PipelineConfig, TrainSpec
 from ._plan import make_plan
-from ._runner import Runner
+from ._runner import Runner, _cpu
 
 # Starting a worker (importing torch, joining the group) is not bounded by the step timeout.
 STARTUP_TIMEOUT = 120.0
@@ -382,14 +382,9 @@ class SpawnRunner(Runner):
     def get_state(self) -> dict[str, Any]:
         for rank in range(self.config.n_stages):
             self.group.send(rank, ("get_state",))
-        replies = self.group.gather()
-        for rank in range(self.config.n_stages):
-            for c, state in replies[rank][0].items():
-                self.plan.chunk_layers(self._layers, c).load_state_dict(state)
-        return {
-            "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-            "optimizers": [replies[r][1] for r in range(self.config.n_stages)],
-        }
+        replies = [self.group.gather()[r] for r in range(self.config.n_stages)]
+        self._load_chunks(chunks for chunks, _ in replies)
+        return {"module": _cpu(self.module.state_dict()), "optimizers": [opt for _, opt in replies]}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
@@ -427,11 +422,7 @@ class SpawnRunner(Runner):
     def finish(self) -> None:
         for rank in range(self.config.n_stages):
             self.group.send(rank, ("state",))
-        states: dict[int, dict[str, torch.Tensor]] = {}
-        for reply in self.group.gather().values():
-            states.update(reply)
-        for c, state in states.items():
-            self.plan.chunk_layers(self._layers, c).load_state_dict(state)
+        self._load_chunks(self.group.gather().values())
         self.module.to("cpu")
         self._finished = True
 

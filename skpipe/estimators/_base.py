@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted, check_random_state, valida
 from torch import nn
 
 from ..engine import _schedules
+from ..engine._budget import fit_budget
 from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, TrainSpec, make_config
 from ..engine._devices import auto_gpu_pool, execution_devices, resolve_devices
 from ..engine._leases import lease_devices
@@ -95,6 +96,7 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
         "timeout": [Interval(Real, 0, None, closed="neither")],
         "timeline_steps": [Interval(Integral, 0, None, closed="left")],
+        "stage_memory_budget": [Interval(Real, 0, None, closed="neither"), None],
     }
 
     def __init__(
@@ -123,6 +125,7 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         max_grad_norm: float | None = None,
         timeout: float = 300.0,
         timeline_steps: int = 0,
+        stage_memory_budget: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.module = module
@@ -148,6 +151,7 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         self.max_grad_norm = max_grad_norm
         self.timeout = timeout
         self.timeline_steps = timeline_steps
+        self.stage_memory_budget = stage_memory_budget
         # Prefixed parameters (module__*, ...) are stored as given, like every parameter; a name
         # that is not one is reported by fit, with the closest valid name.
         for key, value in kwargs.items():
@@ -326,6 +330,12 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
             optimizer=self.optimizer, optimizer_kwargs=optimizer_kwargs, criterion=copy.deepcopy(criterion)
         )
         sample = rows_to_tensor(X, slice(0, min(config.microbatch_rows, n_samples)))
+        if self.stage_memory_budget is not None and self.n_microbatches == "auto" and self.n_stages > 1:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                probe = copy.deepcopy(self.module_) if warm else self._make_module(X.shape[1], n_outputs)
+            config = fit_budget(probe, config, sample, float(self.stage_memory_budget), batch)
+            sample = rows_to_tensor(X, slice(0, min(config.microbatch_rows, n_samples)))
         return dict(X=X, y_enc=y_enc, n_outputs=n_outputs, seed=seed, batch=batch, launcher=launcher,
                     devices=devices, config=config, criterion=criterion, spec=spec, sample=sample)
 

@@ -67,6 +67,13 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         Clip gradients by their global norm across all stages.
     timeout : float, default=300.0
         Seconds the driver waits for a worker before declaring it hung.
+    timeline_steps : int, default=0
+        Record what each stage does during this many steps (from the second one) into
+        ``timeline_`` (see :func:`skpipe.viz.plot_timeline`).
+    stage_memory_budget : float or None, default=None
+        Bytes each stage may hold; with ``n_microbatches='auto'`` the micro-batch count is raised
+        until the estimated peak (parameters, gradients, optimizer state and the activations of
+        the micro-batches in flight) fits, or ``fit`` says by how much it cannot.
     **kwargs
         Prefixed parameters: ``module__*``, ``optimizer__*``, ``criterion__*``,
         ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
@@ -82,6 +89,12 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         Only when X had string column names.
     n_iter_ : int
         Epochs run.
+    plan_ : PlanReport
+        The plan the fit used (see :meth:`plan`).
+    timeline_ : Timeline or None
+        The recorded spans when ``timeline_steps > 0``.
+    config_ : PipelineConfig
+        The resolved configuration (micro-batch count, chunks, devices, launcher).
 
     Examples
     --------

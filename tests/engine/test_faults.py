@@ -90,6 +90,7 @@ def test_worker_killed_mid_epoch(classification_data, rank):
     assert time.monotonic() - t0 < 10 + 8
     assert wait_no_workers() == []
     assert not hasattr(est, "module_")
+    make(net_with(nn.Identity())).fit(X, y)  # the next fit works
 
 
 def test_hung_worker_is_bounded_by_timeout(classification_data):
@@ -100,6 +101,7 @@ def test_hung_worker_is_bounded_by_timeout(classification_data):
         est.fit(X, y)
     assert time.monotonic() - t0 < 3 + 10 + 8
     assert wait_no_workers() == []
+    make(net_with(nn.Identity())).fit(X, y)  # the next fit works
 
 
 def test_ctrl_c_in_driver_stops_workers(tmp_path):

@@ -131,3 +131,21 @@ def test_main_module_classes_from_script_notebook_and_loky(tmp_path, how):
                               timeout=300, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "score" in proc.stdout
+
+
+def test_pipeline_hyperparameters_in_a_grid_with_a_forbidden_combination(classification_data):
+    """A combination torch refuses is scored as failed with its message, never a hang."""
+    import warnings
+
+    X, y = classification_data
+    grid = {"schedule": ["1f1b", "dualpipev"], "n_microbatches": [2, 4], "checkpoint": ["never", "always"],
+            "balance": ["uniform", "parameters"]}
+    est = make(launcher="local", module__hidden_layer_sizes=(8, 8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        search = GridSearchCV(est, grid, cv=2, error_score=np.nan).fit(X, y)
+    scores = dict(zip(map(str, search.cv_results_["params"]), search.cv_results_["mean_test_score"]))
+    failed = [p for p, s in scores.items() if np.isnan(s)]
+    assert failed and all("'dualpipev'" in p and "'n_microbatches': 2" in p for p in failed)
+    assert any("n_microbatches (2) must be >= the number of model chunks (4" in str(w.message) for w in caught)
+    assert search.best_params_["schedule"] in ("1f1b", "dualpipev")
