@@ -264,8 +264,15 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
             self._check_prefixed_name(key)
 
     # -- fit -----------------------------------------------------------------------------------
+    # How X is checked everywhere, and what y must be (set by the subclasses).
+    _X_CHECKS: dict[str, Any] = dict(
+        accept_sparse=["csr", "csc", "coo"], dtype=np.float32, ensure_all_finite=True
+    )
+    _Y_CHECKS: dict[str, Any] = {}
+
     def _validate_X_y(self, X: Any, y: Any, reset: bool) -> tuple[Any, np.ndarray]:
-        raise NotImplementedError
+        X, y = validate_data(self, X, y, reset=reset, **self._X_CHECKS, **self._Y_CHECKS)
+        return self._to_csr(X), y
 
     @with_callbacks
     def fit(self, X: Any, y: Any) -> BasePipeNet:
@@ -538,14 +545,7 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
 
     def _validate_X_predict(self, X: Any) -> Any:
         check_is_fitted(self, "module_")
-        return validate_data(
-            self,
-            X,
-            reset=False,
-            accept_sparse=["csr", "csc", "coo"],
-            dtype=np.float32,
-            ensure_all_finite=True,
-        )
+        return validate_data(self, X, reset=False, **self._X_CHECKS)
 
     def __sklearn_tags__(self):  # noqa: ANN204
         tags = super().__sklearn_tags__()

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import column_or_1d, validate_data
+from sklearn.utils.validation import column_or_1d
 from torch import nn
 
 from ._base import BasePipeNet
@@ -109,22 +109,11 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
     def _default_criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()
 
-    def _validate_X_y(self, X: Any, y: Any, reset: bool) -> tuple[Any, np.ndarray]:
-        X, y = validate_data(
-            self,
-            X,
-            y,
-            reset=reset,
-            accept_sparse=["csr", "csc", "coo"],
-            dtype=np.float32,
-            ensure_all_finite=True,
-            y_numeric=False,
-        )
-        y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
-        return self._to_csr(X), y
+    _Y_CHECKS = dict(y_numeric=False)
 
     def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
         if reset:
             classes, encoded = np.unique(y, return_inverse=True)
             if len(classes) < 2:

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import RegressorMixin
-from sklearn.utils.validation import validate_data
 from torch import nn
 
 from ._base import BasePipeNet
@@ -49,19 +48,7 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
         tags.target_tags.multi_output = True
         return tags
 
-    def _validate_X_y(self, X: Any, y: Any, reset: bool) -> tuple[Any, np.ndarray]:
-        X, y = validate_data(
-            self,
-            X,
-            y,
-            reset=reset,
-            accept_sparse=["csr", "csc", "coo"],
-            dtype=np.float32,
-            ensure_all_finite=True,
-            multi_output=True,
-            y_numeric=True,
-        )
-        return self._to_csr(X), y
+    _Y_CHECKS = dict(multi_output=True, y_numeric=True)
 
     def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
         y = np.asarray(y, dtype=np.float32)
