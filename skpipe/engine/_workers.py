@@ -382,7 +382,8 @@ class SpawnRunner(Runner):
     def get_state(self) -> dict[str, Any]:
         for rank in range(self.config.n_stages):
             self.group.send(rank, ("get_state",))
-        replies = [self.group.gather()[r] for r in range(self.config.n_stages)]
+        gathered = self.group.gather()
+        replies = [gathered[r] for r in range(self.config.n_stages)]
         self._load_chunks(chunks for chunks, _ in replies)
         return {"module": _cpu(self.module.state_dict()), "optimizers": [opt for _, opt in replies]}
 
