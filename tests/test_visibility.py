@@ -87,14 +87,23 @@ def test_sklearn_progress_bar_nests_epochs_in_search(classification_data, capsys
 
 
 def test_memory_budget_raises_microbatch_count(classification_data):
+    """1F1B holds about p micro-batches per stage, so smaller micro-batches hold less."""
     X, y = classification_data
-    kw = dict(module__hidden_layer_sizes=(256, 256, 256), batch_size=64, schedule="gpipe")
+    kw = dict(module__hidden_layer_sizes=(256, 256, 256), batch_size=64, schedule="1f1b",
+              n_microbatches="auto")
     free = make(**kw).fit(X, y)
     assert free.config_.n_microbatches == 8  # the plain 'auto' rule: 4p
-    from skpipe.engine._budget import stage_bytes
-
-    static_mib = max(c.parameter_MiB for c in free.plan_.chunks) * 4
-    tight = make(stage_memory_budget=(static_mib + 0.3) * 2**20, **kw).fit(X, y)
-    assert tight.config_.n_microbatches > 8
+    need = []
+    for stage in (0, 1):
+        chunks = [c for c in free.plan_.chunks if c.stage == stage]
+        static = 4 * sum(c.parameter_MiB for c in chunks)
+        per_row = sum(c.activation_MiB_per_microbatch for c in chunks) / free.plan_.microbatch_rows
+        need.append((static, per_row))
+    # room for 12 rows in flight: m=8 holds 2 x 8 = 16 rows; the smallest count that fits is
+    # m=11 (2 x ceil(64/11) = 12 rows)
+    budget = max(static + 12 * per_row for static, per_row in need) * 2**20
+    tight = make(stage_memory_budget=budget, **kw).fit(X, y)
+    assert tight.config_.n_microbatches == 11
+    np.testing.assert_allclose(tight.predict_proba(X), free.predict_proba(X), atol=1e-5)
     with pytest.raises(ValueError, match=r"stage_memory_budget \(0.0 MiB\) is too small: even with one row per micro-batch, stage \d needs about"):
         make(stage_memory_budget=1000, **kw).fit(X, y)

@@ -112,6 +112,10 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     return clone.to_empty(device="meta")
 
 
+# True once this process made its own world-size-1 group for launcher='local' (not torchrun's)
+LOCAL_GROUP_MADE = False
+
+
 def ensure_local_group(device: str) -> dist.ProcessGroup:
     """A world-size-1 default process group for stages that all live in this process."""
     if dist.is_initialized():
@@ -126,6 +130,8 @@ def ensure_local_group(device: str) -> dist.ProcessGroup:
         return group
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    global LOCAL_GROUP_MADE
+    LOCAL_GROUP_MADE = True
     group = dist.group.WORLD
     assert group is not None
     return group

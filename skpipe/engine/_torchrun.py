@@ -16,11 +16,14 @@ from ._stage import StageHost
 
 
 def ensure_world_group(config: PipelineConfig) -> dist.ProcessGroup:
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
+    from . import _stage
+
+    if _stage.LOCAL_GROUP_MADE or not dist.is_initialized():
+        if "RANK" not in os.environ or _stage.LOCAL_GROUP_MADE:
             raise RuntimeError(
-                "launcher='torchrun' needs a process group: run the script under torchrun (or "
-                "call torch.distributed.init_process_group first), or use launcher='spawn'."
+                "launcher='torchrun' needs a process group of the job's processes: run the script "
+                "under torchrun (or call torch.distributed.init_process_group first), or use "
+                "launcher='spawn'. (A one-process group made for launcher='local' is not one.)"
             )
         backend = "nccl" if config.devices[0].startswith("cuda") else "gloo"
         dist.init_process_group(backend)
