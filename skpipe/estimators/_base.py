@@ -28,7 +28,6 @@ from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, TrainSpec, make
 from ..engine._devices import auto_gpu_pool, execution_devices, resolve_devices
 from ..engine._leases import lease_devices
 from ..engine._microbatch import reduction_of
-from ..engine._partition import flatten_layers  # noqa: F401
 from ..engine._plan import Plan, make_plan
 from ..engine._report import PlanReport, build_report
 from ..engine._timeline import Timeline
@@ -525,7 +524,7 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         -------
         outputs : ndarray of shape (n_samples, n_outputs)
         """
-        X = self._to_csr(self._validate_X_predict(X))
+        X = self._validate_X_predict(X)
         config = self.config_
         if config.n_stages == 1:
             return self._forward(X)
@@ -545,7 +544,7 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
 
     def _validate_X_predict(self, X: Any) -> Any:
         check_is_fitted(self, "module_")
-        return validate_data(self, X, reset=False, **self._X_CHECKS)
+        return self._to_csr(validate_data(self, X, reset=False, **self._X_CHECKS))
 
     def __sklearn_tags__(self):  # noqa: ANN204
         tags = super().__sklearn_tags__()

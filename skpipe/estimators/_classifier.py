@@ -144,7 +144,7 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         -------
         proba : ndarray of shape (n_samples, n_classes)
         """
-        X = self._to_csr(self._validate_X_predict(X))
+        X = self._validate_X_predict(X)
         logits = self._forward(X).astype(np.float64)
         if logits.size == 0:
             return np.empty((0, len(self.classes_)))

@@ -73,7 +73,7 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
         -------
         y_pred : ndarray of shape (n_samples,) or (n_samples, n_targets)
         """
-        X = self._to_csr(self._validate_X_predict(X))
+        X = self._validate_X_predict(X)
         out = self._forward(X).astype(np.float64)
         if out.size == 0:
             out = out.reshape(0, self.n_outputs_)
