@@ -19,9 +19,9 @@ class LocalRunner(Runner):
     ) -> None:
         self.config = config
         self.module = module
-        self.plan, layers = make_plan(module, config, sample)
+        self.plan, self.layers = make_plan(module, config, sample)
         group = ensure_local_group(config.devices[0])
-        chunks = {c: self.plan.chunk_layers(layers, c) for c in range(config.n_chunks)}
+        chunks = {c: self.plan.chunk_layers(self.layers, c) for c in range(config.n_chunks)}
         self.host = StageHost(
             chunks, config, spec, self.plan.shapes, rank=0, device=config.devices[0], group=group
         )

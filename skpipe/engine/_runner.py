@@ -24,7 +24,9 @@ class Runner(ABC):
     config: PipelineConfig
     module: nn.Module
     optimizer: torch.optim.Optimizer | None = None
+    # the split the stages were built from (None with one stage), and the layers it indexes
     plan = None
+    layers: list[nn.Module] = []
 
     @abstractmethod
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -49,7 +51,7 @@ class Runner(ABC):
         layers of ``module``, which the chunks of this process's plan share."""
         for states in chunk_states:
             for c, state in states.items():
-                self.plan.chunk_layers(self._layers, c).load_state_dict(state)
+                self.plan.chunk_layers(self.layers, c).load_state_dict(state)
 
     def set_state(self, state: dict[str, Any]) -> None:
         assert self.optimizer is not None

@@ -46,8 +46,8 @@ class TorchrunRunner(Runner):
         self.module = module
         group = ensure_world_group(config)
         self.rank = dist.get_rank()
-        self.plan, self._layers = make_plan(module, config, sample)
-        chunks = {c: self.plan.chunk_layers(self._layers, c) for c in config.chunks_of(self.rank)}
+        self.plan, self.layers = make_plan(module, config, sample)
+        chunks = {c: self.plan.chunk_layers(self.layers, c) for c in config.chunks_of(self.rank)}
         device = config.devices[self.rank] if config.devices[0] != "cpu" else "cpu"
         if device.startswith("cuda"):
             local = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -103,7 +103,7 @@ class TorchrunRunner(Runner):
     def set_state(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         chunks = {
-            c: self.plan.chunk_layers(self._layers, c).state_dict() for c in self.config.chunks_of(self.rank)
+            c: self.plan.chunk_layers(self.layers, c).state_dict() for c in self.config.chunks_of(self.rank)
         }
         self.host.load_state(chunks, state["optimizers"][self.rank])
 

@@ -333,14 +333,14 @@ class SpawnRunner(Runner):
     ) -> None:
         self.config = config
         self.module = module
-        self.plan, self._layers = make_plan(module, config, sample)
+        self.plan, self.layers = make_plan(module, config, sample)
         self.first = config.owner(0)
         self.last = config.owner(config.n_chunks - 1)
         self._finished = False
         self.group, self.warm = acquire_group(config.n_stages, config.devices, config.timeout)
         try:
             for rank in range(config.n_stages):
-                chunks = {c: self.plan.chunk_layers(self._layers, c) for c in config.chunks_of(rank)}
+                chunks = {c: self.plan.chunk_layers(self.layers, c) for c in config.chunks_of(rank)}
                 setup = {
                     "chunks": chunks,
                     "config": config,
@@ -391,7 +391,7 @@ class SpawnRunner(Runner):
         self.module.load_state_dict(state["module"])
         for rank in range(self.config.n_stages):
             chunks = {
-                c: self.plan.chunk_layers(self._layers, c).state_dict()
+                c: self.plan.chunk_layers(self.layers, c).state_dict()
                 for c in self.config.chunks_of(rank)
             }
             self.group.send(rank, ("set_state", chunks, state["optimizers"][rank]))

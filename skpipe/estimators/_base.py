@@ -367,17 +367,25 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p["seed"])
             module = est._make_module(p["X"].shape[1], p["n_outputs"])
-        return self._report(module, p["config"], p["sample"])
+        return self._report(p["config"], p["sample"], module)
 
     @staticmethod
-    def _report(module: nn.Module, config: Any, sample: torch.Tensor) -> PlanReport:
-        module = copy.deepcopy(module).cpu()
+    def _report(config: Any, sample: torch.Tensor, module: nn.Module, plan: Plan | None = None,
+                layers: list[nn.Module] | None = None) -> PlanReport:
+        """The plan report, measured on CPU copies so that no training state is touched.
+
+        ``plan`` and ``layers``: the split the stages were built from (a fit); without them the
+        split is made here (``plan()`` before any fit).
+        """
         if config.n_stages == 1:
-            params = sum(q.numel() for q in module.parameters())
-            plan = Plan(1, [(0, 1)], [], [0], [params], None, [type(module).__name__])
-            return build_report(plan, [module], config, sample)
-        plan, layers = make_plan(module, config, sample)
-        return build_report(plan, layers, config, sample)
+            whole = copy.deepcopy(module).cpu()
+            params = sum(q.numel() for q in whole.parameters())
+            one = Plan(1, [(0, 1)], [], [0], [params], None, [type(whole).__name__])
+            return build_report(one, [whole], config, sample)
+        if plan is None:
+            plan, layers = make_plan(copy.deepcopy(module).cpu(), config, sample)
+        assert layers is not None
+        return build_report(plan, [copy.deepcopy(layer).cpu() for layer in layers], config, sample)
 
     def _fit(self, X: Any, y: Any) -> BasePipeNet:
         warm = self.warm_start and hasattr(self, "module_")
@@ -394,7 +402,6 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
                 module = copy.deepcopy(self.module_)
             else:
                 module = self._make_module(X.shape[1], n_outputs)
-            report = self._report(module, config, sample)
             # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
             lease = (
                 lease_devices(devices, config.timeout, choose_from=auto_gpu_pool(self.devices, devices))
@@ -406,6 +413,8 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
                     config = dataclasses.replace(config, devices=execution_devices(lease.devices))
                 runner = make_runner(module, config, spec, sample, seed)
                 try:
+                    # the report describes the very split the stages were built from
+                    report = self._report(config, sample, module, runner.plan, runner.layers)
                     history = self._run_loop(runner, criterion, X, y_enc, seed, batch, warm, callback_ctx)
                     timeline = None
                     if self.timeline_steps:
