@@ -21,7 +21,8 @@ from _common import emit  # noqa: E402
 
 from skpipe import shutdown_workers  # noqa: E402
 from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
-from skpipe.engine._runner import make_runner  # noqa: E402
+from skpipe.engine._plan import make_plan  # noqa: E402
+from skpipe.engine._runners import make_runner  # noqa: E402
 
 
 def peak_per_stage(schedule, p, m, checkpoint, width, depth_per_chunk, batch):  # noqa: ANN001
@@ -35,14 +36,11 @@ def peak_per_stage(schedule, p, m, checkpoint, width, depth_per_chunk, batch):  
     net = nn.Sequential(*layers)
     spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss())
     x, y = torch.randn(batch, width), torch.zeros(batch, width)
-    runner = make_runner(net, cfg, spec, x[:4])
-    try:
+    with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
         runner.train_step(x, y)  # first step: buffers and shapes settle
         runner.track_memory(True)
         runner.train_step(x, y)
         stats = runner.stats()
-    finally:
-        runner.close()
     return [s["peak_activation_bytes"] for s in stats]
 
 

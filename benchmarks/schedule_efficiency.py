@@ -26,7 +26,8 @@ from _common import SleepLayer, emit, median  # noqa: E402
 
 from skpipe.engine import _schedules as S  # noqa: E402
 from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
-from skpipe.engine._runner import make_runner  # noqa: E402
+from skpipe.engine._plan import make_plan  # noqa: E402
+from skpipe.engine._runners import make_runner  # noqa: E402
 
 
 def network(p: int, v: int, f: float, b: float) -> nn.Sequential:
@@ -94,15 +95,12 @@ def skpipe_step_time(schedule, p, m, f, b, steps, batch):  # noqa: ANN001
                       max_grad_norm=None, timeout=300.0)
     spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss())
     x, y = torch.randn(batch, 8), torch.zeros(batch, 8)
-    runner = make_runner(net, cfg, spec, x[:4])
-    try:
+    with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
         times = []
         for _ in range(steps + 1):
             t0 = time.perf_counter()
             runner.train_step(x, y)
             times.append(time.perf_counter() - t0)
-    finally:
-        runner.close()
     from skpipe import shutdown_workers
 
     shutdown_workers()

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PipeNetClassifier": "skpipe.estimators",
     "PipeNetRegressor": "skpipe.estimators",
-    "shutdown_workers": "skpipe.engine._workers",
+    "shutdown_workers": "skpipe.engine._pool",
     "datasets": "skpipe.datasets",
     "modules": "skpipe.modules",
 }

@@ -23,25 +23,60 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from numbers import Integral
 from typing import Any
 
+import joblib
 import numpy as np
 import torch
 from skorch.callbacks import Callback
+from skorch.history import History
 
 _FILE = "checkpoint.pt"
 
 
 def fit_fingerprint(params: dict[str, Any], X: Any, y: Any) -> str:
-    """A short hash of the estimator's parameters (callbacks excluded) and the data."""
-    import joblib
+    """A short hash of the estimator's parameters (callbacks excluded) and the data.
 
+    Values are hashed by content (joblib's hash of their pickle), never by ``repr``: a
+    ``RandomState``'s repr holds a memory address, its pickle its state.
+    """
+    return CheckpointKey(params_hash(params), X, y, {}).fingerprint
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """The parameters' part of the fingerprint (callbacks excluded)."""
     clean = {k: v for k, v in params.items() if k != "callbacks" and not k.startswith("callbacks__")}
-    h = hashlib.sha256()
-    h.update(joblib.hash(sorted((k, repr(v)) for k, v in clean.items())).encode())
-    h.update(joblib.hash(X).encode())
-    h.update(joblib.hash(np.asarray(y)).encode())
-    return h.hexdigest()[:16]
+    parts = []
+    for key in sorted(clean):
+        try:
+            parts.append((key, joblib.hash(clean[key])))
+        except Exception:  # noqa: BLE001 - what pickle cannot hash (a lambda...) goes by its repr
+            parts.append((key, repr(clean[key])))
+    return str(joblib.hash(parts))
+
+
+class CheckpointKey:
+    """Where a fit's checkpoint lives and what it must match: the fingerprint (``params_digest``,
+    taken before the fit draws from a RandomState it was given, and the data, hashed when first
+    needed) and the pipeline layout."""
+
+    def __init__(self, params_digest: str, X: Any, y: Any, layout: dict[str, Any]) -> None:
+        self._params = params_digest
+        self._X, self._y = X, y
+        self._fingerprint: str | None = None
+        self.layout = layout
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(self._params.encode())
+            h.update(joblib.hash(self._X).encode())
+            h.update(joblib.hash(np.asarray(self._y)).encode())
+            self._fingerprint = h.hexdigest()[:16]
+            self._X = self._y = None
+        return self._fingerprint
 
 
 class Checkpoint(Callback):
@@ -60,7 +95,7 @@ class Checkpoint(Callback):
         self.every = every
 
     def initialize(self) -> Checkpoint:
-        if not isinstance(self.every, int) or self.every < 1:
+        if isinstance(self.every, bool) or not isinstance(self.every, Integral) or self.every < 1:
             raise ValueError(f"Checkpoint's every must be a positive int; got {self.every!r}.")
         self.path_: str | None = None
         return self
@@ -72,16 +107,19 @@ class Checkpoint(Callback):
         epoch = len(net.history)
         if epoch % self.every != 0:
             return
-        state = net.runner_.get_state()
+        key = net.checkpoint_key
+        if key is None:  # pragma: no cover - the estimator always gives one
+            return
+        state = net.runner.get_state()
         payload = {
-            "format": 1,
+            "format": 2,
             "epoch": epoch,
-            "layout": net.layout_,
+            "layout": key.layout,
             "module": state["module"],
-            "optimizers": state["optimizers"],
+            "optimizer": state["optimizer"],
             "history": _plain(net.history.to_list()),
         }
-        path = self.path_for(net.fingerprint_)
+        path = self.path_for(key.fingerprint)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         os.close(fd)
@@ -96,20 +134,41 @@ class Checkpoint(Callback):
 
 
 class LoadInitState(Callback):
-    """Resume a fit from the last state its ``checkpoint`` saved, if there is one."""
+    """Resume a fit from the last state its ``checkpoint`` saved, if there is one.
+
+    At the start of training it puts the saved network, optimizer state (keyed by parameter
+    name, so any split of the network takes it) and history back, and the fit runs the epochs
+    that are left, with the shuffling continued where the saved fit left it.
+    """
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
+
+    def on_train_begin(self, net: Any, **kwargs: Any) -> None:
+        key = net.checkpoint_key
+        if key is None:  # pragma: no cover - the estimator always gives one
+            return
+        payload = self.load(key.fingerprint, key.layout)
+        if payload is None:
+            return
+        net.runner.set_state({"module": payload["module"], "optimizer": payload["optimizer"]})
+        net.history_ = History(payload["history"])
+        net.skip_epochs = payload["epoch"]
 
     def load(self, fingerprint: str, layout: dict[str, Any]) -> dict[str, Any] | None:
         path = self.checkpoint.path_for(fingerprint)
         if not os.path.exists(path):
             return None
         payload = torch.load(path, weights_only=True)
+        if payload.get("format") != 2:
+            raise ValueError(
+                f"checkpoint {path} was written by an older skpipe (format "
+                f"{payload.get('format')}); delete it to start the fit afresh."
+            )
         if payload.get("layout") != layout:
             raise ValueError(
                 f"checkpoint {path} was saved with pipeline layout {payload.get('layout')} but this "
-                f"fit uses {layout}; resume with the same n_stages, schedule and balance."
+                f"fit uses {layout}; resume with the same n_stages and schedule."
             )
         return payload
 

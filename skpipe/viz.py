@@ -9,15 +9,15 @@ from typing import Any
 
 from .engine._timeline import Timeline
 
-COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#DD8452", "W": "#55A868", "comm": "#BBBBBB"}
-LABELS = {"F": "forward", "B": "backward", "I": "backward (input grad)", "W": "backward (weight grad)", "comm": "waiting on communication"}
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#DD8452", "W": "#55A868", "wait": "#BBBBBB"}
+LABELS = {"F": "forward", "B": "backward", "I": "backward (input grad)", "W": "backward (weight grad)", "wait": "idle (waiting on another stage)"}
 
 
 def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) -> Any:
     """Draw the recorded spans of a fit: one row per stage, time in ms from the first span.
 
     Forward spans are blue, backward orange (input-gradient halves too), weight-gradient green,
-    waits on communication grey; each compute span is labelled with its micro-batch. The title
+    idle time (waiting on another stage) grey; each compute span is labelled with its micro-batch. The title
     gives the measured bubble beside the schedule's theoretical one.
 
     Parameters
@@ -39,15 +39,15 @@ def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) 
         raise ValueError("the timeline has no spans: fit with timeline_steps > 0 and at least 2 steps")
     t0 = min(s.start for s in timeline.spans)
     seen = set()
-    for s in sorted(timeline.spans, key=lambda s: s.kind == "comm", reverse=True):
+    for s in sorted(timeline.spans + timeline.waits(), key=lambda s: s.kind == "wait", reverse=True):
         y = timeline.n_stages - 1 - s.rank
-        height = 0.3 if s.kind == "comm" else 0.8
+        height = 0.3 if s.kind == "wait" else 0.8
         label = LABELS[s.kind] if s.kind not in seen else None
         seen.add(s.kind)
         ax.broken_barh([((s.start - t0) * 1e3, (s.end - s.start) * 1e3)], (y - height / 2, height),
                        facecolors=COLORS[s.kind], edgecolor="white", linewidth=0.3, label=label)
         width = (s.end - s.start) * 1e3
-        if s.kind != "comm" and width > 0:
+        if s.kind != "wait" and width > 0:
             ax.text((s.start - t0) * 1e3 + width / 2, y, str(s.microbatch), ha="center",
                     va="center", fontsize=6, color="white", clip_on=True)
     ax.set_yticks(range(timeline.n_stages))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ class PipelineConfig:
     checkpoint: str
     launcher: str
     devices: tuple[str, ...]
-    batch_rows: int
+    batch_size: int  # rows of a full batch, as the user asked
+    batch_rows: int  # rows of every step: batch_size padded to a multiple of n_microbatches
     precision: str = "float32"
     max_grad_norm: float | None = None
     timeout: float = 300.0
@@ -87,12 +89,14 @@ def make_config(
             f"schedule {schedule!r} is not one of {list(_schedules.SCHEDULE_NAMES)}."
         )
     chunks = 1 if n_stages == 1 else _schedules.resolve_chunks(schedule, chunks_per_stage)
+    n_stages, batch_size = _count("n_stages", n_stages), _count("batch_size", batch_size)
     if n_microbatches == "auto":
         m = _schedules.auto_microbatches(schedule, n_stages, chunks, batch_size)
     else:
-        assert isinstance(n_microbatches, int)
-        m = n_microbatches
+        m = _count("n_microbatches", n_microbatches)
     _schedules.check_microbatches(schedule, n_stages, m, chunks, batch_size)
+    if not isinstance(balance, str):
+        balance = tuple(int(b) if isinstance(b, Integral) else b for b in balance)
     if not isinstance(balance, str) and len(balance) != n_stages * chunks:
         raise ValueError(
             f"balance {list(balance)} has {len(balance)} entries but the pipeline has "
@@ -108,8 +112,16 @@ def make_config(
         checkpoint=checkpoint,
         launcher=launcher,
         devices=devices,
+        batch_size=batch_size,
         batch_rows=step_rows(batch_size, m),
         precision=precision,
         max_grad_norm=max_grad_norm,
         timeout=timeout,
     )
+
+
+def _count(name: str, value: Any) -> int:
+    """A positive whole number as a plain int: Python's and numpy's integers alike."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    return int(value)

@@ -2,49 +2,68 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-from ._config import PipelineConfig, TrainSpec
-from ._plan import make_plan
+from ._config import TrainSpec
+from ._groups import local_world
+from ._plan import Plan
 from ._runner import Runner
-from ._stage import StageHost, ensure_local_group
+from ._stage import StageHost
+from ._timeline import Span
 
 
 class LocalRunner(Runner):
     """The chunks share their layers with ``module``, so training updates it in place."""
 
-    def __init__(
-        self, module: nn.Module, config: PipelineConfig, spec: TrainSpec, sample: torch.Tensor
-    ) -> None:
-        self.config = config
-        self.module = module
-        self.plan, self.layers = make_plan(module, config, sample)
-        group = ensure_local_group(config.devices[0])
-        chunks = {c: self.plan.chunk_layers(self.layers, c) for c in range(config.n_chunks)}
+    def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
+        super().__init__(plan, module, spec, seed)
+        device = self.config.devices[0]
         self.host = StageHost(
-            chunks, config, spec, self.plan.shapes, rank=0, device=config.devices[0], group=group
+            plan.chunks(module), self.config, spec, plan.shapes,
+            rank=0, device=device, group=local_world(device),
         )
-        self.optimizer = self.host.optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.host.optimizer
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, out = self.host.train_step(x, y, x.shape[0])
-        assert loss is not None and out is not None
+        if loss is None or out is None:  # pragma: no cover - the one process holds the last chunk
+            raise RuntimeError("the local pipeline returned no loss")
         return loss.cpu(), out.cpu()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         out = self.host.forward(x, x.shape[0])
-        assert out is not None
+        if out is None:  # pragma: no cover - the one process holds the last chunk
+            raise RuntimeError("the local pipeline returned no output")
         return out.cpu()
 
     def record_timeline(self, steps: int) -> None:
         self.host.record_timeline(steps)
 
-    def spans(self) -> list:
+    def spans(self) -> list[Span]:
         return self.host.spans()
 
-    def finish(self) -> None:
-        self.module.to("cpu")
+    def track_memory(self, on: bool = True) -> None:
+        self.host.track_memory(on)
 
-    def close(self) -> None:
+    def stats(self) -> list[dict[str, float]]:
+        return [self.host.stats()]
+
+    # the chunks train the module's own layers: only the optimizer's state moves
+    def _ranks_parameter_names(self) -> list[list[str]]:
+        return [self.plan.rank_parameter_names()]
+
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        return [({}, self.host.optimizer_state() if optimizers else None)]
+
+    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
+        self.host.optimizer.load_state_dict(states[0][1])
+
+    def close(self, keep_warm: bool = False) -> None:
         self.host.close()

@@ -58,6 +58,3 @@ class ActivationMeter:
     def track(self) -> Iterator[None]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
-
-    def reset_peak(self) -> None:
-        self.peak = self.live

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from copy import deepcopy
 
 import torch
 from torch import nn
 
 
 def flatten_layers(module: nn.Module, n_chunks: int) -> list[nn.Module]:
-    """The layers of an ``nn.Sequential``, nested Sequentials flattened, in order.
+    """The layers of an ``nn.Sequential``, nested Sequentials flattened, in order."""
+    return [layer for _, layer in named_layers(module, n_chunks)]
+
+
+def named_layers(module: nn.Module, n_chunks: int, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The layers of an ``nn.Sequential`` with their names in ``module``, nested Sequentials
+    flattened, in order. With one chunk, the whole module is the one layer (of any type).
 
     Raises TypeError for any other module: skpipe splits networks only at layer boundaries of a
     Sequential, so the error says how to write the network as one.
     """
+    if n_chunks == 1 and not prefix:
+        return [("", module)]
     if not isinstance(module, nn.Sequential):
         raise TypeError(
             f"module {type(module).__name__} cannot be split into {n_chunks} pipeline chunks: "
@@ -22,12 +31,13 @@ def flatten_layers(module: nn.Module, n_chunks: int) -> list[nn.Module]:
             "nn.Sequential(block_1, block_2, ...) of blocks whose forward takes one tensor and "
             "returns one tensor (skpipe.modules.MLP is one), or use n_stages=1."
         )
-    layers: list[nn.Module] = []
-    for child in module.children():
+    layers: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
-            layers.extend(flatten_layers(child, n_chunks))
+            layers.extend(named_layers(child, n_chunks, full + "."))
         else:
-            layers.append(child)
+            layers.append((full, child))
     return layers
 
 
@@ -70,28 +80,38 @@ def parameter_costs(layers: Sequence[nn.Module]) -> list[float]:
     return [float(sum(p.numel() for p in layer.parameters())) + 1.0 for layer in layers]
 
 
-def time_costs(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Measured forward+backward seconds of each layer on ``sample`` (median of ``repeats``)."""
+def time_costs(
+    layers: Sequence[nn.Module], sample: torch.Tensor, device: str = "cpu", repeats: int = 3
+) -> list[float]:
+    """Measured forward+backward seconds of each layer on ``sample`` (median of ``repeats``),
+    on ``device``.
+
+    Each layer is timed on a copy (one layer at a time), under a forked random generator: the
+    network's weights, running statistics (BatchNorm) and the random stream are as they were.
+    """
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
     costs = []
-    x = sample
-    with torch.no_grad():  # warm-up: first calls pay one-off costs that are not the layer's
-        h = sample
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        x = sample.to(dev)
         for layer in layers:
-            h = layer(h)
-    for layer in layers:
-        inp = x.detach().requires_grad_(x.is_floating_point())
-        times = []
-        out = None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = layer(inp)
-            if out.requires_grad:
-                out.float().sum().backward()
-            times.append(time.perf_counter() - t0)
-        layer.zero_grad(set_to_none=True)
-        costs.append(sorted(times)[len(times) // 2])
-        assert out is not None
-        x = out.detach()
+            copy = deepcopy(layer).to(dev).train()
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            with torch.no_grad():  # warm-up: first calls pay one-off costs that are not the layer's
+                copy(inp)
+            times = []
+            out = inp
+            for _ in range(repeats):
+                sync(dev)
+                t0 = time.perf_counter()
+                out = copy(inp)
+                if out.requires_grad:
+                    out.float().sum().backward()
+                sync(dev)
+                times.append(time.perf_counter() - t0)
+            costs.append(sorted(times)[len(times) // 2])
+            x = out.detach()
+            del copy
     return costs
 
 
@@ -100,6 +120,7 @@ def balance_sizes(
     n_chunks: int,
     balance: str | Sequence[int],
     sample: torch.Tensor | None = None,
+    device: str = "cpu",
 ) -> tuple[list[int], list[float] | None]:
     """Layer counts per chunk for a balance rule; also the measured costs when ``balance='time'``."""
     n_layers = len(layers)
@@ -125,7 +146,7 @@ def balance_sizes(
     if balance == "time":
         if sample is None:
             raise ValueError("balance='time' needs a sample batch to profile the layers.")
-        costs = time_costs(layers, sample)
+        costs = time_costs(layers, sample, device)
         return _split_min_max(costs, n_chunks), costs
     raise ValueError(
         f"balance must be 'uniform', 'parameters', 'time' or a list of layer counts; got {balance!r}."
@@ -138,3 +159,31 @@ def chunk_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
         bounds.append((start, start + s))
         start += s
     return bounds
+
+
+def boundary_shapes(
+    layers: Sequence[nn.Module], bounds: Sequence[tuple[int, int]], n_features: int
+) -> list[tuple[int, ...]]:
+    """Per-row shape at every chunk boundary (len = n_chunks + 1), found on the meta device so
+    that no real compute runs; falls back to a real two-row forward (on a copy) for layers meta
+    cannot run."""
+    shapes: list[tuple[int, ...]] = [(n_features,)]
+    x = torch.zeros((2, n_features), device="meta")
+    for k, (s, e) in enumerate(bounds):
+        chunk = nn.Sequential(*layers[s:e])
+        try:
+            with torch.no_grad():
+                out = deepcopy(chunk).to_empty(device="meta")(x)
+        except Exception:  # noqa: BLE001 - meta unsupported by some layer: measure for real
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                real = torch.zeros((2,) + tuple(x.shape[1:]))
+                out = deepcopy(chunk).eval()(real)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"pipeline chunk {k} (layers {s}..{e - 1}) returns {type(out).__name__}, not a "
+                "tensor: stage outputs must be tensors. Wrap layers that return tuples or dicts "
+                "in a block whose forward returns one tensor, or change the balance."
+            )
+        shapes.append(tuple(out.shape[1:]))
+        x = torch.zeros(out.shape, device="meta", dtype=out.dtype)
+    return shapes

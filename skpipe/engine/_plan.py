@@ -1,45 +1,217 @@
-"""The split of a network into chunks, with what each chunk holds: the plan of a pipelined fit."""
+"""The plan of a fit, made once, before any worker exists: the split of the network into chunks,
+where each chunk runs, and what each holds and costs.
+
+``make_plan`` flattens the network, balances its layers over the chunks (``balance='time'``
+profiles copies of the layers on the device they will run on), places the chunks on the ranks,
+finds the boundary shapes and measures each chunk's parameter and activation bytes. The plan is
+handed to the runner, which builds its stages from it; the memory budget reads it; the report a
+user sees (``plan_``) is ``plan.report()``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from copy import deepcopy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import _schedules
 from ._config import PipelineConfig
-from ._partition import balance_sizes, chunk_bounds, flatten_layers
-from ._stage import boundary_shapes
+from ._memory import ActivationMeter
+from ._partition import balance_sizes, boundary_shapes, chunk_bounds, named_layers
+from ._report import ChunkReport, PlanReport
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Where every layer goes.
+    """Where every layer goes, and what every chunk holds.
 
-    ``bounds[c]`` is the half-open layer range of chunk c; ``shapes[c]`` the per-row shape entering
-    chunk c (``shapes[-1]`` the output); ``owners[c]`` the pipeline rank holding chunk c.
+    ``bounds[c]`` is the half-open layer range of chunk c; ``shapes[c]`` the per-row shape
+    entering chunk c (``shapes[-1]`` the output); ``owners[c]`` the pipeline rank holding chunk
+    c; ``parameter_names[c]`` the names in the whole network of chunk c's parameters, in the
+    order its optimizer sees them. With one stage the whole network is the one layer.
     """
 
+    config: PipelineConfig
     n_layers: int
-    bounds: list[tuple[int, int]]
-    shapes: list[tuple[int, ...]]
-    owners: list[int]
-    parameters: list[int]
-    layer_costs: list[float] | None = None
-    layer_names: list[str] = field(default_factory=list)
+    bounds: tuple[tuple[int, int], ...]
+    shapes: tuple[tuple[int, ...], ...]
+    owners: tuple[int, ...]
+    parameters: tuple[int, ...]
+    parameter_bytes: tuple[int, ...]
+    parameter_names: tuple[tuple[str, ...], ...]
+    activation_bytes_per_row: tuple[float, ...]
+    layer_names: tuple[str, ...]
+    layer_costs: tuple[float, ...] | None = None
 
-    def chunk_layers(self, layers: list[nn.Module], c: int) -> nn.Sequential:
-        s, e = self.bounds[c]
-        return nn.Sequential(*layers[s:e])
+    @property
+    def n_chunks(self) -> int:
+        return len(self.bounds)
+
+    def layers(self, module: nn.Module) -> list[nn.Module]:
+        """The layers of ``module`` this plan indexes."""
+        layers = [layer for _, layer in named_layers(module, self.n_chunks)]
+        if len(layers) != self.n_layers:
+            raise ValueError(
+                f"the network has {len(layers)} layers but the plan was made for {self.n_layers}"
+            )
+        return layers
+
+    def chunks(self, module: nn.Module, rank: int | None = None) -> dict[int, nn.Sequential]:
+        """The chunks of ``rank`` (all chunks when None), sharing their layers with ``module``."""
+        layers = self.layers(module)
+        ids = range(self.n_chunks) if rank is None else self.config.chunks_of(rank)
+        return {c: nn.Sequential(*layers[slice(*self.bounds[c])]) for c in ids}
+
+    def rank_parameter_names(self, rank: int | None = None) -> list[str]:
+        """Parameter names in the order the optimizer of ``rank`` (or of every chunk) holds them."""
+        ids = range(self.n_chunks) if rank is None else self.config.chunks_of(rank)
+        return [name for c in sorted(ids) for name in self.parameter_names[c]]
+
+    def with_microbatches(self, n_microbatches: int) -> Plan:
+        """The same split, stepping with another micro-batch count."""
+        from ._microbatch import step_rows
+
+        config = dataclasses.replace(
+            self.config,
+            n_microbatches=n_microbatches,
+            batch_rows=step_rows(self.config.batch_size, n_microbatches),
+        )
+        return dataclasses.replace(self, config=config)
+
+    def stage_bytes(self, n_microbatches: int | None = None) -> list[float]:
+        """Estimated peak bytes of each stage: 4 x its parameter bytes (weights, gradients and
+        two Adam moments: an upper bound for SGD) plus the activations of the micro-batches it
+        holds at its peak."""
+        cfg = self.config
+        m = cfg.n_microbatches if n_microbatches is None else n_microbatches
+        rows = -(-cfg.batch_size // m)
+        held = _schedules.in_flight(cfg.schedule, cfg.n_stages, cfg.chunks_per_stage, m)
+        need = [0.0] * cfg.n_stages
+        for c, rank in enumerate(self.owners):
+            need[rank] += 4 * self.parameter_bytes[c] + held * rows * self.activation_bytes_per_row[c]
+        return need
+
+    def report(self) -> PlanReport:
+        cfg = self.config
+        chunks = []
+        per_rank_seconds = [0.0] * cfg.n_stages
+        for c, (s, e) in enumerate(self.bounds):
+            cost = sum(self.layer_costs[s:e]) if self.layer_costs is not None else None
+            per_rank_seconds[self.owners[c]] += cost or 0.0
+            names = self.layer_names[s:e]
+            label = (
+                f"{s}-{e - 1} " + ",".join(names)
+                if len(names) <= 4
+                else f"{s}-{e - 1} {names[0]}..{names[-1]}"
+            )
+            chunks.append(
+                ChunkReport(
+                    stage=self.owners[c],
+                    chunk=c,
+                    layers=label,
+                    n_layers=e - s,
+                    parameters=self.parameters[c],
+                    parameter_MiB=self.parameter_bytes[c] / 2**20,
+                    activation_MiB_per_microbatch=(
+                        self.activation_bytes_per_row[c] * cfg.microbatch_rows / 2**20
+                    ),
+                    fwd_bwd_ms=None if cost is None else cost * 1e3,
+                )
+            )
+        predicted = None
+        if self.layer_costs is not None:
+            slowest = max(per_rank_seconds)
+            predicted = 1e3 * _schedules.theoretical_step_time(
+                cfg.schedule, cfg.n_stages, cfg.n_microbatches, cfg.chunks_per_stage,
+                slowest / 3, 2 * slowest / 3,
+            )
+        return PlanReport(
+            schedule=cfg.schedule,
+            n_stages=cfg.n_stages,
+            chunks_per_stage=cfg.chunks_per_stage,
+            n_microbatches=cfg.n_microbatches,
+            microbatch_rows=cfg.microbatch_rows,
+            batch_rows=cfg.batch_rows,
+            launcher=cfg.launcher,
+            devices=cfg.devices,
+            chunks=chunks,
+            bubble=_schedules.bubble_fraction(
+                cfg.schedule, cfg.n_stages, cfg.n_microbatches, cfg.chunks_per_stage
+            ),
+            predicted_step_ms=predicted,
+        )
 
 
-def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -> tuple[Plan, list[nn.Module]]:
-    """Split ``module`` for ``config``; ``sample`` (a few rows of X) feeds ``balance='time'``."""
-    layers = flatten_layers(module, config.n_chunks)
-    sizes, costs = balance_sizes(layers, config.n_chunks, config.balance, sample)
+def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -> Plan:
+    """Split ``module`` for ``config``; ``sample`` (a few rows of X) is what the chunks are
+    measured on. Nothing of ``module`` changes: measuring runs on copies."""
+    named = named_layers(module, config.n_chunks)
+    layers = [layer for _, layer in named]
+    sizes, costs = balance_sizes(
+        layers, config.n_chunks, config.balance, sample[: config.microbatch_rows],
+        config.devices[0],
+    )
     bounds = chunk_bounds(sizes)
-    shapes = boundary_shapes(layers, bounds, sample.shape[1])
-    owners = [config.owner(c) for c in range(config.n_chunks)]
-    params = [sum(p.numel() for layer in layers[s:e] for p in layer.parameters()) for s, e in bounds]
-    names = [type(layer).__name__ for layer in layers]
-    return Plan(len(layers), bounds, shapes, owners, params, costs, names), layers
+    # one stage: any module, whatever it does inside; its output shape is measured below
+    shapes = boundary_shapes(layers, bounds, sample.shape[1]) if config.n_chunks > 1 else None
+    names, counts, nbytes, act = [], [], [], []
+    x = _microbatch(sample, config.microbatch_rows)
+    for s, e in bounds:
+        chunk = nn.Sequential(*layers[s:e])
+        params = list(chunk.named_parameters())
+        names.append(tuple(_qualified(named, s, local) for local, _ in params))
+        counts.append(sum(p.numel() for _, p in params))
+        nbytes.append(sum(p.numel() * p.element_size() for _, p in params))
+        held, x = _activation_bytes(chunk, x)
+        act.append(held / x.shape[0])
+    if shapes is None:
+        shapes = [tuple(sample.shape[1:]), tuple(x.shape[1:])]
+    return Plan(
+        config=config,
+        n_layers=len(layers),
+        bounds=tuple(bounds),
+        shapes=tuple(shapes),
+        owners=tuple(config.owner(c) for c in range(config.n_chunks)),
+        parameters=tuple(counts),
+        parameter_bytes=tuple(nbytes),
+        parameter_names=tuple(names),
+        activation_bytes_per_row=tuple(act),
+        layer_names=tuple(type(layer).__name__ for layer in layers),
+        layer_costs=None if costs is None else tuple(costs),
+    )
+
+
+def _qualified(named: list[tuple[str, nn.Module]], start: int, local: str) -> str:
+    """``'3.weight'`` of a chunk starting at layer ``start`` -> its name in the whole network."""
+    index, _, rest = local.partition(".")
+    prefix = named[start + int(index)][0]
+    return f"{prefix}.{rest}" if prefix else rest
+
+
+def _microbatch(sample: torch.Tensor, rows: int) -> torch.Tensor:
+    """A full micro-batch of ``rows`` rows from ``sample`` (its rows repeated when too few)."""
+    x = sample[:rows]
+    if x.shape[0] < rows:
+        reps = -(-rows // max(1, x.shape[0]))
+        x = x.repeat((reps,) + (1,) * (x.dim() - 1))[:rows]
+    return x
+
+
+def _activation_bytes(chunk: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Bytes a chunk holds for backward on micro-batch ``x``, and its output; measured on a CPU
+    copy in train mode under a forked random generator (the chunk itself is untouched)."""
+    copy = deepcopy(chunk).cpu().train()
+    meter = ActivationMeter(copy.parameters())
+    inp = x.detach().requires_grad_(x.is_floating_point())
+    with torch.random.fork_rng(devices=[]), meter.track():
+        out = copy(inp)
+    if not isinstance(out, torch.Tensor):  # pragma: no cover - boundary_shapes refused it
+        raise TypeError(f"a pipeline chunk returned {type(out).__name__}, not a tensor")
+    if out.requires_grad:
+        out.float().sum().backward()
+    del copy
+    return float(meter.peak), out.detach()
+

@@ -1,32 +1,57 @@
-"""The one interface the estimator talks to, and the choice of the home that runs the stages."""
+"""The one interface every home of the stages offers the estimator.
+
+A runner is built from a plan (made before it) and the network the plan splits; it trains one
+batch at a time while the caller owns the loop, and is used as a context manager: leaving the
+block normally keeps spawned workers warm for the next fit, leaving it by an exception stops them.
+"""
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ._config import PipelineConfig, TrainSpec
+from ._config import TrainSpec
+from ._plan import Plan
+from ._state import cpu_copy, merge_by_name, state_by_name, state_for
+from ._timeline import Span
 
 
 class Runner(ABC):
-    """Trains ``module`` one batch at a time; the caller owns the loop.
+    """Trains the network of ``plan`` one batch at a time.
 
-    ``train_step`` returns the batch loss and the outputs of the real rows (on the CPU),
-    ``predict`` runs forward only in eval mode, ``finish`` leaves the trained weights in
-    ``module`` on the CPU, ``close`` releases workers and devices (always safe to call).
+    ``train_step`` returns the batch loss and the outputs of the real rows (on the CPU);
+    ``predict`` runs forward only in eval mode; ``collect`` returns the whole trained network on
+    the CPU; ``get_state``/``set_state`` move the network and the optimizer state (keyed by
+    parameter name) for checkpoints; ``record_timeline``/``spans`` record what the stages did;
+    ``close(keep_warm=...)`` releases workers and devices (always safe to call).
     """
 
-    config: PipelineConfig
-    module: nn.Module
-    optimizer: torch.optim.Optimizer | None = None
-    # the split the stages were built from (None with one stage), and the layers it indexes
-    plan = None
-    layers: list[nn.Module] = []
+    # Whether this home takes a device lease (a torchrun job owns its devices by itself) ...
+    leases_devices: ClassVar[bool] = True
+    # ... and whether the optimizer lives in this process (callbacks such as skorch's
+    # LRScheduler need it; spawned workers keep theirs to themselves).
+    optimizer_in_driver: ClassVar[bool] = True
+
+    def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
+        self.plan = plan
+        self.config = plan.config
+        self.module = module
+        self.spec = spec
+        self.seed = seed
+
+    @staticmethod
+    def agree_seed(seed: int) -> int:
+        """The seed every process of the fit uses (this process's own, unless a job agrees one)."""
+        return seed
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer, where it lives in this process; None where the stages keep theirs."""
+        return None
 
     @abstractmethod
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -35,84 +60,74 @@ class Runner(ABC):
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def finish(self) -> None: ...
+    def record_timeline(self, steps: int) -> None:
+        """Record the spans of the next ``steps`` steps."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        pass
+    @abstractmethod
+    def spans(self) -> list[Span]: ...
 
-    # -- checkpoints: the whole network and every stage's optimizer state ------------------------
+    @abstractmethod
+    def track_memory(self, on: bool = True) -> None:
+        """Measure the activations held for backward during each step."""
+
+    @abstractmethod
+    def stats(self) -> list[dict[str, float]]:
+        """Per rank: ``{'peak_activation_bytes': ...}`` (after ``track_memory``)."""
+
+    @abstractmethod
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        """Per rank: (its chunks' state dicts, its optimizer's state dict or None), on the CPU."""
+
+    @abstractmethod
+    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
+        """Give every rank its chunks' state dicts and its optimizer state back."""
+
+    def close(self, keep_warm: bool = False) -> None:  # noqa: B027 - nothing to release by default
+        """Release workers and devices; ``keep_warm`` lets healthy workers wait for the next fit."""
+
+    # -- derived from the above ------------------------------------------------------------
+    def collect(self) -> nn.Module:
+        """The whole trained network, on the CPU (the same object that was handed in)."""
+        self._load_chunks(chunks for chunks, _ in self._rank_states(optimizers=False))
+        return self.module.to("cpu")
+
     def get_state(self) -> dict[str, Any]:
-        """``{'module': state dict of the whole network (CPU), 'optimizers': [per rank]}``."""
-        assert self.optimizer is not None
-        return {"module": _cpu(self.module.state_dict()), "optimizers": [_cpu(self.optimizer.state_dict())]}
-
-    def _load_chunks(self, chunk_states: Any) -> None:
-        """Copy chunk parameters gathered from the ranks (``{chunk: state}`` per rank) into the
-        layers of ``module``, which the chunks of this process's plan share."""
-        for states in chunk_states:
-            for c, state in states.items():
-                self.plan.chunk_layers(self.layers, c).load_state_dict(state)
+        """``{'module': state dict of the whole network, 'optimizer': state keyed by name}``."""
+        ranks = self._rank_states(optimizers=True)
+        self._load_chunks(chunks for chunks, _ in ranks)
+        names = self._ranks_parameter_names()
+        return {
+            "module": cpu_copy(self.module.state_dict()),
+            "optimizer": merge_by_name(
+                state_by_name(opt, names[r]) for r, (_, opt) in enumerate(ranks) if opt is not None
+            ),
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        assert self.optimizer is not None
+        """Put a ``get_state`` result back, whatever split it was taken from."""
         self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizers"][0])
+        names = self._ranks_parameter_names()
+        ranks = []
+        for r, rank_names in enumerate(names):
+            chunks = {c: chunk.state_dict() for c, chunk in self._plan_chunks(r).items()}
+            ranks.append((chunks, state_for(state["optimizer"], rank_names)))
+        self._load_rank_states(ranks)
+
+    def _ranks_parameter_names(self) -> list[list[str]]:
+        return [self.plan.rank_parameter_names(r) for r in range(self.config.n_stages)]
+
+    def _plan_chunks(self, rank: int) -> dict[int, nn.Sequential]:
+        return self.plan.chunks(self.module, rank)
+
+    def _load_chunks(self, per_rank: Any) -> None:
+        """Copy chunk state dicts gathered from the ranks into the layers of ``module``."""
+        chunks = self.plan.chunks(self.module)
+        for states in per_rank:
+            for c, state in states.items():
+                chunks[c].load_state_dict(state)
 
     def __enter__(self) -> Runner:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def torchrun_active() -> bool:
-    """True when a process group exists or torchrun's environment says one should."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return True
-    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def resolve_launcher(launcher: str, n_stages: int) -> str:
-    if n_stages == 1:
-        return "single"
-    if launcher == "auto":
-        return "torchrun" if torchrun_active() else "spawn"
-    return launcher
-
-
-def make_runner(
-    module: nn.Module,
-    config: PipelineConfig,
-    spec: TrainSpec,
-    sample: torch.Tensor,
-    seed: int = 0,
-) -> Runner:
-    """Build the runner for ``config.launcher``; ``sample`` is a few rows of X."""
-    if config.launcher == "single":
-        from ._single import SingleRunner
-
-        return SingleRunner(module, config, spec)
-    if config.launcher == "local":
-        from ._local import LocalRunner
-
-        return LocalRunner(module, config, spec, sample)
-    if config.launcher == "spawn":
-        from ._workers import SpawnRunner
-
-        return SpawnRunner(module, config, spec, sample, seed)
-    if config.launcher == "torchrun":
-        from ._torchrun import TorchrunRunner
-
-        return TorchrunRunner(module, config, spec, sample)
-    raise ValueError(f"launcher {config.launcher!r} is not known")
-
-
-def _cpu(obj: Any) -> Any:
-    """A copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(keep_warm=exc_type is None)

@@ -1,16 +1,68 @@
-"""Our schedule names, torch's classes, chunk placement and the schedules' constraints.
+"""One table row per schedule: everything skpipe knows about each of torch's schedules.
 
-Everything here is a pure function of numbers: no process, no tensor. The rules mirror what
-torch 2.13's ``torch.distributed.pipelining`` schedules accept, so that a bad combination is
-rejected in the user's process, with the values named, before any worker starts.
+A row holds torch's name for the schedule (its class comes from torch's own
+``get_schedule_class``), how chunks are placed on ranks, how many chunks a rank holds, the rule
+torch applies to the micro-batch count, how many micro-batches a stage holds at its peak, and the
+schedule that stands in for it when every stage lives in one process. Everything else in this
+module is a pure function of numbers: no process, no tensor. The rules mirror what torch 2.13's
+``torch.distributed.pipelining`` accepts, so a bad combination is refused in the user's process,
+with the values named, before any worker starts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from numbers import Integral
+from typing import Any, Literal
 
 Placement = Literal["single", "loop", "v"]
+
+# (schedule name, n_stages, n_microbatches, n_chunks) -> why torch refuses it, or None
+MicrobatchRule = Callable[[str, int, int, int], "str | None"]
+
+
+def _any_count(name: str, p: int, m: int, n_chunks: int) -> str | None:
+    return None
+
+
+def _at_least_stages(name: str, p: int, m: int, n_chunks: int) -> str | None:
+    if m < p:
+        return (
+            f"n_microbatches ({m}) must be >= n_stages ({p}) for schedule '{name}'; raise "
+            "n_microbatches or lower n_stages."
+        )
+    return None
+
+
+def _whole_rounds(name: str, p: int, m: int, n_chunks: int) -> str | None:
+    rounds = max(1, m // p)
+    if m % rounds != 0:
+        return (
+            f"n_microbatches ({m}) must be a multiple of the number of rounds ({rounds} = "
+            f"n_microbatches // n_stages) for schedule '{name}'; use a multiple of n_stages "
+            f"({p}) such as {p * rounds}."
+        )
+    return None
+
+
+def _at_least_chunks(name: str, p: int, m: int, n_chunks: int) -> str | None:
+    if m < n_chunks:
+        return (
+            f"n_microbatches ({m}) must be >= the number of model chunks ({n_chunks} = 2 x "
+            f"n_stages) for schedule '{name}'; raise n_microbatches."
+        )
+    return None
+
+
+def _all_microbatches(p: int, chunks: int, m: int) -> int:
+    """Fill-drain schedules run every forward before any backward."""
+    return m
+
+
+def _one_per_chunk_in_pipe(p: int, chunks: int, m: int) -> int:
+    """1F1B-like schedules hold at most one micro-batch per chunk of the pipe in flight."""
+    return min(m, p * chunks)
 
 
 @dataclass(frozen=True)
@@ -18,39 +70,53 @@ class ScheduleSpec:
     """What skpipe knows about one of torch's schedules."""
 
     name: str
-    torch_class: str
+    torch_name: str  # the name torch's get_schedule_class takes
     placement: Placement
     min_chunks: int
     max_chunks: int | None
     zero_bubble: bool
+    microbatch_rule: MicrobatchRule
+    in_flight: Callable[[int, int, int], int]  # (n_stages, chunks_per_stage, m) -> micro-batches held
+    # With every stage in one process (world size 1), torch's single-stage classes cannot hold
+    # more than one stage and the V classes hold exactly two: the local home runs this looped
+    # schedule with the same stages and micro-batches instead. The arithmetic (and so every
+    # number) is the same; only the order of work inside the one process differs.
+    local_stand_in: str | None = None
+
+    @property
+    def torch_class(self) -> str:
+        """The name of torch's class for this schedule."""
+        return self.schedule_class(local=False).__name__
+
+    def schedule_class(self, *, local: bool) -> Any:
+        """torch's class that runs this schedule (its stand-in when every stage is local)."""
+        from torch.distributed.pipelining.schedules import get_schedule_class
+
+        name = self.local_stand_in if local and self.local_stand_in else self.torch_name
+        return get_schedule_class(name)
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
-    "gpipe": ScheduleSpec("gpipe", "ScheduleGPipe", "single", 1, 1, False),
-    "1f1b": ScheduleSpec("1f1b", "Schedule1F1B", "single", 1, 1, False),
-    "interleaved_1f1b": ScheduleSpec(
-        "interleaved_1f1b", "ScheduleInterleaved1F1B", "loop", 2, None, False
-    ),
-    "looped_bfs": ScheduleSpec("looped_bfs", "ScheduleLoopedBFS", "loop", 2, None, False),
-    "interleaved_zero_bubble": ScheduleSpec(
-        "interleaved_zero_bubble", "ScheduleInterleavedZeroBubble", "loop", 2, None, True
-    ),
-    "zbv": ScheduleSpec("zbv", "ScheduleZBVZeroBubble", "v", 2, 2, True),
-    "dualpipev": ScheduleSpec("dualpipev", "ScheduleDualPipeV", "v", 2, 2, True),
+    spec.name: spec
+    for spec in (
+        ScheduleSpec("gpipe", "GPipe", "single", 1, 1, False, _any_count, _all_microbatches,
+                     "LoopedBFS"),
+        ScheduleSpec("1f1b", "1F1B", "single", 1, 1, False, _at_least_stages,
+                     _one_per_chunk_in_pipe, "Interleaved1F1B"),
+        ScheduleSpec("interleaved_1f1b", "Interleaved1F1B", "loop", 2, None, False,
+                     _whole_rounds, _one_per_chunk_in_pipe),
+        ScheduleSpec("looped_bfs", "LoopedBFS", "loop", 2, None, False, _any_count,
+                     _all_microbatches),
+        ScheduleSpec("interleaved_zero_bubble", "InterleavedZeroBubble", "loop", 2, None, True,
+                     _whole_rounds, _one_per_chunk_in_pipe),
+        ScheduleSpec("zbv", "ZBVZeroBubble", "v", 2, 2, True, _any_count,
+                     _one_per_chunk_in_pipe, "InterleavedZeroBubble"),
+        ScheduleSpec("dualpipev", "DualPipeV", "v", 2, 2, True, _at_least_chunks,
+                     _one_per_chunk_in_pipe, "InterleavedZeroBubble"),
+    )
 }
 
 SCHEDULE_NAMES: tuple[str, ...] = tuple(SCHEDULES)
-
-# With every stage in one process (world size 1), torch's single-stage classes cannot hold more
-# than one stage, and the V classes hold exactly two. The local home then runs the looped
-# runtime with the same stages and micro-batches: the arithmetic (and so every number) is the
-# same, only the order of work inside the one process differs, which no process can observe.
-LOCAL_EQUIVALENT: dict[str, str] = {
-    "gpipe": "ScheduleLoopedBFS",
-    "1f1b": "ScheduleInterleaved1F1B",
-    "zbv": "ScheduleInterleavedZeroBubble",
-    "dualpipev": "ScheduleInterleavedZeroBubble",
-}
 
 
 def resolve_chunks(schedule: str, chunks_per_stage: int | str) -> int:
@@ -58,10 +124,12 @@ def resolve_chunks(schedule: str, chunks_per_stage: int | str) -> int:
     spec = SCHEDULES[schedule]
     if chunks_per_stage == "auto":
         return spec.min_chunks
-    assert isinstance(chunks_per_stage, int)
-    if chunks_per_stage < spec.min_chunks or (
-        spec.max_chunks is not None and chunks_per_stage > spec.max_chunks
-    ):
+    if not isinstance(chunks_per_stage, Integral):
+        raise ValueError(
+            f"chunks_per_stage must be a positive int or 'auto'; got {chunks_per_stage!r}."
+        )
+    chunks = int(chunks_per_stage)
+    if chunks < spec.min_chunks or (spec.max_chunks is not None and chunks > spec.max_chunks):
         if spec.max_chunks == spec.min_chunks:
             need = f"exactly {spec.min_chunks}"
         else:
@@ -72,11 +140,11 @@ def resolve_chunks(schedule: str, chunks_per_stage: int | str) -> int:
             else "use an interleaved schedule for several chunks per stage"
         )
         raise ValueError(
-            f"chunks_per_stage ({chunks_per_stage}) is not allowed for schedule "
+            f"chunks_per_stage ({chunks}) is not allowed for schedule "
             f"'{schedule}', which needs {need} chunk(s) per stage; {hint}, or leave "
             "chunks_per_stage='auto'."
         )
-    return chunks_per_stage
+    return chunks
 
 
 def chunk_owner(chunk: int, n_stages: int, chunks_per_stage: int, placement: Placement) -> int:
@@ -108,25 +176,16 @@ def check_microbatches(
         )
     if n_stages == 1:
         return
-    n_chunks = n_stages * chunks_per_stage
-    if schedule == "1f1b" and n_microbatches < n_stages:
-        raise ValueError(
-            f"n_microbatches ({n_microbatches}) must be >= n_stages ({n_stages}) for schedule "
-            "'1f1b'; raise n_microbatches or lower n_stages."
-        )
-    if schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
-        rounds = max(1, n_microbatches // n_stages)
-        if n_microbatches % rounds != 0:
-            raise ValueError(
-                f"n_microbatches ({n_microbatches}) must be a multiple of the number of rounds "
-                f"({rounds} = n_microbatches // n_stages) for schedule '{schedule}'; use a "
-                f"multiple of n_stages ({n_stages}) such as {n_stages * rounds}."
-            )
-    if schedule == "dualpipev" and n_microbatches < n_chunks:
-        raise ValueError(
-            f"n_microbatches ({n_microbatches}) must be >= the number of model chunks "
-            f"({n_chunks} = 2 x n_stages) for schedule 'dualpipev'; raise n_microbatches."
-        )
+    why = SCHEDULES[schedule].microbatch_rule(
+        schedule, n_stages, n_microbatches, n_stages * chunks_per_stage
+    )
+    if why is not None:
+        raise ValueError(why)
+
+
+def in_flight(schedule: str, n_stages: int, chunks_per_stage: int, n_microbatches: int) -> int:
+    """Micro-batches whose activations a stage holds at its peak."""
+    return SCHEDULES[schedule].in_flight(n_stages, chunks_per_stage, n_microbatches)
 
 
 def auto_microbatches(schedule: str, n_stages: int, chunks_per_stage: int, batch_size: int) -> int:

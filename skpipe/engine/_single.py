@@ -3,33 +3,49 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._config import PipelineConfig, TrainSpec
+from ._config import TrainSpec
+from ._memory import ActivationMeter
 from ._microbatch import WeightedLoss
+from ._plan import Plan
 from ._runner import Runner
+from ._state import cpu_copy
 from ._timeline import Span
 
 
 class SingleRunner(Runner):
-    def __init__(self, module: nn.Module, config: PipelineConfig, spec: TrainSpec) -> None:
-        self.config = config
-        self.device = torch.device(config.devices[0])
+    def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
+        super().__init__(plan, module, spec, seed)
+        self.device = torch.device(self.config.devices[0])
         self.module = module.to(self.device)
         self.loss = WeightedLoss(spec.criterion.to(self.device))
-        self.optimizer = spec.optimizer(self.module.parameters(), **spec.optimizer_kwargs)
-        self._bf16 = config.precision == "bf16"
+        self._optimizer = spec.optimizer(self.module.parameters(), **spec.optimizer_kwargs)
+        self._bf16 = self.config.precision == "bf16"
         self._record_left = 0
         self._step = 0
         self._spans: list[Span] = []
+        self._meter: ActivationMeter | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
 
     def record_timeline(self, steps: int) -> None:
         self._record_left = steps
 
     def spans(self) -> list[Span]:
         return list(self._spans)
+
+    def track_memory(self, on: bool = True) -> None:
+        self._meter = ActivationMeter(self.module.parameters()) if on else None
+
+    def stats(self) -> list[dict[str, float]]:
+        return [{"peak_activation_bytes": float(self._meter.peak) if self._meter else float("nan")}]
 
     def _span(self, kind: str, mb: int, t0: float) -> None:
         if self._record_left > 0:
@@ -41,11 +57,18 @@ class SingleRunner(Runner):
         if self._bf16:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                 return self.module(x).float()
-        return self.module(x)
+        out: torch.Tensor = self.module(x)
+        return out
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._meter is not None:
+            with self._meter.track():
+                return self._train_step(x, y)
+        return self._train_step(x, y)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.module.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._optimizer.zero_grad(set_to_none=True)
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         n = x.shape[0]
@@ -77,7 +100,7 @@ class SingleRunner(Runner):
         self._step += 1
         if self.config.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
+        self._optimizer.step()
         return loss.detach().cpu(), out.detach().cpu()
 
     @torch.no_grad()
@@ -85,5 +108,12 @@ class SingleRunner(Runner):
         self.module.eval()
         return self._forward(x.to(self.device)).float().cpu()
 
-    def finish(self) -> None:
-        self.module.to("cpu")
+    # the module trains in place: only the optimizer's state has to be read and written
+    def _ranks_parameter_names(self) -> list[list[str]]:
+        return [self.plan.rank_parameter_names()]
+
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        return [({}, cpu_copy(self._optimizer.state_dict()) if optimizers else None)]
+
+    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
+        self._optimizer.load_state_dict(states[0][1])

@@ -8,19 +8,21 @@ chunks in a spawned worker, or one rank's chunks under ``torchrun``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining import schedules as torch_schedules
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from . import _schedules
 from ._config import PipelineConfig, TrainSpec
 from ._memory import ActivationMeter
-from ._timeline import Recorder, Span
 from ._microbatch import WeightedLoss, pad_rows, row_targets
+from ._state import cpu_copy
+from ._timeline import Recorder, Span
 
 
 class ChunkModule(nn.Module):
@@ -78,65 +80,6 @@ class ChunkModule(nn.Module):
         return self._run(x)
 
 
-def boundary_shapes(
-    layers: Sequence[nn.Module], bounds: Sequence[tuple[int, int]], n_features: int
-) -> list[tuple[int, ...]]:
-    """Per-row shape at every chunk boundary (len = n_chunks + 1), found on the meta device so
-    that no real compute runs; falls back to a real one-row forward for layers meta cannot run."""
-    shapes: list[tuple[int, ...]] = [(n_features,)]
-    x = torch.zeros((2, n_features), device="meta")
-    for k, (s, e) in enumerate(bounds):
-        chunk = nn.Sequential(*layers[s:e])
-        try:
-            with torch.no_grad():
-                out = _meta_copy(chunk)(x)
-        except Exception:  # noqa: BLE001 - meta unsupported by some layer: measure for real
-            with torch.no_grad():
-                real = torch.zeros((2,) + tuple(x.shape[1:]))
-                out = chunk(real)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"pipeline chunk {k} (layers {s}..{e - 1}) returns {type(out).__name__}, not a "
-                "tensor: stage outputs must be tensors. Wrap layers that return tuples or dicts "
-                "in a block whose forward returns one tensor, or change the balance."
-            )
-        shapes.append(tuple(out.shape[1:]))
-        x = torch.zeros(out.shape, device="meta", dtype=out.dtype)
-    return shapes
-
-
-def _meta_copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    clone = copy.deepcopy(module)
-    return clone.to_empty(device="meta")
-
-
-# True once this process made its own world-size-1 group for launcher='local' (not torchrun's)
-LOCAL_GROUP_MADE = False
-
-
-def ensure_local_group(device: str) -> dist.ProcessGroup:
-    """A world-size-1 default process group for stages that all live in this process."""
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise RuntimeError(
-                f"launcher='local' runs every stage in this process, but a process group of "
-                f"world size {dist.get_world_size()} is already initialized (torchrun?); use "
-                "launcher='torchrun' or 'auto'."
-            )
-        group = dist.group.WORLD
-        assert group is not None
-        return group
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    global LOCAL_GROUP_MADE
-    LOCAL_GROUP_MADE = True
-    group = dist.group.WORLD
-    assert group is not None
-    return group
-
-
 class StageHost:
     """The chunks one process owns, their torch stages, schedule and optimizer."""
 
@@ -174,10 +117,9 @@ class StageHost:
         self.loss = WeightedLoss(spec.criterion.to(self.device))
         params = [p for c in self.chunk_ids for p in self.chunks[c].parameters()]
         self.optimizer = spec.optimizer(params, **spec.optimizer_kwargs)
-        self.schedule_class = self._schedule_class()
         self._schedule = self._build_schedule()
         self.meter: ActivationMeter | None = None
-        self.recorder = Recorder(rank, config.owner)
+        self.recorder = Recorder(rank, config.owner, device)
 
     def record_timeline(self, steps: int) -> None:
         """Record the spans of the next ``steps`` steps."""
@@ -194,14 +136,6 @@ class StageHost:
         return {"peak_activation_bytes": float(self.meter.peak) if self.meter else float("nan")}
 
     # -- building --------------------------------------------------------------------------
-    def _schedule_class(self) -> str:
-        name = _schedules.SCHEDULES[self.config.schedule].torch_class
-        if self.world_size == 1 and self.config.n_stages > 1:
-            local = _schedules.LOCAL_EQUIVALENT.get(self.config.schedule)
-            if local is not None:
-                return local
-        return name
-
     def _stage(self, c: int) -> PipelineStage:
         mb = self.config.microbatch_rows
         n_chunks = self.config.n_chunks
@@ -217,12 +151,14 @@ class StageHost:
             group=self.group,
         )
 
-    def _build_schedule(self):  # noqa: ANN202 - torch's schedule types are private
-        cls = getattr(torch_schedules, self.schedule_class)
+    def _build_schedule(self) -> Any:  # torch's schedule base classes are private
+        # with every stage in this one process, the schedule's local stand-in runs them
+        local = self.world_size == 1 and self.config.n_stages > 1
+        cls = _schedules.SCHEDULES[self.config.schedule].schedule_class(local=local)
         stages = [self._stage(c) for c in self.chunk_ids]
         self.stages = dict(zip(self.chunk_ids, stages))
         m = self.config.n_microbatches
-        if issubclass(cls, torch_schedules.PipelineScheduleSingle):
+        if issubclass(cls, PipelineScheduleSingle):
             return cls(stages[0], m, loss_fn=self.loss, scale_grads=False)
         return cls(stages, m, loss_fn=self.loss, scale_grads=False)
 
@@ -277,11 +213,11 @@ class StageHost:
         total = torch.stack([loss.detach().float() for loss in losses]).sum()
         return total, out[:n_real].detach()
 
-    def clip_gradients(self) -> float | None:
+    def clip_gradients(self) -> None:
         """Clip by the global norm over every stage of the pipeline (all ranks agree)."""
         max_norm = self.config.max_grad_norm
         if max_norm is None:
-            return None
+            return
         grads = [
             p.grad for c in self.chunk_ids for p in self.chunks[c].parameters() if p.grad is not None
         ]
@@ -295,7 +231,6 @@ class StageHost:
         if coef < 1.0:
             for g in grads:
                 g.mul_(coef)
-        return total
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -330,7 +265,13 @@ class StageHost:
             for c in self.chunk_ids
         }
 
-    def load_state(self, chunk_states: dict[int, dict[str, torch.Tensor]], optimizer_state: dict) -> None:
+    def optimizer_state(self) -> dict[str, Any]:
+        """This host's optimizer state dict, on the CPU."""
+        return cpu_copy(self.optimizer.state_dict())
+
+    def load_state(
+        self, chunk_states: dict[int, dict[str, torch.Tensor]], optimizer_state: dict[str, Any]
+    ) -> None:
         """Put saved parameters (and the optimizer's state) back into this host's chunks."""
         for c, state in chunk_states.items():
             self.chunks[c].layers.load_state_dict(state)

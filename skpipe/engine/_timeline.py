@@ -1,9 +1,10 @@
-"""Record what each stage really did: forward, backward (full or input-only), weight-gradient
-and communication-wait spans, per micro-batch, with wall-clock times.
+"""Record what each stage really did: forward, backward (full or input-only) and weight-gradient
+spans, per micro-batch, with wall-clock times; the idle time between them is derived.
 
-Recording wraps the methods of torch's ``PipelineStage`` objects of one process (and torch's
-wait on point-to-point work) for a chosen number of steps; outside those steps nothing is
-wrapped, so leaving it on for a few steps costs a few microseconds per span.
+Recording wraps the methods of torch's ``PipelineStage`` objects of one process (the instances'
+public methods, nothing of torch's module state) for a chosen number of steps; outside those
+steps nothing is wrapped. On a GPU every span ends with a synchronisation, so that it times the
+kernels and not their launch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.pipelining import schedules as torch_schedules
+import torch
 
 from ._schedules import bubble_fraction
 
@@ -25,7 +26,7 @@ class Span:
     step: int
     rank: int
     chunk: int
-    kind: str  # 'F', 'B' (full backward), 'I' (input grad), 'W' (weight grad), 'comm'
+    kind: str  # 'F', 'B' (full backward), 'I' (input grad), 'W' (weight grad), 'wait' (idle)
     microbatch: int
     start: float
     end: float
@@ -34,8 +35,14 @@ class Span:
 class Recorder:
     """Wraps one process's stages while ``steps_left > 0``."""
 
-    def __init__(self, rank: int, stage_of: Callable[[int], int] | None = None) -> None:
+    def __init__(
+        self, rank: int, stage_of: Callable[[int], int] | None = None, device: str = "cpu"
+    ) -> None:
         self.rank = rank
+        dev = torch.device(device)
+        self._sync: Callable[[], None] = (
+            (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        )
         # the pipeline stage a chunk belongs to (all chunks share one process with 'local')
         self.stage_of = stage_of or (lambda chunk: rank)
         self.steps_left = 0
@@ -44,17 +51,19 @@ class Recorder:
 
     def _wrap(self, chunk: int, kind: str, fn: Callable[..., Any], kind_of: Callable[..., str] | None = None) -> Callable[..., Any]:
         def wrapped(mb: int, *args: Any, **kwargs: Any) -> Any:
+            self._sync()
             t0 = time.time()
             try:
                 return fn(mb, *args, **kwargs)
             finally:
+                self._sync()
                 k = kind_of(*args, **kwargs) if kind_of else kind
                 self.spans.append(Span(self.step, self.stage_of(chunk), chunk, k, int(mb), t0, time.time()))
 
         return wrapped
 
     def install(self, stages: dict[int, Any]) -> Callable[[], None]:
-        """Wrap the stages (and torch's p2p wait) for one step; returns the undo function."""
+        """Wrap the stages for one step; returns the undo function."""
         undo = []
         for chunk, stage in stages.items():
             for name, kind, kind_of in (
@@ -69,21 +78,9 @@ class Recorder:
                 original = getattr(stage, name)
                 setattr(stage, name, self._wrap(chunk, kind, original, kind_of))
                 undo.append((stage, name))
-        wait = torch_schedules._wait_batch_p2p
-
-        def timed_wait(work: Any) -> Any:
-            t0 = time.time()
-            try:
-                return wait(work)
-            finally:
-                self.spans.append(Span(self.step, self.rank, -1, "comm", -1, t0, time.time()))
-
-        torch_schedules._wait_batch_p2p = timed_wait
-
         def uninstall() -> None:
             for stage, name in undo:
                 delattr(stage, name)  # the class's method shows through again
-            torch_schedules._wait_batch_p2p = wait
 
         return uninstall
 
@@ -118,7 +115,26 @@ class Timeline:
                 fractions.append(1.0 - busy / (self.n_stages * (end - start)))
         return sum(fractions) / len(fractions) if fractions else float("nan")
 
-    def to_frame(self):  # noqa: ANN201 - pandas is optional here
+    def waits(self) -> list[Span]:
+        """The idle time of each rank within each recorded step (between its compute spans,
+        from the step's first span on any rank to its last): waiting on another stage."""
+        out = []
+        for step in self.steps():
+            spans = [s for s in self.spans if s.step == step and s.kind in COMPUTE]
+            start = min(s.start for s in spans)
+            end = max(s.end for s in spans)
+            for rank in sorted({s.rank for s in spans}):
+                t = start
+                for s in sorted((s for s in spans if s.rank == rank), key=lambda s: s.start):
+                    if s.start > t:
+                        out.append(Span(step, rank, -1, "wait", -1, t, s.start))
+                    t = max(t, s.end)
+                if end > t:
+                    out.append(Span(step, rank, -1, "wait", -1, t, end))
+        return out
+
+    def to_frame(self) -> Any:
+        """The spans as a pandas DataFrame (one row per span)."""
         import pandas as pd
 
         return pd.DataFrame([s.__dict__ for s in self.spans])

@@ -4,61 +4,51 @@ loop over the same data, so each sees the same history and ends with the whole n
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._config import PipelineConfig, TrainSpec
-from ._plan import make_plan
-from ._runner import Runner, _cpu
-from ._stage import StageHost
-
-
-def ensure_world_group(config: PipelineConfig) -> dist.ProcessGroup:
-    from . import _stage
-
-    if _stage.LOCAL_GROUP_MADE or not dist.is_initialized():
-        if "RANK" not in os.environ or _stage.LOCAL_GROUP_MADE:
-            raise RuntimeError(
-                "launcher='torchrun' needs a process group of the job's processes: run the script "
-                "under torchrun (or call torch.distributed.init_process_group first), or use "
-                "launcher='spawn'. (A one-process group made for launcher='local' is not one.)"
-            )
-        backend = "nccl" if config.devices[0].startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-    world = dist.get_world_size()
-    if world != config.n_stages:
-        raise ValueError(
-            f"n_stages ({config.n_stages}) must equal the torchrun world size ({world}) with "
-            "launcher='torchrun'; set n_stages to the number of processes per job."
-        )
-    group = dist.group.WORLD
-    assert group is not None
-    return group
+from ._config import TrainSpec
+from ._groups import broadcast_object, job_world
+from ._plan import Plan
+from ._runner import Runner
+from ._timeline import Span
 
 
 class TorchrunRunner(Runner):
-    def __init__(
-        self, module: nn.Module, config: PipelineConfig, spec: TrainSpec, sample: torch.Tensor
-    ) -> None:
-        self.config = config
-        self.module = module
-        group = ensure_world_group(config)
+    # the job's launcher gave each process its device: nothing to lease
+    leases_devices: ClassVar[bool] = False
+
+    def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
+        super().__init__(plan, module, spec, seed)
+        cfg = self.config
+        group = job_world(cfg.devices[0], cfg.n_stages)
         self.rank = dist.get_rank()
-        self.plan, self.layers = make_plan(module, config, sample)
-        chunks = {c: self.plan.chunk_layers(self.layers, c) for c in config.chunks_of(self.rank)}
-        device = config.devices[self.rank] if config.devices[0] != "cpu" else "cpu"
+        device = cfg.devices[self.rank] if cfg.devices[0] != "cpu" else "cpu"
         if device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", self.rank))
-            device = f"cuda:{local}"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
             torch.cuda.set_device(device)
         self.device = device
-        self.host = StageHost(
-            chunks, config, spec, self.plan.shapes, rank=self.rank, device=device, group=group
-        )
-        self.last = config.owner(config.n_chunks - 1)
-        self.out_shape = self.plan.shapes[-1]
+        self.host = self._host(plan, module, spec, group)
+        self.last = cfg.owner(cfg.n_chunks - 1)
+
+    def _host(self, plan: Plan, module: nn.Module, spec: TrainSpec, group: Any) -> Any:
+        from ._stage import StageHost
+
+        return StageHost(plan.chunks(module, self.rank), self.config, spec, plan.shapes,
+                         rank=self.rank, device=self.device, group=group)
+
+    @staticmethod
+    def agree_seed(seed: int) -> int:
+        """Rank 0's seed on every rank, so that all ranks build the same network and batches."""
+        return int(broadcast_object(seed))  # type: ignore[call-overload]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.host.optimizer
 
     def _share(self, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
         """Broadcast a tensor from the rank holding the last chunk to every rank."""
@@ -69,52 +59,37 @@ class TorchrunRunner(Runner):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         loss, out = self.host.train_step(x, y, n)
-        loss = self._share(None if loss is None else loss.reshape(()).to(self.device), ())
-        out = self._share(out, (n,) + self.out_shape)
-        return loss, out
+        shared_loss = self._share(None if loss is None else loss.reshape(()).to(self.device), ())
+        return shared_loss, self._share(out, (n,) + self.plan.shapes[-1])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        out = self.host.forward(x, n)
-        return self._share(out, (n,) + self.out_shape)
+        return self._share(self.host.forward(x, n), (n,) + self.plan.shapes[-1])
+
+    def _everyone(self, mine: Any) -> list[Any]:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return everyone
 
     def record_timeline(self, steps: int) -> None:
         self.host.record_timeline(steps)
 
-    def spans(self) -> list:
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, self.host.spans())
-        return [s for spans in everyone for s in spans]
+    def spans(self) -> list[Span]:
+        return [s for spans in self._everyone(self.host.spans()) for s in spans]
 
-    def finish(self) -> None:
-        mine = self.host.state_dicts()
-        everyone: list[dict[int, dict[str, torch.Tensor]] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        self._load_chunks(everyone)
-        self.module.to("cpu")
+    def track_memory(self, on: bool = True) -> None:
+        self.host.track_memory(on)
 
-    def get_state(self) -> dict:
-        mine = (self.host.state_dicts(), _cpu(self.host.optimizer.state_dict()))
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        self._load_chunks(chunks for chunks, _ in everyone)
-        return {"module": _cpu(self.module.state_dict()), "optimizers": [opt for _, opt in everyone]}
+    def stats(self) -> list[dict[str, float]]:
+        return self._everyone(self.host.stats())
 
-    def set_state(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        chunks = {
-            c: self.plan.chunk_layers(self.layers, c).state_dict() for c in self.config.chunks_of(self.rank)
-        }
-        self.host.load_state(chunks, state["optimizers"][self.rank])
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        mine = (self.host.state_dicts(), self.host.optimizer_state() if optimizers else None)
+        return self._everyone(mine)
 
-    def close(self) -> None:
+    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
+        chunks, optimizer = states[self.rank]
+        self.host.load_state(chunks, optimizer)
+
+    def close(self, keep_warm: bool = False) -> None:
         self.host.close()
-
-
-def agree_seed(seed: int) -> int:
-    """Rank 0's seed on every rank, so that all ranks build the same network and batches."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return seed
-    box = [seed]
-    dist.broadcast_object_list(box, src=0)
-    return int(box[0])

@@ -1,17 +1,22 @@
-"""Entry point of a stage worker: ``python -m skpipe.engine._worker_main`` (started by _workers)."""
+"""Entry point of a stage worker: ``python -m skpipe.engine._worker_main`` (started by _pool).
+
+The worker answers one message at a time; the message's type picks its handler from
+``HANDLERS``. Any exception goes back to the driver as ``Failed(traceback)`` and ends the worker.
+"""
 
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
 import traceback
-from datetime import timedelta
+from collections.abc import Callable
 from multiprocessing.connection import Client
 from typing import Any
+
+from . import _protocol as P
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -42,132 +47,133 @@ def _tensor(a: Any) -> Any:
     return None if a is None else torch.from_numpy(a)
 
 
+class Worker:
+    """The state of one stage worker between messages: its rank and the stages it hosts."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank = rank
+        self.world = world
+        self.host: Any = None  # StageHost, once set up
+        self.device = "cpu"
+
+    def stages(self) -> Any:
+        if self.host is None:
+            raise RuntimeError("this stage worker got a request before its setup")
+        return self.host
+
+    def setup(self, m: P.Setup) -> None:
+        import torch
+
+        from ._groups import worker_world
+        from ._stage import StageHost
+
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        self.device = m.device
+        # same seed warm or cold, so that a fit does not depend on what ran before
+        torch.manual_seed(m.seed + self.rank)
+        if m.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(m.device))
+        store = os.environ["SKPIPE_STORE_PATH"]
+        group = worker_world(store, self.rank, self.world, m.device, m.config.timeout)
+        self.host = StageHost(
+            m.chunks, m.config, m.spec, m.shapes, rank=self.rank, device=m.device, group=group
+        )
+
+    def step(self, m: P.Step) -> Any:
+        loss, out = self.stages().train_step(_tensor(m.x), _tensor(m.y), m.n_real)
+        return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
+
+    def forward(self, m: P.Forward) -> Any:
+        out = self.stages().forward(_tensor(m.x), m.n_rows)
+        return None if out is None else out.cpu().numpy()
+
+    def reset(self, m: P.Reset) -> None:
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        if self.device.startswith("cuda"):  # give the idle GPU memory back
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def get_state(self, m: P.GetState) -> Any:
+        host = self.stages()
+        return host.state_dicts(), host.optimizer_state()
+
+    def set_state(self, m: P.SetState) -> None:
+        self.stages().load_state(m.chunks, m.optimizer)
+
+    def collect(self, m: P.Collect) -> Any:
+        return self.stages().state_dicts()
+
+    def record_timeline(self, m: P.RecordTimeline) -> None:
+        self.stages().record_timeline(m.steps)
+
+    def spans(self, m: P.Spans) -> Any:
+        return self.stages().spans()
+
+    def track_memory(self, m: P.TrackMemory) -> None:
+        self.stages().track_memory(m.on)
+
+    def stats(self, m: P.Stats) -> Any:
+        return self.stages().stats()
+
+
+HANDLERS: dict[type[P.Message], Callable[[Worker, Any], Any]] = {
+    P.Setup: Worker.setup,
+    P.Step: Worker.step,
+    P.Forward: Worker.forward,
+    P.Reset: Worker.reset,
+    P.GetState: Worker.get_state,
+    P.SetState: Worker.set_state,
+    P.Collect: Worker.collect,
+    P.RecordTimeline: Worker.record_timeline,
+    P.Spans: Worker.spans,
+    P.TrackMemory: Worker.track_memory,
+    P.Stats: Worker.stats,
+}
+
+
 def main() -> None:
     parent = int(os.environ["SKPIPE_PARENT_PID"])
     _die_with_parent(parent)
     rank = int(os.environ["SKPIPE_RANK"])
     world = int(os.environ["SKPIPE_WORLD_SIZE"])
     conn = Client(
-        ("127.0.0.1", int(os.environ["SKPIPE_CONTROL_PORT"])),
+        os.environ["SKPIPE_CONTROL_PATH"],
+        family="AF_UNIX",
         authkey=bytes.fromhex(os.environ["SKPIPE_AUTHKEY"]),
     )
-    conn.send_bytes(pickle.dumps(rank))
+    conn.send_bytes(P.encode(P.Ok(rank)))
 
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    host = None
-    device_used = "cpu"
-
-    def reply(payload: Any) -> None:
-        conn.send_bytes(pickle.dumps(("ok", payload), protocol=5))
-
+    worker = Worker(rank, world)
     idle = float(os.environ.get("SKPIPE_IDLE_TIMEOUT", "300"))
     while True:
         try:
             if not conn.poll(idle):
                 break  # idle too long: a warm worker nobody came back for
-            message = pickle.loads(conn.recv_bytes())
+            message = P.decode(conn.recv_bytes())
         except (EOFError, OSError):
             break
-        kind = message[0]
-        if kind == "close":
+        if isinstance(message, P.Close):
             break
         try:
-            if kind == "setup":
-                from skpipe.engine._stage import StageHost
-
-                setup = message[1]
-                config = setup["config"]
-                device = setup["device"]
-                device_used = device
-                # same seed warm or cold, so that a fit does not depend on what ran before
-                torch.manual_seed(setup["seed"] + rank)
-                if host is not None:
-                    host.close()
-                    host = None
-                if device.startswith("cuda"):
-                    torch.cuda.set_device(torch.device(device))
-                if dist.is_initialized():
-                    host = StageHost(
-                        setup["chunks"], config, setup["spec"], setup["shapes"],
-                        rank=rank, device=device, group=dist.group.WORLD,
-                    )
-                    reply(None)
-                    continue
-                store = dist.FileStore(os.environ["SKPIPE_STORE_PATH"], world)
-                backend = "nccl" if device.startswith("cuda") else "gloo"
-                dist.init_process_group(
-                    backend,
-                    store=store,
-                    rank=rank,
-                    world_size=world,
-                    timeout=timedelta(seconds=max(config.timeout, 120.0)),
-                )
-                group = dist.group.WORLD
-                host = StageHost(
-                    setup["chunks"],
-                    config,
-                    setup["spec"],
-                    setup["shapes"],
-                    rank=rank,
-                    device=device,
-                    group=group,
-                )
-                reply(None)
-            elif kind == "step":
-                assert host is not None
-                _, x, y, n_real = message
-                loss, out = host.train_step(_tensor(x), _tensor(y), n_real)
-                reply(None if loss is None else (loss.cpu().numpy(), out.cpu().numpy()))
-            elif kind == "forward":
-                assert host is not None
-                _, x, n_rows = message
-                out = host.forward(_tensor(x), n_rows)
-                reply(None if out is None else out.cpu().numpy())
-            elif kind == "reset":
-                if host is not None:
-                    host.close()
-                    host = None
-                if device_used.startswith("cuda"):  # give the idle GPU memory back
-                    import gc
-
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                reply(None)
-            elif kind == "get_state":
-                assert host is not None
-                from skpipe.engine._runner import _cpu
-
-                reply((host.state_dicts(), _cpu(host.optimizer.state_dict())))
-            elif kind == "set_state":
-                assert host is not None
-                host.load_state(message[1], message[2])
-                reply(None)
-            elif kind == "timeline":
-                assert host is not None
-                host.record_timeline(message[1])
-                reply(None)
-            elif kind == "spans":
-                assert host is not None
-                reply(host.spans())
-            elif kind == "track":
-                assert host is not None
-                host.track_memory(message[1])
-                reply(None)
-            elif kind == "stats":
-                assert host is not None
-                reply(host.stats())
-            elif kind == "state":
-                assert host is not None
-                reply(host.state_dicts())
-            else:
-                raise ValueError(f"unknown message {kind!r}")
+            handler = HANDLERS.get(type(message))
+            if handler is None:
+                raise ValueError(f"unknown message {type(message).__name__}")
+            conn.send_bytes(P.encode(P.Ok(handler(worker, message))))
         except BaseException:  # noqa: BLE001 - everything goes back to the driver
             text = traceback.format_exc()
             try:
-                conn.send_bytes(pickle.dumps(("error", text)))
+                conn.send_bytes(P.encode(P.Failed(text)))
             except OSError:
                 pass
             break

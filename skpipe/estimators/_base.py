@@ -1,78 +1,147 @@
-"""The scikit-learn face shared by both estimators: parameters, validation, fit -> engine, predict."""
+"""The scikit-learn face shared by both estimators: parameters, validation, fit -> engine, predict.
+
+The path of a fit, like ``MLPClassifier._fit``: validate the parameters and the data into one
+frozen ``FitInputs``; build the network; hold the devices; make the plan (once); train with the
+runner the plan's launcher names, inside a skorch loop; store what comes back.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import inspect
-import signal
-import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from skorch.history import History
-from sklearn.base import BaseEstimator, clone, is_classifier
+from sklearn.base import clone, is_classifier
 from sklearn.callback import CallbackSupportMixin, with_callbacks
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+from skorch.callbacks import LRScheduler
 from torch import nn
 
+from ..callbacks import Checkpoint, CheckpointKey, LoadInitState, params_hash
 from ..engine import _schedules
 from ..engine._budget import fit_budget
-from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, TrainSpec, make_config
-from ..engine._devices import auto_gpu_pool, execution_devices, resolve_devices
-from ..engine._leases import lease_devices
+from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, PipelineConfig, TrainSpec, make_config
+from ..engine._devices import resolve_devices
 from ..engine._microbatch import reduction_of
 from ..engine._plan import Plan, make_plan
-from ..engine._report import PlanReport, build_report
+from ..engine._report import PlanReport
+from ..engine._runners import held_devices, make_runner, resolve_launcher, runner_class
 from ..engine._timeline import Timeline
-from ..engine._runner import make_runner, resolve_launcher
-from ..callbacks import Checkpoint, LoadInitState, fit_fingerprint
 from ..modules import MLP
 from ._data import rows_to_tensor
 from ._loop import ClassifierTrainingLoop, TrainingLoop
+from ._params import PrefixedParamsMixin, build_criterion, build_module
 
-PREFIXES = ("module", "optimizer", "criterion", "iterator_train", "iterator_valid", "callbacks")
+PARAMETERS_DOC = """
+    Parameters
+    ----------
+    module : nn.Module subclass or instance, default=skpipe.modules.MLP
+        A class is built with the ``module__*`` parameters, plus ``n_features_in`` and
+        ``n_outputs`` when its constructor declares them.
+    criterion : nn.Module subclass or instance, default=None
+        None means the estimator's default loss; ``criterion__*`` parameters are passed to a class.
+    optimizer : callable, default=torch.optim.Adam
+        Built as ``optimizer(params, lr=lr, **optimizer__*)``.
+    lr : float, default=0.001
+        Learning rate.
+    max_epochs : int, default=100
+        Passes over the training data.
+    batch_size : int or 'all', default=64
+        Rows per optimizer step.
+    callbacks : list of skorch callbacks, default=None
+        Run in this process, whatever the number of stages (``EpochScoring``,
+        ``EarlyStopping``, ``PrintLog``...).
+    train_split : callable, default=None
+        A skorch split such as ``skorch.dataset.ValidSplit(5)``; None trains on all of X.
+    warm_start : bool, default=False
+        Continue from the fitted network (a new optimizer is built).
+    random_state : int, RandomState or None, default=None
+        Fixes weight initialisation and shuffling: two fits with the same seed are identical.
+    verbose : int, default=0
+        1 prints skorch's epoch table.
+    devices : 'auto' or list of str, default='auto'
+        One device per stage ('cpu', 'cuda:0', ...); with one stage the first is used.
+    n_stages : int, default=1
+        Pipeline depth: the number of workers (devices) the network is split across.
+    n_microbatches : int or 'auto', default='auto'
+        Micro-batches per batch; 'auto' picks the largest of 4p, 2p, p the schedule accepts.
+    schedule : str, default='1f1b'
+        'gpipe', '1f1b', 'interleaved_1f1b', 'looped_bfs', 'interleaved_zero_bubble', 'zbv'
+        or 'dualpipev' (torch.distributed.pipelining's schedules).
+    chunks_per_stage : int or 'auto', default='auto'
+        Model chunks per worker for the looped/interleaved schedules (2 for the V schedules).
+    balance : 'uniform', 'parameters', 'time' or list of int, default='uniform'
+        How layers are divided among chunks.
+    checkpoint : {'never', 'except_last', 'always'}, default='never'
+        Activation recomputation per micro-batch, as torchgpipe defines the modes.
+    launcher : {'auto', 'spawn', 'local', 'torchrun'}, default='auto'
+        Where the stages live: worker processes, this process, or a torchrun job.
+    precision : {'float32', 'bf16'}, default='float32'
+        'bf16' runs the forward under bfloat16 autocast.
+    max_grad_norm : float or None, default=None
+        Clip gradients by their global norm across all stages.
+    timeout : float, default=300.0
+        Seconds the driver waits for a worker before declaring it hung.
+    timeline_steps : int, default=0
+        Record what each stage does during this many steps (from the second one) into
+        ``timeline_`` (see :func:`skpipe.viz.plot_timeline`).
+    stage_memory_budget : float or None, default=None
+        Bytes each stage may hold; with ``n_microbatches='auto'`` the micro-batch count is raised
+        until the estimated peak (parameters, gradients, optimizer state and the activations of
+        the micro-batches in flight) fits, or ``fit`` says by how much it cannot.
+    **kwargs : dict
+        Prefixed parameters: ``module__*``, ``optimizer__*``, ``criterion__*``,
+        ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
+"""
 
-# Sizes the estimator passes to a module class whose constructor declares them.
-SIZE_ARGS = ("n_features_in", "n_outputs")
+ATTRIBUTES_DOC = """
+    module_ : nn.Module
+        The whole trained network, on the CPU.
+    criterion_ : nn.Module
+        The loss the network was trained with.
+    history_ : skorch.History
+        Per epoch (and per batch): the losses and what the callbacks recorded.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of str
+        Only when X had string column names.
+    n_iter_ : int
+        Epochs run.
+    plan_ : PlanReport
+        The plan the fit used (see :meth:`plan`).
+    timeline_ : Timeline or None
+        The recorded spans when ``timeline_steps > 0``.
+    config_ : PipelineConfig
+        The resolved configuration (micro-batch count, chunks, devices, launcher)."""
 
 
-class _UserInterrupt(KeyboardInterrupt):
-    """Ctrl-C from the user, told apart from skorch's EarlyStopping (which raises
-    KeyboardInterrupt to end training early)."""
+@dataclass(frozen=True)
+class FitInputs:
+    """Everything a fit needs, validated: made before any device is held or worker started."""
+
+    X: Any  # float32 array or CSR matrix
+    y: np.ndarray  # encoded targets
+    n_outputs: int
+    seed: int
+    config: PipelineConfig
+    criterion: nn.Module
+    spec: TrainSpec
+    sample: torch.Tensor  # the first rows of X, to measure the chunks on
+    checkpoint_digest: str | None  # the parameters' hash, when the fit uses checkpoints
 
 
-class _InterruptGuard:
-    """While active in the main thread, SIGINT raises _UserInterrupt instead of KeyboardInterrupt."""
-
-    def __enter__(self) -> _InterruptGuard:
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is signal.default_int_handler:
-
-                def handler(signum: int, frame: object) -> None:
-                    raise _UserInterrupt()
-
-                self._previous = signal.signal(signal.SIGINT, handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-class BasePipeNet(CallbackSupportMixin, BaseEstimator):
+class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
     """Base of PipeNetClassifier and PipeNetRegressor; not meant to be used directly."""
 
     _parameter_constraints: dict[str, list[Any]] = {
-        "module": "no_validation",  # checked in _make_module with a clearer message
+        "module": "no_validation",  # checked where the module is built, with a clearer message
         "criterion": "no_validation",
         "optimizer": [callable],
         "lr": [Interval(Real, 0, None, closed="neither")],
@@ -97,6 +166,13 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         "timeline_steps": [Interval(Integral, 0, None, closed="left")],
         "stage_memory_budget": [Interval(Real, 0, None, closed="neither"), None],
     }
+
+    # How X is checked everywhere, and what y must be (set by the subclasses).
+    _X_CHECKS: dict[str, Any] = dict(
+        accept_sparse=["csr", "csc", "coo"], dtype=np.float32, ensure_all_finite=True
+    )
+    _Y_CHECKS: dict[str, Any] = {}
+    _DEFAULT_CRITERION: type[nn.Module] = nn.MSELoss
 
     def __init__(
         self,
@@ -156,123 +232,12 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         for key, value in kwargs.items():
             setattr(self, key, value)
 
-    # -- parameters --------------------------------------------------------------------------
-    @classmethod
-    def _check_prefixed_name(cls, key: str) -> None:
-        prefix, sep, rest = key.partition("__")
-        if sep and prefix in PREFIXES and rest:
-            return
-        names = cls._get_param_names() + [p + "__" for p in PREFIXES]
-        close = difflib.get_close_matches(key, names, n=1)
-        if not close:
-            for p in PREFIXES:  # module_hidden -> module__hidden
-                if key.startswith(p + "_") and not key.startswith(p + "__"):
-                    close = [p + "__" + key[len(p) :].lstrip("_")]
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise TypeError(
-            f"{cls.__name__} got an unexpected parameter {key!r}.{hint} Prefixed parameters "
-            f"are routed by prefix: {', '.join(p + '__*' for p in PREFIXES)}."
-        )
-
-    def _prefixed_params(self) -> dict[str, Any]:
-        """Parameters given beyond the signature: the prefixed ones, and any unknown name
-        (kept so that clone carries it to fit, which reports it)."""
-        names = set(self._get_param_names())
-        return {
-            k: v
-            for k, v in vars(self).items()
-            if k not in names and not k.startswith("_") and not k.endswith("_")
-        }
-
-    def _params_for(self, prefix: str) -> dict[str, Any]:
-        head = prefix + "__"
-        return {k[len(head) :]: v for k, v in self._prefixed_params().items() if k.startswith(head)}
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        params = super().get_params(deep=False)
-        params.update(self._prefixed_params())
-        return params
-
-    def set_params(self, **params: Any) -> BasePipeNet:
-        """Set parameters, including prefixed ones (``module__hidden_layer_sizes``); like the
-        constructor, it stores what it is given and ``fit`` validates it."""
-        for key, value in params.items():
-            setattr(self, key, value)
-        return self
-
     # -- what subclasses define ----------------------------------------------------------------
     def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
         """Encoded targets for training and the number of network outputs."""
         raise NotImplementedError
 
-    def _default_criterion(self) -> nn.Module:
-        raise NotImplementedError
-
-    # -- building the parts ------------------------------------------------------------------
-    def _make_module(self, n_features: int, n_outputs: int) -> nn.Module:
-        module = self.module
-        kwargs = self._params_for("module")
-        if isinstance(module, nn.Module):
-            if kwargs:
-                raise ValueError(
-                    f"module__ parameters {sorted(kwargs)} were given, but module is an "
-                    f"instance ({type(module).__name__}); pass the class to have skpipe build "
-                    "it with those parameters."
-                )
-            return copy.deepcopy(module)
-        if not (isinstance(module, type) and issubclass(module, nn.Module)):
-            raise TypeError(
-                f"The 'module' parameter of {type(self).__name__} must be a torch.nn.Module "
-                f"subclass or instance. Got {module!r} instead."
-            )
-        signature = inspect.signature(module.__init__)
-        accepted = set(signature.parameters) - {"self"}
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-        for key in kwargs:
-            if key not in accepted and not takes_any:
-                close = difflib.get_close_matches(key, sorted(accepted - set(SIZE_ARGS)), n=1)
-                hint = f" Did you mean 'module__{close[0]}'?" if close else ""
-                raise ValueError(
-                    f"module__{key} is not a parameter of {module.__name__} (its parameters: "
-                    f"{sorted(accepted)}).{hint}"
-                )
-        sizes = {"n_features_in": n_features, "n_outputs": n_outputs}
-        for name, value in sizes.items():
-            if name in accepted and name not in kwargs:
-                kwargs[name] = value
-        return module(**kwargs)
-
-    def _make_criterion(self) -> nn.Module:
-        criterion = self.criterion
-        kwargs = self._params_for("criterion")
-        if criterion is None:
-            if kwargs:
-                return type(self._default_criterion())(**kwargs)
-            return self._default_criterion()
-        if isinstance(criterion, nn.Module):
-            return copy.deepcopy(criterion)
-        if isinstance(criterion, type) and issubclass(criterion, nn.Module):
-            return criterion(**kwargs)
-        raise TypeError(
-            f"The 'criterion' parameter of {type(self).__name__} must be None, a torch.nn.Module "
-            f"subclass or instance. Got {criterion!r} instead."
-        )
-
-    def _validate_prefixed(self) -> None:
-        for key in self._prefixed_params():
-            self._check_prefixed_name(key)
-
     # -- fit -----------------------------------------------------------------------------------
-    # How X is checked everywhere, and what y must be (set by the subclasses).
-    _X_CHECKS: dict[str, Any] = dict(
-        accept_sparse=["csr", "csc", "coo"], dtype=np.float32, ensure_all_finite=True
-    )
-    _Y_CHECKS: dict[str, Any] = {}
-
-    def _validate_X_y(self, X: Any, y: Any, reset: bool) -> tuple[Any, np.ndarray]:
-        X, y = validate_data(self, X, y, reset=reset, **self._X_CHECKS, **self._Y_CHECKS)
-        return self._to_csr(X), y
-
     @with_callbacks
     def fit(self, X: Any, y: Any) -> BasePipeNet:
         """Train the network on ``X`` and ``y``.
@@ -298,23 +263,52 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
             self.__dict__.update(before)
             raise
 
-    def _prepare(self, X: Any, y: Any, warm: bool) -> dict[str, Any]:
+    def _fit(self, X: Any, y: Any) -> BasePipeNet:
+        warm = self.warm_start and hasattr(self, "module_")
+        inputs = self._prepare(X, y, warm)
+        progress = self._init_callback_context(max_subtasks=self.max_epochs)
+        progress.call_on_fit_task_begin(estimator=self, X=inputs.X, y=y)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(inputs.seed)
+            module = copy.deepcopy(self.module_) if warm else self._build_module(inputs)
+            # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
+            with held_devices(inputs.config, self.devices) as config:
+                plan = self._make_plan(module, config, inputs.sample)
+                with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
+                    history = self._train(runner, inputs, plan, warm, progress)
+                    timeline = (
+                        Timeline(runner.spans(), config.n_stages, plan.config.n_microbatches,
+                                 config.chunks_per_stage, config.schedule)
+                        if self.timeline_steps
+                        else None
+                    )
+                    module = runner.collect()
+        module.eval()
+        self.module_ = module
+        self.criterion_ = inputs.criterion
+        self.history_ = history
+        self.n_iter_ = len(history)
+        self.config_ = plan.config
+        self.plan_ = plan.report()
+        self.timeline_ = timeline
+        progress.call_on_fit_task_end(estimator=self, X=inputs.X, y=y)
+        return self
+
+    def _prepare(self, X: Any, y: Any, warm: bool) -> FitInputs:
         """Validate parameters and data; resolve the configuration. Raises before any worker."""
         self._validate_params()
         self._validate_prefixed()
-        X, y = self._validate_X_y(X, y, reset=not warm)
+        digest = params_hash(self.get_params()) if self._uses_checkpoints() else None
+        X, y = validate_data(self, X, y, reset=not warm, **self._X_CHECKS, **self._Y_CHECKS)
+        X = self._to_csr(X)
         y_enc, n_outputs = self._validate_targets(y, reset=not warm)
-
+        launcher = resolve_launcher(self.launcher, self.n_stages)
+        runner = runner_class(launcher)
+        self._check_callbacks_fit(runner.optimizer_in_driver, launcher)
         rng = check_random_state(self.random_state)
-        seed = int(rng.randint(np.iinfo(np.int32).max))
+        seed = runner.agree_seed(int(rng.randint(np.iinfo(np.int32).max)))
         n_samples = X.shape[0]
         batch = n_samples if self.batch_size == "all" else min(int(self.batch_size), n_samples)
-        launcher = resolve_launcher(self.launcher, self.n_stages)
-        if launcher == "torchrun":
-            from ..engine._torchrun import agree_seed
-
-            seed = agree_seed(seed)
-        devices = resolve_devices(self.devices, self.n_stages, launcher)
         config = make_config(
             n_stages=self.n_stages,
             n_microbatches=self.n_microbatches,
@@ -323,28 +317,88 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
             balance=self.balance if isinstance(self.balance, str) else tuple(self.balance),
             checkpoint=self.checkpoint,
             launcher=launcher,
-            devices=devices,
+            devices=resolve_devices(self.devices, self.n_stages, launcher),
             batch_size=batch,
             precision=self.precision,
             max_grad_norm=self.max_grad_norm,
             timeout=float(self.timeout),
         )
-        criterion = self._make_criterion()
+        criterion = build_criterion(
+            type(self).__name__, self.criterion, self._params_for("criterion"),
+            self._DEFAULT_CRITERION,
+        )
         reduction_of(criterion)  # refused here, before any worker starts
-        optimizer_kwargs = {"lr": self.lr, **self._params_for("optimizer")}
         spec = TrainSpec(
-            optimizer=self.optimizer, optimizer_kwargs=optimizer_kwargs, criterion=copy.deepcopy(criterion)
+            optimizer=self.optimizer,
+            optimizer_kwargs={"lr": self.lr, **self._params_for("optimizer")},
+            criterion=copy.deepcopy(criterion),
         )
         sample = rows_to_tensor(X, slice(0, min(config.microbatch_rows, n_samples)))
-        if self.stage_memory_budget is not None and self.n_microbatches == "auto" and self.n_stages > 1:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                probe = copy.deepcopy(self.module_) if warm else self._make_module(X.shape[1], n_outputs)
-            config = fit_budget(probe, config, sample, float(self.stage_memory_budget), batch)
-            sample = rows_to_tensor(X, slice(0, min(config.microbatch_rows, n_samples)))
-        return dict(X=X, y_enc=y_enc, n_outputs=n_outputs, seed=seed, batch=batch, launcher=launcher,
-                    devices=devices, config=config, criterion=criterion, spec=spec, sample=sample)
+        return FitInputs(X=X, y=y_enc, n_outputs=n_outputs, seed=seed, config=config,
+                         criterion=criterion, spec=spec, sample=sample, checkpoint_digest=digest)
 
+    def _build_module(self, inputs: FitInputs) -> nn.Module:
+        return build_module(type(self).__name__, self.module, self._params_for("module"),
+                            inputs.X.shape[1], inputs.n_outputs)
+
+    def _make_plan(self, module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -> Plan:
+        """The plan of the fit, with the micro-batch count chosen under the memory budget."""
+        plan = make_plan(module, config, sample)
+        if self.stage_memory_budget is not None and self.n_microbatches == "auto" and self.n_stages > 1:
+            plan = fit_budget(plan, float(self.stage_memory_budget))
+        return plan
+
+    def _callback_list(self) -> list[Any]:
+        return [cb[1] if isinstance(cb, tuple) else cb for cb in (self.callbacks or [])]
+
+    def _uses_checkpoints(self) -> bool:
+        return any(isinstance(cb, (Checkpoint, LoadInitState)) for cb in self._callback_list())
+
+    def _check_callbacks_fit(self, optimizer_in_driver: bool, launcher: str) -> None:
+        if optimizer_in_driver:
+            return
+        for cb in self._callback_list():
+            if isinstance(cb, LRScheduler) or (isinstance(cb, type) and issubclass(cb, LRScheduler)):
+                raise ValueError(
+                    f"callbacks contains {type(cb).__name__ if not isinstance(cb, type) else cb.__name__}, "
+                    f"which steps the optimizer, but with launcher={launcher!r} each stage's optimizer "
+                    "lives in its worker process. Use launcher='local' (every stage in this "
+                    "process) or 'torchrun', or drop the scheduler."
+                )
+
+    def _train(
+        self, runner: Any, inputs: FitInputs, plan: Plan, warm: bool, progress: Any
+    ) -> Any:
+        key = None
+        if inputs.checkpoint_digest is not None:
+            layout = {"n_stages": plan.config.n_stages, "placement": plan.config.placement}
+            key = CheckpointKey(inputs.checkpoint_digest, inputs.X, inputs.y, layout)
+        loop = ClassifierTrainingLoop if is_classifier(self) else TrainingLoop
+        net = loop(
+            module=runner.module,
+            criterion=inputs.criterion,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            max_epochs=self.max_epochs,
+            batch_size=plan.config.batch_size,
+            callbacks=self.callbacks,
+            train_split=self.train_split,
+            verbose=self.verbose,
+            device=None,
+            iterator_train__shuffle=True,
+            iterator_train__seed=inputs.seed,
+            runner=runner,
+            timeline_steps=self.timeline_steps,
+            progress=progress,
+            estimator=self,
+            checkpoint_key=key,
+            initial_history=self.history_ if warm else None,
+            **{k: v for k, v in self._prefixed_params().items() if k.startswith(("callbacks__", "iterator_"))},
+        )
+        net.initialize()
+        return net.run(inputs.X, inputs.y)
+
+    # -- plan ------------------------------------------------------------------------------------
     def plan(self, X: Any, y: Any) -> PlanReport:
         """The plan a fit on ``X, y`` would use, without training (the estimator is unchanged).
 
@@ -356,149 +410,21 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like or sparse matrix of shape (n_samples, n_features)
+            Training data, as ``fit`` would get it.
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
+            Targets, as ``fit`` would get them.
 
         Returns
         -------
         plan : PlanReport
+            What each stage and chunk would hold and cost.
         """
         est = clone(self)
-        p = est._prepare(X, y, warm=False)
+        inputs = est._prepare(X, y, warm=False)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(p["seed"])
-            module = est._make_module(p["X"].shape[1], p["n_outputs"])
-        return self._report(p["config"], p["sample"], module)
-
-    @staticmethod
-    def _report(config: Any, sample: torch.Tensor, module: nn.Module, plan: Plan | None = None,
-                layers: list[nn.Module] | None = None) -> PlanReport:
-        """The plan report, measured on CPU copies so that no training state is touched.
-
-        ``plan`` and ``layers``: the split the stages were built from (a fit); without them the
-        split is made here (``plan()`` before any fit).
-        """
-        if config.n_stages == 1:
-            whole = copy.deepcopy(module).cpu()
-            params = sum(q.numel() for q in whole.parameters())
-            one = Plan(1, [(0, 1)], [], [0], [params], None, [type(whole).__name__])
-            return build_report(one, [whole], config, sample)
-        if plan is None:
-            plan, layers = make_plan(copy.deepcopy(module).cpu(), config, sample)
-        assert layers is not None
-        return build_report(plan, [copy.deepcopy(layer).cpu() for layer in layers], config, sample)
-
-    def _fit(self, X: Any, y: Any) -> BasePipeNet:
-        warm = self.warm_start and hasattr(self, "module_")
-        p = self._prepare(X, y, warm)
-        X, y_enc, n_outputs, seed, batch = p["X"], p["y_enc"], p["n_outputs"], p["seed"], p["batch"]
-        launcher, devices, config = p["launcher"], p["devices"], p["config"]
-        criterion, spec, sample = p["criterion"], p["spec"], p["sample"]
-        callback_ctx = self._init_callback_context(max_subtasks=self.max_epochs)
-        callback_ctx.call_on_fit_task_begin(estimator=self, X=X, y=y)
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if warm:
-                module = copy.deepcopy(self.module_)
-            else:
-                module = self._make_module(X.shape[1], n_outputs)
-            # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
-            lease = (
-                lease_devices(devices, config.timeout, choose_from=auto_gpu_pool(self.devices, devices))
-                if launcher != "torchrun"
-                else None
-            )
-            try:
-                if lease is not None:
-                    config = dataclasses.replace(config, devices=execution_devices(lease.devices))
-                runner = make_runner(module, config, spec, sample, seed)
-                try:
-                    # the report describes the very split the stages were built from
-                    report = self._report(config, sample, module, runner.plan, runner.layers)
-                    history = self._run_loop(runner, criterion, X, y_enc, seed, batch, warm, callback_ctx)
-                    timeline = None
-                    if self.timeline_steps:
-                        timeline = Timeline(runner.spans(), config.n_stages, config.n_microbatches,
-                                            config.chunks_per_stage, config.schedule)
-                    runner.finish()
-                finally:
-                    runner.close()
-            finally:
-                if lease is not None:
-                    lease.release()
-
-        module.eval()
-        self.module_ = module
-        self.criterion_ = criterion
-        self.history_ = history
-        self.n_iter_ = len(history)
-        self.config_ = config
-        self.plan_ = report
-        self.timeline_ = timeline
-        callback_ctx.call_on_fit_task_end(estimator=self, X=X, y=y)
-        return self
-
-    def _run_loop(
-        self,
-        runner: Any,
-        criterion: nn.Module,
-        X: Any,
-        y: np.ndarray,
-        seed: int,
-        batch: int,
-        warm: bool,
-        callback_ctx: Any = None,
-    ) -> Any:
-        loop = ClassifierTrainingLoop if is_classifier(self) else TrainingLoop
-        net = loop(
-            module=runner.module,
-            criterion=criterion,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            max_epochs=self.max_epochs,
-            batch_size=batch,
-            callbacks=self.callbacks,
-            train_split=self.train_split,
-            verbose=self.verbose,
-            device=None,
-            iterator_train__shuffle=True,
-            iterator_train__seed=seed,
-            **{k: v for k, v in self._prefixed_params().items() if k.startswith(("callbacks__", "iterator_"))},
-        )
-        net.runner_ = runner
-        net.timeline_steps_ = self.timeline_steps
-        net.sklearn_ctx_ = callback_ctx
-        net.estimator_ = self
-        net.initialize()
-        if warm and getattr(self, "history_", None) is not None:
-            net.history_ = copy.deepcopy(self.history_)
-        epochs = self.max_epochs
-        resume = [cb for _, cb in net.callbacks_ if isinstance(cb, (Checkpoint, LoadInitState))]
-        if resume:
-            net.fingerprint_ = fit_fingerprint(self.get_params(), X, y)
-            plan = runner.plan
-            net.layout_ = {
-                "n_stages": runner.config.n_stages,
-                "placement": runner.config.placement,
-                "bounds": [list(b) for b in plan.bounds] if plan is not None else [],
-            }
-            for cb in resume:
-                payload = cb.load(net.fingerprint_, net.layout_) if isinstance(cb, LoadInitState) else None
-                if payload is not None:
-                    runner.set_state({"module": payload["module"], "optimizers": payload["optimizers"]})
-                    net.history_ = History(payload["history"])
-                    net.skip_epochs_ = payload["epoch"]
-                    epochs = max(0, self.max_epochs - payload["epoch"])
-        with _InterruptGuard():
-            net.notify("on_train_begin", X=X, y=y)
-            try:
-                net.fit_loop(X, y, epochs=epochs)
-            except _UserInterrupt:
-                raise KeyboardInterrupt("fit interrupted by the user; the estimator is unchanged")
-            except KeyboardInterrupt:
-                pass  # skorch's EarlyStopping ends training this way
-            net.notify("on_train_end", X=X, y=y)
-        return net.history
+            torch.manual_seed(inputs.seed)
+            module = est._build_module(inputs)
+        return est._make_plan(module, inputs.config, inputs.sample).report()
 
     # -- inference -----------------------------------------------------------------------------
     def _forward(self, X: Any) -> np.ndarray:
@@ -520,42 +446,49 @@ class BasePipeNet(CallbackSupportMixin, BaseEstimator):
         """Raw network outputs for X computed by the pipeline's stages (forward only).
 
         For inputs too large for one device: the fitted network is split as in ``fit`` and
-        each batch flows through the stages' workers (warm ones when a fit left them up). The
-        numbers are those of ``module_`` (logits for the classifier).
+        each batch flows through the stages' workers (warm ones when a fit left them up), on
+        devices held for this call as a fit holds them. The numbers are those of ``module_``
+        (logits for the classifier).
 
         Parameters
         ----------
         X : array-like or sparse matrix of shape (n_samples, n_features)
+            Rows to run through the network.
         batch_size : int, default=4096
             Rows sent through the pipeline at a time.
 
         Returns
         -------
         outputs : ndarray of shape (n_samples, n_outputs)
+            The network's raw outputs.
         """
         X = self._validate_X_predict(X)
-        config = self.config_
-        if config.n_stages == 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(f"forward_pipelined's batch_size must be a positive int; got {batch_size!r}.")
+        fitted = self.config_
+        if fitted.n_stages == 1:
             return self._forward(X)
+        n = X.shape[0]
+        # the fit's configuration, on devices named as the user named them (to hold them again)
+        config = dataclasses.replace(
+            fitted, devices=resolve_devices(self.devices, fitted.n_stages, fitted.launcher)
+        )
         spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_)
         module = copy.deepcopy(self.module_)
-        runner = make_runner(module, config, spec, rows_to_tensor(X, slice(0, min(8, X.shape[0]))))
-        try:
-            outs = [
-                runner.predict(rows_to_tensor(X, slice(s, min(s + batch_size, X.shape[0])))).numpy()
-                for s in range(0, X.shape[0], batch_size)
-            ]
-            if hasattr(runner, "_finished"):
-                runner._finished = True  # nothing was trained: the workers stay warm
-        finally:
-            runner.close()
+        with held_devices(config, self.devices) as held:
+            plan = make_plan(module, held, rows_to_tensor(X, slice(0, min(held.microbatch_rows, n))))
+            with make_runner(plan, module, spec) as runner:
+                outs = [
+                    runner.predict(rows_to_tensor(X, slice(s, min(s + int(batch_size), n)))).numpy()
+                    for s in range(0, n, int(batch_size))
+                ]
         return np.concatenate(outs, axis=0)
 
     def _validate_X_predict(self, X: Any) -> Any:
         check_is_fitted(self, "module_")
         return self._to_csr(validate_data(self, X, reset=False, **self._X_CHECKS))
 
-    def __sklearn_tags__(self):  # noqa: ANN204
+    def __sklearn_tags__(self):  # noqa: ANN204 - sklearn's Tags type is private
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = True
         tags.non_deterministic = False

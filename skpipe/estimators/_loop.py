@@ -1,25 +1,88 @@
 """skorch inside, not above: a skorch ``NeuralNet`` serves as the training loop of one fit.
 
 It brings the loop the user watches (epochs, callbacks, history, ``verbose`` printing, early
-stopping), all in the user's process; every step it takes is handed to the engine's runner.
+stopping), all in the user's process; every step it takes is handed to the engine's runner. Its
+collaborators come through its constructor: the runner, the number of steps to record, the
+scikit-learn callback context, the estimator it trains for, the key of its checkpoints and the
+history a warm start continues.
 """
 
 from __future__ import annotations
 
+import copy
+import signal
+import threading
 from typing import Any
 
 import torch
 from skorch import NeuralNet
 from skorch.dataset import unpack_data
+from skorch.history import History
 
 from ._data import BatchIterator
 
 
+class UserInterrupt(KeyboardInterrupt):
+    """Ctrl-C from the user, told apart from skorch's EarlyStopping (which raises
+    KeyboardInterrupt to end training early)."""
+
+
+class _InterruptGuard:
+    """While active in the main thread, SIGINT raises UserInterrupt instead of KeyboardInterrupt."""
+
+    def __enter__(self) -> _InterruptGuard:
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is signal.default_int_handler:
+
+                def handler(signum: int, frame: object) -> None:
+                    raise UserInterrupt()
+
+                self._previous = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _OptimizerInWorkers:
+    """Stands for ``optimizer_`` where each stage's optimizer lives in its worker process."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(
+            "net.optimizer_ is not available in this process with launcher='spawn': each stage's "
+            "optimizer lives in its worker. Callbacks that read or change the optimizer (skorch's "
+            "LRScheduler and the like) need launcher='local' or 'torchrun'."
+        )
+
+
 class TrainingLoop(NeuralNet):
     """A NeuralNet whose module, criterion and optimizer are given, and whose steps go to
-    ``runner_`` (set before ``initialize``)."""
+    ``runner``."""
 
-    runner_: Any
+    def __init__(
+        self,
+        *args: Any,
+        runner: Any,
+        timeline_steps: int = 0,
+        progress: Any = None,
+        estimator: Any = None,
+        checkpoint_key: Any = None,
+        initial_history: History | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.runner = runner
+        self.timeline_steps = timeline_steps
+        self.progress = progress
+        self.estimator = estimator
+        self.checkpoint_key = checkpoint_key
+        self.initial_history = initial_history
+        self.skip_epochs = 0  # epochs a resumed fit already ran (set by LoadInitState)
+        self.steps_taken = 0
+        self.epoch_progress: Any = None
 
     def initialize_module(self) -> TrainingLoop:
         self.module_ = self.module
@@ -30,10 +93,26 @@ class TrainingLoop(NeuralNet):
         return self
 
     def initialize_optimizer(self, triggered_directly: object = None) -> TrainingLoop:
-        # With every stage in this process the runner's optimizer is the real one, so
-        # callbacks such as LRScheduler work; workers keep theirs to themselves.
-        self.optimizer_ = self.runner_.optimizer
+        optimizer = self.runner.optimizer
+        self.optimizer_ = optimizer if optimizer is not None else _OptimizerInWorkers()
         return self
+
+    def initialize_history(self) -> TrainingLoop:
+        self.history_ = copy.deepcopy(self.initial_history) or History()
+        return self
+
+    def run(self, X: Any, y: Any) -> History:
+        """Train for what is left of ``max_epochs``; Ctrl-C stops the fit, EarlyStopping ends it."""
+        with _InterruptGuard():
+            self.notify("on_train_begin", X=X, y=y)  # LoadInitState resumes here
+            try:
+                self.fit_loop(X, y, epochs=max(0, self.max_epochs - self.skip_epochs))
+            except UserInterrupt:
+                raise KeyboardInterrupt("fit interrupted by the user; the estimator is unchanged")
+            except KeyboardInterrupt:
+                pass  # skorch's EarlyStopping ends training this way
+            self.notify("on_train_end", X=X, y=y)
+        return self.history_
 
     def get_iterator(self, dataset: Any, training: bool = False) -> BatchIterator:
         prefix = "iterator_train" if training else "iterator_valid"
@@ -44,44 +123,42 @@ class TrainingLoop(NeuralNet):
         iterator = BatchIterator(dataset, **kwargs)
         if training:
             # a resumed fit continues the shuffling where the checkpointed fit left it
-            iterator.skip_epochs(getattr(self, "skip_epochs_", 0))
+            iterator.skip_epochs(self.skip_epochs)
         return iterator
 
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
         Xi, yi = unpack_data(batch)
-        steps = getattr(self, "steps_", 0)
-        if steps == 1 and getattr(self, "timeline_steps_", 0):
+        if self.steps_taken == 1 and self.timeline_steps:
             # record from the second step: the first one also pays one-off set-up costs
-            self.runner_.record_timeline(self.timeline_steps_)
-        self.steps_ = steps + 1
-        loss, y_pred = self.runner_.train_step(Xi, yi)
+            self.runner.record_timeline(self.timeline_steps)
+        self.steps_taken += 1
+        loss, y_pred = self.runner.train_step(Xi, yi)
         return {"loss": loss, "y_pred": y_pred}
 
     # scikit-learn's callbacks (ProgressBar...) see one sub-task per epoch
     def on_epoch_begin(self, net: Any, **kwargs: Any) -> None:
         super().on_epoch_begin(net, **kwargs)
-        ctx = getattr(self, "sklearn_ctx_", None)
-        if ctx is not None:
-            self.epoch_ctx_ = ctx.subcontext(task_name="epoch")
-            self.epoch_ctx_.call_on_fit_task_begin(estimator=self.estimator_)
+        if self.progress is not None:
+            self.epoch_progress = self.progress.subcontext(task_name="epoch")
+            self.epoch_progress.call_on_fit_task_begin(estimator=self.estimator)
 
     def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
         super().on_epoch_end(net, **kwargs)
-        ctx = getattr(self, "epoch_ctx_", None)
-        if ctx is not None:
-            ctx.call_on_fit_task_end(estimator=self.estimator_)
-            self.epoch_ctx_ = None
+        if self.epoch_progress is not None:
+            self.epoch_progress.call_on_fit_task_end(estimator=self.estimator)
+            self.epoch_progress = None
 
     def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
         Xi, yi = unpack_data(batch)
-        y_pred = self.runner_.predict(Xi)
+        y_pred = self.runner.predict(Xi)
         with torch.no_grad():
             loss = self.criterion_(y_pred, yi)
         return {"loss": loss, "y_pred": y_pred}
 
     def evaluation_step(self, batch: Any, training: bool = False) -> torch.Tensor:
         Xi, _ = unpack_data(batch)
-        return self.runner_.predict(Xi)
+        out: torch.Tensor = self.runner.predict(Xi)
+        return out
 
 
 class ClassifierTrainingLoop(TrainingLoop):

@@ -8,23 +8,32 @@ import numpy as np
 from sklearn.base import RegressorMixin
 from torch import nn
 
-from ._base import BasePipeNet
-from ._classifier import PipeNetClassifier
+from ._base import ATTRIBUTES_DOC, PARAMETERS_DOC, BasePipeNet
 
 
 class PipeNetRegressor(RegressorMixin, BasePipeNet):
-    """A neural-network regressor whose ``fit`` can train with pipeline parallelism.
+    __doc__ = (
+        """A neural-network regressor whose ``fit`` can train with pipeline parallelism.
 
-    The parameters are those of :class:`PipeNetClassifier`, except that the default
-    ``criterion`` is ``nn.MSELoss`` and ``n_outputs`` is the number of target columns.
-
+    The network (``module``, by default :class:`skpipe.modules.MLP`) outputs one value per
+    target column and is trained with the mean squared error (``nn.MSELoss``, the default
+    ``criterion``). With ``n_stages > 1`` it is split into stages trained by torch's pipeline
+    schedules, and the result is the same network a single device would have trained.
+"""
+        + PARAMETERS_DOC
+        + """
     Attributes
     ----------
-    module_ : nn.Module
-    history_ : skorch.History
-    n_features_in_ : int
     n_outputs_ : int
-    n_iter_ : int
+        Number of target columns seen in ``fit``.
+    y_ndim_ : int
+        Dimensions of the ``y`` seen in ``fit`` (1 or 2): predictions take that shape."""
+        + ATTRIBUTES_DOC
+        + """
+
+    See Also
+    --------
+    PipeNetClassifier : The same for class labels.
 
     Examples
     --------
@@ -37,11 +46,9 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
     >>> reg.predict(X[:2]).shape
     (2,)
     """
+    )
 
-    __doc__ = __doc__  # the full parameter list is the classifier's
-
-    def _default_criterion(self) -> nn.Module:
-        return nn.MSELoss()
+    _DEFAULT_CRITERION = nn.MSELoss
 
     def __sklearn_tags__(self):  # noqa: ANN204
         tags = super().__sklearn_tags__()
@@ -53,7 +60,7 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
     def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
         y = np.asarray(y, dtype=np.float32)
         if reset:
-            self._y_ndim = y.ndim
+            self.y_ndim_ = y.ndim
             self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
         elif (1 if y.ndim == 1 else y.shape[1]) != self.n_outputs_:
             raise ValueError(
@@ -77,7 +84,5 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
         out = self._forward(X).astype(np.float64)
         if out.size == 0:
             out = out.reshape(0, self.n_outputs_)
-        return out.ravel() if self._y_ndim == 1 else out
+        return out.ravel() if self.y_ndim_ == 1 else out
 
-
-PipeNetRegressor.__init__.__doc__ = PipeNetClassifier.__init__.__doc__

@@ -14,7 +14,7 @@ from skorch.callbacks import Callback
 from torch import nn
 
 from skpipe import PipeNetClassifier
-from skpipe.engine._workers import WorkerError
+from skpipe.engine._pool import WorkerError
 from tests.conftest import wait_no_workers, worker_pids
 
 pytestmark = pytest.mark.distributed
@@ -77,7 +77,7 @@ class KillWorker(Callback):
     def on_batch_end(self, net, **kwargs):
         self.seen += 1
         if self.seen == self.at_batch:
-            os.kill(net.runner_.group.procs[self.rank].pid, signal.SIGKILL)
+            os.kill(net.runner.group.procs[self.rank].pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from skpipe.engine._partition import balance_sizes, flatten_layers, uniform_sizes
-from skpipe.engine._stage import boundary_shapes
+from skpipe.engine._partition import boundary_shapes
 
 
 def test_nested_sequentials_are_flattened():

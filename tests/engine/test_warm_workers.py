@@ -12,7 +12,7 @@ from sklearn.model_selection import GridSearchCV
 
 import skpipe
 from skpipe import PipeNetClassifier
-from skpipe.engine import _workers
+from skpipe.engine import _pool
 from tests.conftest import wait_no_workers, worker_pids
 
 pytestmark = pytest.mark.distributed
@@ -68,17 +68,17 @@ def test_grid_search_starts_workers_once(classification_data):
     X, y = classification_data
     skpipe.shutdown_workers()
     started = []
-    original = _workers.WorkerGroup.__init__
+    original = _pool.WorkerGroup.__init__
 
     def counting(self, *a, **k):
         started.append(1)
         original(self, *a, **k)
 
-    _workers.WorkerGroup.__init__ = counting
+    _pool.WorkerGroup.__init__ = counting
     try:
         GridSearchCV(make(), {"lr": [0.01, 0.1], "schedule": ["gpipe", "1f1b"]}, cv=3).fit(X, y)
     finally:
-        _workers.WorkerGroup.__init__ = original
+        _pool.WorkerGroup.__init__ = original
     assert len(started) == 1  # 12 fits + refit on one warm group
     skpipe.shutdown_workers()
     assert wait_no_workers() == []

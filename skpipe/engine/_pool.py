@@ -1,40 +1,37 @@
-"""One worker process per pipeline rank, started from the user's process.
+"""Groups of stage-worker processes, their channels, and the pool of warm ones.
 
 Workers are plain ``python -m skpipe.engine._worker_main`` subprocesses, not ``multiprocessing``
-children, so they start the same way from a script, a notebook or a joblib (loky) worker. They
-connect back to the driver on 127.0.0.1 over an authenticated channel, join a torch process group
-through a FileStore in a private temporary folder (a TCPStore server would listen on every
-interface), exchange tensors over loopback only, and then do only what the driver asks, one
-message at a time. Modules travel with cloudpickle, so a class defined in ``__main__`` or a
-notebook cell works. A worker exits when the driver says so, when its channel closes, or when its
-parent dies (PR_SET_PDEATHSIG on Linux, plus a watchdog thread); the driver kills workers that
-fail, hang past ``timeout`` or outlive an interrupted fit.
+children, so they start the same way from a script, a notebook or a joblib (loky) worker. Each
+connects back to the driver over an authenticated Unix-domain socket in a private (0700)
+temporary folder: the channel is never on a network, and a local socket has none of TCP's
+small-write delays (Nagle's algorithm meeting delayed ACKs cost 40 ms per step on TCP loopback
+for batches of 16-64 KiB). Workers join a torch process group through a FileStore in the same
+folder and exchange tensors over loopback only. A worker exits when the driver says so, when its
+channel closes, or when its parent dies; the driver kills workers that fail, hang past
+``timeout`` or outlive an interrupted fit.
+
+Fits in one process (and in each joblib worker) reuse idle groups of the same shape, so a grid
+search pays the start-up once; every fit sends a fresh network, optimizer and seed.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import pickle
-import secrets
 import shutil
 import signal
+import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import weakref
-from multiprocessing.connection import Connection, Listener, wait
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from typing import Any
 
-import cloudpickle
-import torch
-from torch import nn
-
-from ._config import PipelineConfig, TrainSpec
-from ._plan import make_plan
-from ._runner import Runner, _cpu
+from ._protocol import Close, Failed, Message, Reset, decode, encode
 
 # Starting a worker (importing torch, joining the group) is not bounded by the step timeout.
 STARTUP_TIMEOUT = 120.0
@@ -46,7 +43,7 @@ class WorkerError(RuntimeError):
     """A stage worker failed, died or stopped answering; the message carries its traceback."""
 
 
-def _threads_per_worker(n_workers: int) -> int:
+def threads_per_worker(n_workers: int) -> int:
     """CPU threads for each worker so that the fit does not oversubscribe its share of cores.
 
     The share is the cores this process may use, or fewer when a thread limit was set for it
@@ -91,22 +88,23 @@ class WorkerGroup:
         self.pending_reset = False
         self.procs: list[subprocess.Popen[bytes]] = []
         self.conns: list[Connection] = []
-        authkey = secrets.token_bytes(32)
-        self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        self._store_dir = tempfile.mkdtemp(prefix="skpipe-rdzv-")  # mode 0700
-        self._store_path = os.path.join(self._store_dir, "store")
-        ctrl_port = self._listener.address[1]
-        threads = _threads_per_worker(n_workers) if devices[0] == "cpu" else 1
+        self._authkey = os.urandom(32)
+        self._dir = tempfile.mkdtemp(prefix="skpipe-")  # mode 0700: ours alone
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        control = os.path.join(self._dir, "control")
+        self._socket.bind(control)
+        self._socket.listen(n_workers)
+        threads = threads_per_worker(n_workers) if devices[0] == "cpu" else 1
         _LIVE.add(self)
         try:
             for rank in range(n_workers):
                 env = dict(os.environ)
                 env.update(
-                    SKPIPE_CONTROL_PORT=str(ctrl_port),
-                    SKPIPE_AUTHKEY=authkey.hex(),
+                    SKPIPE_CONTROL_PATH=control,
+                    SKPIPE_AUTHKEY=self._authkey.hex(),
                     SKPIPE_RANK=str(rank),
                     SKPIPE_WORLD_SIZE=str(n_workers),
-                    SKPIPE_STORE_PATH=self._store_path,
+                    SKPIPE_STORE_PATH=os.path.join(self._dir, "store"),
                     SKPIPE_PARENT_PID=str(os.getpid()),
                     # the worker imports whatever the driver can (user modules beside a script)
                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
@@ -133,9 +131,6 @@ class WorkerGroup:
             raise
 
     def _accept_all(self) -> None:
-        import socket
-
-        sock = self._listener._listener._socket  # type: ignore[attr-defined]
         deadline = time.monotonic() + STARTUP_TIMEOUT
         by_rank: dict[int, Connection] = {}
         while len(by_rank) < self.n_workers:
@@ -151,22 +146,38 @@ class WorkerGroup:
                     f"only {len(by_rank)} of {self.n_workers} stage workers connected within "
                     f"{STARTUP_TIMEOUT:.0f} s."
                 )
-            sock.settimeout(min(1.0, remaining))
+            self._socket.settimeout(min(1.0, remaining))
             try:
-                conn = self._listener.accept()
+                sock, _ = self._socket.accept()
             except (socket.timeout, TimeoutError):
                 continue
-            rank = pickle.loads(conn.recv_bytes())
+            sock.setblocking(True)
+            conn = Connection(sock.detach())
+            try:
+                deliver_challenge(conn, self._authkey)
+                answer_challenge(conn, self._authkey)
+                rank = int(decode(conn.recv_bytes()).payload)
+            except Exception:  # noqa: BLE001 - a peer that cannot authenticate is not ours
+                conn.close()
+                continue
             by_rank[rank] = conn
         self.conns = [by_rank[r] for r in range(self.n_workers)]
 
     # -- messaging -----------------------------------------------------------------------------
-    def send(self, rank: int, message: Any, *, cloud: bool = False) -> None:
-        data = cloudpickle.dumps(message) if cloud else pickle.dumps(message, protocol=5)
+    def send(self, rank: int, message: Message) -> None:
         try:
-            self.conns[rank].send_bytes(data)
+            self.conns[rank].send_bytes(encode(message))
         except (BrokenPipeError, ConnectionError, OSError):
             raise self._dead(rank) from None
+
+    def ask_all(
+        self, message: Message | Sequence[Message], timeout: float | None = None
+    ) -> list[Any]:
+        """Send ``message`` (or ``message[rank]``) to every rank; the replies in rank order."""
+        for rank in range(self.n_workers):
+            self.send(rank, message if isinstance(message, Message) else message[rank])
+        replies = self.gather(timeout)
+        return [replies[rank] for rank in range(self.n_workers)]
 
     def _root_cause(self, rank: int, text: str) -> WorkerError:
         """A worker's error; when a peer died, the death is the cause and the error its echo
@@ -176,9 +187,7 @@ class WorkerGroup:
             for other, proc in enumerate(self.procs):
                 if other != rank and proc.poll() is not None and proc.returncode != 0:
                     dead = self._dead(other)
-                    return WorkerError(
-                        f"{dead} Stage worker {rank} then failed with:\n{text}"
-                    )
+                    return WorkerError(f"{dead} Stage worker {rank} then failed with:\n{text}")
             time.sleep(0.05)
         return WorkerError(f"stage worker {rank} raised an exception:\n{text}")
 
@@ -195,7 +204,7 @@ class WorkerGroup:
 
     def gather(self, timeout: float | None = None) -> dict[int, Any]:
         """Wait for one reply from each rank; raise WorkerError on any failure or timeout."""
-        pending = {self.conns[r]: r for r in range(self.n_workers)}
+        pending: dict[Any, int] = {self.conns[r]: r for r in range(self.n_workers)}
         replies: dict[int, Any] = {}
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -209,14 +218,14 @@ class WorkerGroup:
                     "this long."
                 )
             for conn in wait(list(pending), timeout=min(remaining, 0.5)):
-                rank = pending.pop(conn)  # type: ignore[arg-type]
+                rank = pending.pop(conn)
                 try:
-                    reply = pickle.loads(conn.recv_bytes())  # type: ignore[union-attr]
+                    reply = decode(conn.recv_bytes())  # type: ignore[union-attr]
                 except (EOFError, ConnectionError, OSError):
                     raise self._dead(rank) from None
-                if reply[0] == "error":
-                    raise self._root_cause(rank, reply[1])
-                replies[rank] = reply[1]
+                if isinstance(reply, Failed):
+                    raise self._root_cause(rank, reply.traceback)
+                replies[rank] = reply.payload
             # a worker that died without closing its socket cleanly
             for conn, rank in list(pending.items()):
                 if self.procs[rank].poll() is not None and not conn.poll():
@@ -227,7 +236,7 @@ class WorkerGroup:
         """Ask workers to exit, then terminate and kill what is left. Idempotent."""
         for conn in self.conns:
             try:
-                conn.send_bytes(pickle.dumps(("close",)))
+                conn.send_bytes(encode(Close()))
             except Exception:  # noqa: BLE001 - already gone
                 pass
         deadline = time.monotonic() + 2.0
@@ -248,23 +257,18 @@ class WorkerGroup:
             conn.close()
         self.conns = []
         self.procs = []
-        try:
-            self._listener.close()
-        except Exception:  # noqa: BLE001
-            pass
-        shutil.rmtree(self._store_dir, ignore_errors=True)
+        self._socket.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
         _LIVE.discard(self)
 
 
 # -- warm workers ------------------------------------------------------------------------------
-# Fits in one process (and in each joblib worker) reuse idle worker groups of the same shape, so
-# a grid search pays the start-up once. Every fit sends a fresh network, optimizer and seed.
 _POOL: dict[tuple[int, tuple[str, ...]], list[WorkerGroup]] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def acquire_group(n_workers: int, devices: tuple[str, ...], timeout: float) -> tuple[WorkerGroup, bool]:
-    """An idle live group of this shape, or a new one; and whether it was warm."""
+def acquire_group(n_workers: int, devices: tuple[str, ...], timeout: float) -> WorkerGroup:
+    """An idle live group of this shape, or a new one."""
     key = (n_workers, devices)
     with _POOL_LOCK:
         groups = _POOL.get(key, [])
@@ -279,9 +283,9 @@ def acquire_group(n_workers: int, devices: tuple[str, ...], timeout: float) -> t
                 except WorkerError:
                     group.close()
                     continue
-                return group, True
+                return group
             group.close()
-    return WorkerGroup(n_workers, devices, timeout), False
+    return WorkerGroup(n_workers, devices, timeout)
 
 
 def release_group(group: WorkerGroup) -> None:
@@ -289,7 +293,7 @@ def release_group(group: WorkerGroup) -> None:
     device memory) while idle; the next fit collects that answer before its own setup."""
     try:
         for rank in range(group.n_workers):
-            group.send(rank, ("reset",))
+            group.send(rank, Reset())
     except WorkerError:
         group.close()
         return
@@ -318,118 +322,3 @@ def _close_all() -> None:
     shutdown_workers()
     for group in list(_LIVE):
         group.close()
-
-
-class SpawnRunner(Runner):
-    """Drives one worker per pipeline rank; the training loop stays in this process."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        config: PipelineConfig,
-        spec: TrainSpec,
-        sample: torch.Tensor,
-        seed: int = 0,
-    ) -> None:
-        self.config = config
-        self.module = module
-        self.plan, self.layers = make_plan(module, config, sample)
-        self.first = config.owner(0)
-        self.last = config.owner(config.n_chunks - 1)
-        self._finished = False
-        self.group, self.warm = acquire_group(config.n_stages, config.devices, config.timeout)
-        try:
-            for rank in range(config.n_stages):
-                chunks = {c: self.plan.chunk_layers(self.layers, c) for c in config.chunks_of(rank)}
-                setup = {
-                    "chunks": chunks,
-                    "config": config,
-                    "spec": spec,
-                    "shapes": self.plan.shapes,
-                    "device": config.devices[rank],
-                    "seed": seed,
-                }
-                self.group.send(rank, ("setup", setup), cloud=True)
-            self.group.gather(timeout=max(config.timeout, STARTUP_TIMEOUT))
-        except BaseException:
-            self.group.close()
-            raise
-
-    # Batches travel as numpy arrays (pickle protocol 5 copies their buffers directly; torch's
-    # own pickling of tensors goes through its serializer and costs more per message).
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        for rank in range(self.config.n_stages):
-            self.group.send(
-                rank,
-                (
-                    "step",
-                    x.numpy() if rank == self.first else None,
-                    y.numpy() if rank == self.last else None,
-                    n,
-                ),
-            )
-        replies = self.group.gather()
-        loss, out = replies[self.last]
-        return torch.from_numpy(loss), torch.from_numpy(out)
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        for rank in range(self.config.n_stages):
-            self.group.send(rank, ("forward", x.numpy() if rank == self.first else None, n))
-        return torch.from_numpy(self.group.gather()[self.last])
-
-    def get_state(self) -> dict[str, Any]:
-        for rank in range(self.config.n_stages):
-            self.group.send(rank, ("get_state",))
-        gathered = self.group.gather()
-        replies = [gathered[r] for r in range(self.config.n_stages)]
-        self._load_chunks(chunks for chunks, _ in replies)
-        return {"module": _cpu(self.module.state_dict()), "optimizers": [opt for _, opt in replies]}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-        for rank in range(self.config.n_stages):
-            chunks = {
-                c: self.plan.chunk_layers(self.layers, c).state_dict()
-                for c in self.config.chunks_of(rank)
-            }
-            self.group.send(rank, ("set_state", chunks, state["optimizers"][rank]))
-        self.group.gather()
-
-    def record_timeline(self, steps: int) -> None:
-        for rank in range(self.config.n_stages):
-            self.group.send(rank, ("timeline", steps))
-        self.group.gather()
-
-    def spans(self) -> list[Any]:
-        for rank in range(self.config.n_stages):
-            self.group.send(rank, ("spans",))
-        replies = self.group.gather()
-        return [s for r in range(self.config.n_stages) for s in replies[r]]
-
-    def track_memory(self, on: bool = True) -> None:
-        for rank in range(self.config.n_stages):
-            self.group.send(rank, ("track", on))
-        self.group.gather()
-
-    def stats(self) -> list[dict[str, float]]:
-        """Per rank: the peak activation bytes held for backward (after ``track_memory``)."""
-        for rank in range(self.config.n_stages):
-            self.group.send(rank, ("stats",))
-        replies = self.group.gather()
-        return [replies[r] for r in range(self.config.n_stages)]
-
-    def finish(self) -> None:
-        for rank in range(self.config.n_stages):
-            self.group.send(rank, ("state",))
-        self._load_chunks(self.group.gather().values())
-        self.module.to("cpu")
-        self._finished = True
-
-    def close(self) -> None:
-        """A fit that ended well hands its workers back warm; any other end stops them."""
-        if self._finished and self.group.alive():
-            release_group(self.group)
-        else:
-            self.group.close()

@@ -1,0 +1,96 @@
+"""Process groups, in one place: a world of one for ``local``, a spawned worker's world, and the
+world of a ``torchrun`` job.
+
+The module remembers whether it made this process's one-process group itself (for
+``launcher='local'``): such a group is not a job's world and must never be taken for one.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+
+_made_local_world = False
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def _world() -> dist.ProcessGroup:
+    group = dist.group.WORLD
+    if group is None:  # pragma: no cover - initialised just before
+        raise RuntimeError("torch.distributed has no default process group")
+    return group
+
+
+def local_world(device: str) -> dist.ProcessGroup:
+    """A world-size-1 default group for stages that all live in this process."""
+    global _made_local_world
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(
+                f"launcher='local' runs every stage in this process, but a process group of "
+                f"world size {dist.get_world_size()} is already initialized (torchrun?); use "
+                "launcher='torchrun' or 'auto'."
+            )
+        return _world()
+    dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
+    _made_local_world = True
+    return _world()
+
+
+def job_world(device: str, size: int) -> dist.ProcessGroup:
+    """The world of a torchrun (or otherwise launched) job, initialised from its environment
+    when needed; its size must be ``size``."""
+    if _made_local_world or not dist.is_initialized():
+        if "RANK" not in os.environ or _made_local_world:
+            raise RuntimeError(
+                "launcher='torchrun' needs a process group of the job's processes: run the script "
+                "under torchrun (or call torch.distributed.init_process_group first), or use "
+                "launcher='spawn'. (A one-process group made for launcher='local' is not one.)"
+            )
+        dist.init_process_group(backend_for(device))
+    world = dist.get_world_size()
+    if world != size:
+        raise ValueError(
+            f"n_stages ({size}) must equal the torchrun world size ({world}) with "
+            "launcher='torchrun'; set n_stages to the number of processes per job."
+        )
+    return _world()
+
+
+def job_active() -> bool:
+    """True when a job's process group exists or torchrun's environment says one should."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def worker_world(
+    store_path: str, rank: int, size: int, device: str, timeout: float
+) -> dist.ProcessGroup:
+    """The group of a spawned pipeline's workers, joined through a FileStore in the driver's
+    private folder (a TCPStore server would listen on every interface). Joined once per process:
+    a warm worker keeps its group across fits."""
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend_for(device),
+            store=dist.FileStore(store_path, size),
+            rank=rank,
+            world_size=size,
+            timeout=timedelta(seconds=max(timeout, 120.0)),
+        )
+    return _world()
+
+
+def broadcast_object(value: object, src: int = 0) -> object:
+    """``value`` as rank ``src`` has it, on every rank of the default group (or as given,
+    outside a multi-process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,122 @@
+"""Prefixed parameters (``module__*``, ``optimizer__*`` ...) and building the parts they route to.
+
+Like skorch, the estimators accept parameters beyond their signature when a known prefix names
+where they go; they are stored as given, and ``fit`` checks them (a name that fits no prefix
+gets the closest valid name).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+from typing import Any
+
+from sklearn.base import BaseEstimator
+from torch import nn
+
+PREFIXES = ("module", "optimizer", "criterion", "iterator_train", "iterator_valid", "callbacks")
+
+# Sizes the estimator passes to a module class whose constructor declares them.
+SIZE_ARGS = ("n_features_in", "n_outputs")
+
+
+class PrefixedParamsMixin(BaseEstimator):
+    """``get_params``/``set_params`` that carry the prefixed parameters, and ``params_for``."""
+
+    def _prefixed_params(self) -> dict[str, Any]:
+        """Parameters given beyond the signature: the prefixed ones, and any unknown name
+        (kept so that clone carries it to fit, which reports it)."""
+        names = set(self._get_param_names())
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if k not in names and not k.startswith("_") and not k.endswith("_")
+        }
+
+    def _params_for(self, prefix: str) -> dict[str, Any]:
+        head = prefix + "__"
+        return {k[len(head) :]: v for k, v in self._prefixed_params().items() if k.startswith(head)}
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        params = super().get_params(deep=False)
+        params.update(self._prefixed_params())
+        return params
+
+    def set_params(self, **params: Any) -> Any:
+        """Set parameters, including prefixed ones (``module__hidden_layer_sizes``); like the
+        constructor, it stores what it is given and ``fit`` validates it."""
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
+
+    def _validate_prefixed(self) -> None:
+        for key in self._prefixed_params():
+            prefix, sep, rest = key.partition("__")
+            if sep and prefix in PREFIXES and rest:
+                continue
+            names = self._get_param_names() + [p + "__" for p in PREFIXES]
+            close = difflib.get_close_matches(key, names, n=1)
+            if not close:
+                for p in PREFIXES:  # module_hidden -> module__hidden
+                    if key.startswith(p + "_") and not key.startswith(p + "__"):
+                        close = [p + "__" + key[len(p) :].lstrip("_")]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"{type(self).__name__} got an unexpected parameter {key!r}.{hint} Prefixed "
+                f"parameters are routed by prefix: {', '.join(p + '__*' for p in PREFIXES)}."
+            )
+
+
+def build_module(
+    owner: str, module: Any, kwargs: dict[str, Any], n_features: int, n_outputs: int
+) -> nn.Module:
+    """The network: a copy of an instance, or the class built with ``module__*`` and the sizes
+    its constructor declares (``n_features_in``, ``n_outputs``)."""
+    if isinstance(module, nn.Module):
+        if kwargs:
+            raise ValueError(
+                f"module__ parameters {sorted(kwargs)} were given, but module is an "
+                f"instance ({type(module).__name__}); pass the class to have skpipe build "
+                "it with those parameters."
+            )
+        return copy.deepcopy(module)
+    if not (isinstance(module, type) and issubclass(module, nn.Module)):
+        raise TypeError(
+            f"The 'module' parameter of {owner} must be a torch.nn.Module "
+            f"subclass or instance. Got {module!r} instead."
+        )
+    signature = inspect.signature(module.__init__)
+    accepted = set(signature.parameters) - {"self"}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    for key in kwargs:
+        if key not in accepted and not takes_any:
+            close = difflib.get_close_matches(key, sorted(accepted - set(SIZE_ARGS)), n=1)
+            hint = f" Did you mean 'module__{close[0]}'?" if close else ""
+            raise ValueError(
+                f"module__{key} is not a parameter of {module.__name__} (its parameters: "
+                f"{sorted(accepted)}).{hint}"
+            )
+    kwargs = dict(kwargs)
+    for name, value in (("n_features_in", n_features), ("n_outputs", n_outputs)):
+        if name in accepted and name not in kwargs:
+            kwargs[name] = value
+    built: nn.Module = module(**kwargs)
+    return built
+
+
+def build_criterion(
+    owner: str, criterion: Any, kwargs: dict[str, Any], default: type[nn.Module]
+) -> nn.Module:
+    """The loss: ``default`` when None, a copy of an instance, or the class built with
+    ``criterion__*``."""
+    if criterion is None:
+        return default(**kwargs)
+    if isinstance(criterion, nn.Module):
+        return copy.deepcopy(criterion)
+    if isinstance(criterion, type) and issubclass(criterion, nn.Module):
+        return criterion(**kwargs)
+    raise TypeError(
+        f"The 'criterion' parameter of {owner} must be None, a torch.nn.Module "
+        f"subclass or instance. Got {criterion!r} instead."
+    )
