@@ -21,25 +21,25 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
 
 from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
-from skpipe.engine import _workers  # noqa: E402
+from skpipe.engine import _spawn  # noqa: E402
 
 
 def search(est, grid, X, y, cold: bool):  # noqa: ANN001
     if cold:  # stop the warm group before every new one is asked for
-        original = _workers.acquire_group
+        original = _spawn.acquire_group
 
         def cold_acquire(*a, **k):  # noqa: ANN002, ANN003
             shutdown_workers()
             return original(*a, **k)
 
-        _workers.acquire_group = cold_acquire
+        _spawn.acquire_group = cold_acquire
     try:
         t0 = time.perf_counter()
         gs = GridSearchCV(est, grid, cv=5, refit=False).fit(X, y)
         elapsed = time.perf_counter() - t0
     finally:
         if cold:
-            _workers.acquire_group = original
+            _spawn.acquire_group = original
     n_fits = 5 * len(gs.cv_results_["params"])
     return elapsed / n_fits
 
