@@ -66,7 +66,8 @@ class WeightedLoss:
         self.n_real = n_real
 
     def __call__(self, output: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        assert self.y is not None, "set_batch must be called before the step"
+        if self.y is None:
+            raise RuntimeError("WeightedLoss.set_batch must be called before the step")
         real = idx >= 0
         n = int(real.sum())
         if n == 0:

@@ -216,3 +216,32 @@ def test_failed_fit_leaves_estimator_unchanged(classification_data):
         est.set_params(lr=-1).fit(X[:, :4], np.zeros(90))
     assert est.n_features_in_ == 6
     np.testing.assert_array_equal(est.predict_proba(X), before)
+
+
+# -- numpy integers are integers (defect: a bare AssertionError in validation) -----------------
+def test_numpy_integers_in_a_grid_search(classification_data):
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = classification_data
+    est = PipeNetClassifier(module__hidden_layer_sizes=(8, 8), max_epochs=1, batch_size=16,
+                            n_stages=2, launcher="local", random_state=0)
+    search = GridSearchCV(est, {"n_microbatches": np.arange(2, 4)}, cv=2, error_score="raise")
+    search.fit(X, y)
+    assert [p["n_microbatches"] for p in search.cv_results_["params"]] == [2, 3]
+
+
+@pytest.mark.parametrize("param,value", [
+    ("n_microbatches", np.int64(4)),
+    ("chunks_per_stage", np.int32(2)),
+    ("batch_size", np.int64(16)),
+    ("n_stages", np.int64(2)),
+    ("balance", list(np.array([2, 2, 2, 1]))),
+])
+def test_numpy_integer_parameters_fit_like_python_ints(classification_data, param, value):
+    X, y = classification_data
+    base = dict(module__hidden_layer_sizes=(8, 8, 8), max_epochs=1, batch_size=16, n_stages=2,
+                n_microbatches=4, schedule="interleaved_1f1b", launcher="local", random_state=0)
+    plain = [int(v) for v in value] if isinstance(value, list) else int(value)
+    ref = PipeNetClassifier(**{**base, param: plain}).fit(X, y)
+    est = PipeNetClassifier(**{**base, param: value}).fit(X, y)
+    np.testing.assert_array_equal(est.predict_proba(X), ref.predict_proba(X))
