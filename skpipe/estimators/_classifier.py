@@ -84,8 +84,6 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         """
         X = self._validate_X_predict(X)
         logits = self._forward(X).astype(np.float64)
-        if logits.size == 0:
-            return np.empty((0, len(self.classes_)))
         if isinstance(self.criterion_, nn.NLLLoss):
             proba = np.exp(logits)
         else:

@@ -82,7 +82,5 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
         """
         X = self._validate_X_predict(X)
         out = self._forward(X).astype(np.float64)
-        if out.size == 0:
-            out = out.reshape(0, self.n_outputs_)
         return out.ravel() if self.y_ndim_ == 1 else out
 

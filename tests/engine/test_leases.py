@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from skpipe import PipeNetClassifier
 from skpipe.engine._leases import lease_devices
@@ -76,3 +77,18 @@ def test_fits_on_cpu_stand_in_devices_hold_their_lease(classification_data):
     assert seen == ["held", "held"]
     with lease_devices(["cpu:0", "cpu:1"], 0.1):
         pass  # released after the fit
+
+
+def test_forward_pipelined_holds_the_devices_like_a_fit(classification_data):
+    """Forward-only runs on the fit's devices: it must not share them with a concurrent fit."""
+    X, y = classification_data
+    est = PipeNetClassifier(max_epochs=1, n_stages=2, launcher="local", n_microbatches=2,
+                            devices=["cpu:0", "cpu:1"], timeout=0.5).fit(X, y)
+    with lease_devices(["cpu:1"], 0.1):  # another fit holds one of the stages' devices
+        with pytest.raises(TimeoutError, match=r"could not lease 2 device\(s\) within 0.5 s: \['cpu:1'\]"):
+            est.forward_pipelined(X)
+    with torch.no_grad():
+        whole = est.module_(torch.as_tensor(X, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(est.forward_pipelined(X), whole, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Found array with 0 sample\(s\)"):
+        est.forward_pipelined(X[:0])  # empty X: the same clear error as predict
