@@ -77,10 +77,12 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         Parameters
         ----------
         X : array-like or sparse matrix of shape (n_samples, n_features)
+            The rows to classify.
 
         Returns
         -------
-        proba : ndarray of shape (n_samples, n_classes)
+        ndarray of shape (n_samples, n_classes)
+            The probability of each class for each row.
         """
         X = self._validate_X_predict(X)
         logits = self._forward(X).astype(np.float64)
@@ -93,7 +95,18 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         return proba
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
-        """Logarithm of :meth:`predict_proba`."""
+        """Logarithm of :meth:`predict_proba`.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+            The rows to classify.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            The log-probability of each class for each row.
+        """
         with np.errstate(divide="ignore"):
             return np.log(self.predict_proba(X))
 
@@ -103,10 +116,12 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         Parameters
         ----------
         X : array-like or sparse matrix of shape (n_samples, n_features)
+            The rows to classify.
 
         Returns
         -------
-        y_pred : ndarray of shape (n_samples,)
+        ndarray of shape (n_samples,)
+            The most probable class of each row.
         """
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]

@@ -75,10 +75,12 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
         Parameters
         ----------
         X : array-like or sparse matrix of shape (n_samples, n_features)
+            The rows to predict.
 
         Returns
         -------
-        y_pred : ndarray of shape (n_samples,) or (n_samples, n_targets)
+        ndarray of shape (n_samples,) or (n_samples, n_targets)
+            The predicted targets.
         """
         X = self._validate_X_predict(X)
         out = self._forward(X).astype(np.float64)
