@@ -127,3 +127,51 @@ def test_killed_fit_resumes_from_its_last_checkpoint(tmp_path, classification_da
     for a, b in zip(resumed.module_.state_dict().values(), full.module_.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     skpipe.shutdown_workers()
+
+
+class EpochsRun(Callback):
+    """Which epochs this fit itself ran (a resumed fit runs only those left)."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, net, **kw):
+        self.epochs.append(len(net.history))
+
+
+def test_fit_seeded_with_a_random_state_finds_its_checkpoint(tmp_path, classification_data):
+    """The fingerprint hashed repr(value): a RandomState's repr holds its memory address."""
+    X, y = classification_data
+    rs = np.random.RandomState
+    full = PipeNetClassifier(module__hidden_layer_sizes=(12, 12), module__activation="tanh",
+                             max_epochs=6, batch_size=16, lr=0.01, random_state=rs(0)).fit(X, y)
+    crashed_rng = rs(0)  # kept alive: the resumed fit's generator lives at another address
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make(tmp_path, extra=[CrashAt(4)], random_state=crashed_rng).fit(X, y)
+    ran = EpochsRun()
+    resumed = make(tmp_path, extra=[ran], random_state=rs(0)).fit(X, y)
+    assert ran.epochs == [5, 6]
+    for a, b in zip(resumed.module_.state_dict().values(), full.module_.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_time_balanced_fit_resumes_when_the_measured_split_changes(tmp_path, classification_data, monkeypatch):
+    """Timing noise can move a balance='time' split between a fit and its resumption; the saved
+    optimizer state is keyed by parameter name, so the new split takes it."""
+    from skpipe.engine import _partition
+
+    X, y = classification_data
+    common = dict(module__hidden_layer_sizes=(12, 12), module__activation="tanh", max_epochs=6,
+                  batch_size=16, lr=0.01, random_state=0)
+    full = PipeNetClassifier(**common).fit(X, y)
+    kw = dict(n_stages=2, n_microbatches=2, launcher="local", balance="time")
+    monkeypatch.setattr(_partition, "time_costs", lambda layers, *a, **k: [10.0, 1, 1, 1, 1])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make(tmp_path, extra=[CrashAt(4)], **kw).fit(X, y)
+    monkeypatch.setattr(_partition, "time_costs", lambda layers, *a, **k: [1.0, 1, 1, 1, 10])
+    ran = EpochsRun()
+    resumed = make(tmp_path, extra=[ran], **kw).fit(X, y)
+    assert [c.n_layers for c in resumed.plan_.chunks] == [4, 1]  # not the saved fit's [1, 4]
+    assert ran.epochs == [5, 6]
+    for a, b in zip(resumed.module_.state_dict().values(), full.module_.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -136,11 +136,55 @@ def test_callbacks_run_in_the_users_process(classification_data, capsys):
 
 
 def test_lr_scheduler_with_local_stages(classification_data):
-    est = PipeNetClassifier(
-        max_epochs=4, callbacks=[LRScheduler("StepLR", step_size=1, gamma=0.1)],
-        n_stages=2, launcher="local", random_state=0,
-    ).fit(*classification_data)
+    def fit(callbacks, **kw):
+        return PipeNetClassifier(max_epochs=4, callbacks=callbacks, random_state=0, lr=0.05,
+                                 **kw).fit(*classification_data)
+
+    def scheduler():
+        return [LRScheduler("StepLR", step_size=1, gamma=0.1)]
+
+    est = fit(scheduler(), n_stages=2, launcher="local", n_microbatches=2)
     assert len(est.history_) == 4
+    np.testing.assert_allclose(est.history_[:, "event_lr"], [0.05, 0.005, 0.0005, 0.00005])
+    # the stages' optimizer really stepped with those rates: one device with the same scheduler
+    # trains the same network, and one without it another
+    same = fit(scheduler())
+    other = fit(None, n_stages=2, launcher="local", n_microbatches=2)
+    w, w_same, w_other = (e.module_[0].weight for e in (est, same, other))
+    torch.testing.assert_close(w, w_same, atol=1e-5, rtol=0)
+    assert (w - w_other).abs().max() > 1e-3
+
+
+def test_lr_scheduler_is_refused_under_spawn_before_any_worker(classification_data, monkeypatch):
+    from skpipe.engine import _pool
+
+    def no_workers(*a, **k):
+        raise AssertionError("a stage worker was started")
+
+    monkeypatch.setattr(_pool.WorkerGroup, "__init__", no_workers)
+    est = PipeNetClassifier(max_epochs=2, n_stages=2, launcher="spawn", n_microbatches=2,
+                            callbacks=[LRScheduler("StepLR", step_size=1)])
+    with pytest.raises(ValueError, match=r"callbacks contains LRScheduler, which steps the "
+                                         r"optimizer, but with launcher='spawn'"):
+        est.fit(*classification_data)
+
+
+@pytest.mark.distributed
+def test_a_callback_reading_the_optimizer_under_spawn_gets_a_clear_error(classification_data):
+    import skpipe
+    from skorch.callbacks import Callback
+
+    class ReadsLR(Callback):
+        def on_epoch_end(self, net, **kw):
+            net.optimizer_.param_groups[0]["lr"]
+
+    est = PipeNetClassifier(max_epochs=2, n_stages=2, launcher="spawn", n_microbatches=2,
+                            callbacks=[ReadsLR()])
+    with pytest.raises(RuntimeError, match=r"net.optimizer_ is not available in this process "
+                                           r"with launcher='spawn'"):
+        est.fit(*classification_data)
+    assert not hasattr(est, "module_")
+    skpipe.shutdown_workers()
 
 
 def test_warm_start_continues(classification_data):
