@@ -1,0 +1,45 @@
+"""The micro-batch count under a memory budget, from the plan's own measurements."""
+
+import pytest
+import torch
+from torch import nn
+
+from skpipe.engine._budget import fit_budget
+from skpipe.engine._config import make_config
+from skpipe.engine._plan import make_plan
+
+
+def plan_for(schedule="1f1b", m="auto", batch=64):
+    cfg = make_config(n_stages=2, n_microbatches=m, schedule=schedule, chunks_per_stage="auto",
+                      balance="uniform", checkpoint="never", launcher="local",
+                      devices=("cpu", "cpu"), batch_size=batch, precision="float32",
+                      max_grad_norm=None, timeout=10.0)
+    net = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
+    return make_plan(net, cfg, torch.randn(batch, 8))
+
+
+def test_stage_bytes_follow_the_schedules_in_flight_rule():
+    plan = plan_for("gpipe", m=4)
+    static = [4 * sum(b for b, r in zip(plan.parameter_bytes, plan.owners) if r == s) for s in (0, 1)]
+    per_row = [sum(a for a, r in zip(plan.activation_bytes_per_row, plan.owners) if r == s) for s in (0, 1)]
+    # GPipe holds every micro-batch: 4 x 16 rows; 1F1B on 2 stages at most 2 x 16 rows
+    assert plan.stage_bytes() == pytest.approx([static[s] + 64 * per_row[s] for s in (0, 1)])
+    one_f = plan_for("1f1b", m=4)
+    assert one_f.stage_bytes() == pytest.approx([static[s] + 32 * per_row[s] for s in (0, 1)])
+
+
+def test_a_generous_budget_keeps_the_plan_and_a_tight_one_raises_m():
+    plan = plan_for()
+    assert fit_budget(plan, 1e12) is plan
+    need = plan.stage_bytes()
+    tight = fit_budget(plan, max(need) * 0.99)
+    assert tight.config.n_microbatches > plan.config.n_microbatches
+    assert max(tight.stage_bytes()) <= max(need) * 0.99
+    assert tight.bounds == plan.bounds  # the same split: nothing measured again
+    assert tight.config.batch_rows % tight.config.n_microbatches == 0
+
+
+def test_an_impossible_budget_says_by_how_much():
+    with pytest.raises(ValueError, match=r"stage_memory_budget \(0.0 MiB\) is too small: even with "
+                                         r"one row per micro-batch, stage \d needs about [\d.]+ MiB"):
+        fit_budget(plan_for(), 1000)

@@ -1,0 +1,45 @@
+"""Which device each pipeline rank uses (on a machine without GPUs, as CI's)."""
+
+import pytest
+import torch
+
+from skpipe.engine._devices import auto_gpu_pool, execution_devices, resolve_devices
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+
+
+@no_gpu
+@pytest.mark.parametrize("launcher", ["spawn", "local", "single"])
+def test_auto_is_the_cpu_without_gpus(launcher):
+    assert resolve_devices("auto", 3, launcher) == ("cpu",) * 3
+
+
+def test_a_list_names_devices_in_rank_order_and_one_stage_takes_the_first():
+    assert resolve_devices(["cpu:0", "cpu:1", "cpu:2"], 2, "spawn") == ("cpu:0", "cpu:1")
+    assert resolve_devices(["cpu:1", "cpu:0"], 1, "single") == ("cpu:1",)
+    assert resolve_devices("cpu", 2, "local") == ("cpu", "cpu")
+
+
+@pytest.mark.parametrize("devices,match", [
+    ([], r"devices is an empty list"),
+    (["abacus"], r"devices entry 'abacus' is not a torch device"),
+    (["cpu", "cpu"], None),
+    (["cpu"], r"n_stages \(2\) is larger than the number of devices given \(1"),
+    (["cuda:7", "cpu"], r"devices entry 'cuda:7' names a GPU this machine does not have"),
+])
+def test_bad_device_lists_name_the_value(devices, match):
+    if match is None:
+        assert resolve_devices(devices, 2, "spawn") == ("cpu", "cpu")
+        return
+    with pytest.raises(ValueError, match=match):
+        resolve_devices(devices, 2, "spawn")
+
+
+def test_lease_names_run_on_the_cpu():
+    assert execution_devices(("cpu:0", "cpu:1", "cpu")) == ("cpu", "cpu", "cpu")
+
+
+def test_gpu_pool_only_for_auto_on_distinct_gpus():
+    assert auto_gpu_pool(["cuda:0", "cuda:1"], ("cuda:0", "cuda:1")) is None
+    assert auto_gpu_pool("auto", ("cpu", "cpu")) is None
+    assert auto_gpu_pool("auto", ("cuda:0", "cuda:0")) is None
