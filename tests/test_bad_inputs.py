@@ -79,25 +79,49 @@ CASES = [
     ("missing-gpu", dict(SPAWN, devices=["cuda:3", "cuda:4"]), X, Y, ValueError, r"devices entry 'cuda:3' names a GPU this machine does not have"),
     ("bad-device", dict(SPAWN, devices=["abacus", "cpu"]), X, Y, ValueError, r"devices entry 'abacus' is not a torch device"),
     ("torchrun-without-group", dict(SPAWN, launcher="torchrun"), X, Y, RuntimeError, r"launcher='torchrun' needs a process group"),
+    ("optimizer", dict(SPAWN, optimizer="adam"), X, Y, ValueError, r"The 'optimizer' parameter .*Got 'adam' instead"),
+    ("timeline_steps<0", dict(SPAWN, timeline_steps=-1), X, Y, ValueError, r"The 'timeline_steps' parameter .*Got -1 instead"),
+    ("stage_memory_budget<=0", dict(SPAWN, stage_memory_budget=-5.0), X, Y, ValueError, r"The 'stage_memory_budget' parameter .*Got -5.0 instead"),
+    ("random_state", dict(SPAWN, random_state="seed"), X, Y, ValueError, r"The 'random_state' parameter .*Got 'seed' instead"),
+    ("verbose", dict(SPAWN, verbose="loud"), X, Y, ValueError, r"The 'verbose' parameter .*Got 'loud' instead"),
+    ("warm_start", dict(SPAWN, warm_start="yes"), X, Y, ValueError, r"The 'warm_start' parameter .*Got 'yes' instead"),
+    ("callbacks", dict(SPAWN, callbacks="ProgressBar"), X, Y, ValueError, r"The 'callbacks' parameter .*Got 'ProgressBar' instead"),
+    ("train_split", dict(SPAWN, train_split=5), X, Y, ValueError, r"The 'train_split' parameter .*Got 5 instead"),
     ("module-params-with-instance", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 3)), module__hidden_layer_sizes=(3,)), X, Y, ValueError, r"module__ parameters \['hidden_layer_sizes'\] were given, but module is an instance \(Sequential\)"),
 ]
 
 
-def test_matrix_is_big_enough():
-    assert len(CASES) >= 30
+def test_every_validated_parameter_has_a_bad_value_in_the_matrix():
+    """A parameter added to the estimator without a bad-input case here fails this test."""
+    bad = {k for _, params, *_ in CASES for k, v in params.items() if SPAWN.get(k, object()) != v}
+    covered = {k for k in bad if k in PipeNetClassifier._get_param_names()}
+    assert set(PipeNetClassifier._get_param_names()) - covered == set()
+    assert {"module", "criterion"} <= covered and any(k.startswith("module__") for k in bad)
+
+
+@pytest.fixture
+def no_worker_may_start(monkeypatch):
+    """Any attempt to start a stage worker fails the test (a worker started and reaped within
+    the call would not show among the live processes)."""
+    from skpipe.engine import _pool
+
+    def refuse(*a, **k):
+        raise AssertionError("a stage worker was started before the bad input was refused")
+
+    monkeypatch.setattr(_pool.WorkerGroup, "__init__", refuse)
 
 
 @pytest.mark.parametrize("name,params,X_,y_,error,pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(name, params, X_, y_, error, pattern):
+def test_bad_input(name, params, X_, y_, error, pattern, no_worker_may_start):
     skpipe.shutdown_workers()
     t0 = time.monotonic()
     with pytest.raises(error, match=pattern):
         PipeNetClassifier(**params).fit(X_, y_)
     assert time.monotonic() - t0 < 5.0
-    assert worker_pids() == []  # raised before any worker started
+    assert worker_pids() == []  # and none is alive
 
 
-def test_nan_in_y_regressor():
+def test_nan_in_y_regressor(no_worker_may_start):
     y = X[:, 0].copy(); y[3] = np.nan
     with pytest.raises(ValueError, match=r"Input y contains NaN"):
         PipeNetRegressor(**SPAWN).fit(X, y)

@@ -76,14 +76,42 @@ def test_learning_curves(classification_data, tmp_path):
     ax.figure.savefig(tmp_path / "c.png")
 
 
+class TaskLog:
+    """A scikit-learn fit callback that writes down every task as it begins: (name, depth)."""
+
+    def __init__(self):
+        self.begun = []
+
+    def setup(self, estimator, context):
+        pass
+
+    def teardown(self, estimator, context):
+        pass
+
+    def on_fit_task_begin(self, estimator, context, **kwargs):
+        depth, parent = 0, context.parent
+        while parent is not None:
+            depth, parent = depth + 1, parent.parent
+        self.begun.append((context.task_name, depth))
+
+    def on_fit_task_end(self, estimator, context, **kwargs):
+        pass
+
+
 def test_sklearn_progress_bar_nests_epochs_in_search(classification_data, capsys):
     X, y = classification_data
     search = GridSearchCV(make(max_epochs=3), {"lr": [0.01, 0.02]}, cv=2)
-    search.set_callbacks(ProgressBar())
+    search.set_callbacks(ProgressBar(max_propagation_depth=None))
     search.fit(X, y)
-    est = make(max_epochs=3).set_callbacks(ProgressBar())
+    out = capsys.readouterr().out
+    fits = [line for line in out.splitlines() if "PipeNetClassifier - fit #" in line]
+    assert len(fits) == 2 * 2 + 1 and all(line.rstrip().endswith("100%") for line in fits)
+    log = TaskLog()
+    est = make(max_epochs=3).set_callbacks(log)
     est.fit(X, y)
     assert len(est.history_) == 3
+    # the estimator's fit is the root task; each epoch is one sub-task under it
+    assert log.begun == [("fit", 0)] + [("epoch", 1)] * 3
 
 
 def test_memory_budget_raises_microbatch_count(classification_data):
