@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["schedule_efficiency", "overhead", "real_compute", "memory", "search_overhead"]
+SCRIPTS = ["schedule_efficiency", "overhead", "real_compute", "memory", "search_overhead", "channel"]
 
 
 @pytest.mark.distributed
