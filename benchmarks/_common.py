@@ -8,6 +8,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,11 +25,11 @@ def emit(name: str, figures: dict) -> None:
     print(json.dumps(record, sort_keys=False), flush=True)
 
 
-def median(xs):
+def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -39,13 +40,13 @@ def timed(fn, repeats: int) -> list[float]:
 
 class _Sleep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, f, b):  # noqa: ANN001
+    def forward(ctx, x, f, b):  # noqa: ANN001, ANN205 - torch's Function protocol
         ctx.b = b
         time.sleep(f)
         return x * 1.0
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
+    def backward(ctx, grad):  # noqa: ANN001, ANN205 - torch's Function protocol
         time.sleep(ctx.b)
         return grad * 1.0, None, None
 
@@ -58,5 +59,5 @@ class SleepLayer(nn.Module):
         self.f, self.b = f, b
         self.scale = nn.Parameter(torch.ones(width))
 
-    def forward(self, x):  # noqa: ANN001
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Sleep.apply(x, self.f, self.b) * self.scale

@@ -32,13 +32,27 @@ ROWS = 256
 
 def step_ms(launcher: str, n_features: int, steps: int) -> float:
     p = 1 if launcher == "single" else 2
-    cfg = make_config(n_stages=p, n_microbatches=4 if p > 1 else 1, schedule="1f1b",
-                      chunks_per_stage="auto", balance="uniform", checkpoint="never",
-                      launcher=launcher, devices=("cpu",) * p, batch_size=ROWS,
-                      precision="float32", max_grad_norm=None, timeout=300.0)
+    cfg = make_config(
+        n_stages=p,
+        n_microbatches=4 if p > 1 else 1,
+        schedule="1f1b",
+        chunks_per_stage="auto",
+        balance="uniform",
+        checkpoint="never",
+        launcher=launcher,
+        devices=("cpu",) * p,
+        batch_size=ROWS,
+        precision="float32",
+        max_grad_norm=None,
+        timeout=300.0,
+    )
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(n_features, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.01}, criterion=nn.CrossEntropyLoss())
+    net = nn.Sequential(
+        nn.Linear(n_features, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+    )
+    spec = TrainSpec(
+        optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.01}, criterion=nn.CrossEntropyLoss()
+    )
     x, y = torch.randn(ROWS, n_features), torch.randint(0, 3, (ROWS,))
     times = []
     with make_runner(make_plan(net, cfg, x[:64]), net, spec) as runner:
@@ -66,12 +80,15 @@ def main() -> None:
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
     shutdown_workers()
-    emit("channel", {
-        "rows_per_batch": ROWS,
-        "steps": steps,
-        "worst_spawn_over_local": max(r["spawn_over_local"] for r in rows),
-        "sizes": rows,
-    })
+    emit(
+        "channel",
+        {
+            "rows_per_batch": ROWS,
+            "steps": steps,
+            "worst_spawn_over_local": max(r["spawn_over_local"] for r in rows),
+            "sizes": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -25,16 +25,30 @@ from skpipe.engine._plan import make_plan  # noqa: E402
 from skpipe.engine._runners import make_runner  # noqa: E402
 
 
-def peak_per_stage(schedule, p, m, checkpoint, width, depth_per_chunk, batch):  # noqa: ANN001
-    cfg = make_config(n_stages=p, n_microbatches=m, schedule=schedule, chunks_per_stage="auto",
-                      balance="uniform", checkpoint=checkpoint, launcher="spawn",
-                      devices=("cpu",) * p, batch_size=batch, precision="float32",
-                      max_grad_norm=None, timeout=300.0)
+def peak_per_stage(
+    schedule: str, p: int, m: int, checkpoint: str, width: int, depth_per_chunk: int, batch: int
+) -> list[float]:
+    cfg = make_config(
+        n_stages=p,
+        n_microbatches=m,
+        schedule=schedule,
+        chunks_per_stage="auto",
+        balance="uniform",
+        checkpoint=checkpoint,
+        launcher="spawn",
+        devices=("cpu",) * p,
+        batch_size=batch,
+        precision="float32",
+        max_grad_norm=None,
+        timeout=300.0,
+    )
     layers = []
     for _ in range(cfg.n_chunks * depth_per_chunk):
         layers += [nn.Linear(width, width), nn.Tanh()]
     net = nn.Sequential(*layers)
-    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss())
+    spec = TrainSpec(
+        optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss()
+    )
     x, y = torch.randn(batch, width), torch.zeros(batch, width)
     with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
         runner.train_step(x, y)  # first step: buffers and shapes settle
@@ -50,21 +64,41 @@ def main() -> None:
     args = ap.parse_args()
     p, m, width, depth = (2, 4, 32, 1) if args.quick else (4, 16, 256, 2)
     batch = 16 * m
-    cases = [("gpipe", "never"), ("1f1b", "never")] if args.quick else [
-        ("gpipe", "never"), ("1f1b", "never"), ("interleaved_1f1b", "never"),
-        ("interleaved_zero_bubble", "never"), ("zbv", "never"),
-        ("gpipe", "except_last"), ("gpipe", "always"), ("1f1b", "always"),
-    ]
+    cases = (
+        [("gpipe", "never"), ("1f1b", "never")]
+        if args.quick
+        else [
+            ("gpipe", "never"),
+            ("1f1b", "never"),
+            ("interleaved_1f1b", "never"),
+            ("interleaved_zero_bubble", "never"),
+            ("zbv", "never"),
+            ("gpipe", "except_last"),
+            ("gpipe", "always"),
+            ("1f1b", "always"),
+        ]
+    )
     rows = {}
     for schedule, checkpoint in cases:
         peaks = peak_per_stage(schedule, p, m, checkpoint, width, depth, batch)
-        rows[f"{schedule}/{checkpoint}"] = {"peak_MiB_per_stage": [round(b / 2**20, 3) for b in peaks]}
+        rows[f"{schedule}/{checkpoint}"] = {
+            "peak_MiB_per_stage": [round(b / 2**20, 3) for b in peaks]
+        }
     shutdown_workers()
     g = max(rows["gpipe/never"]["peak_MiB_per_stage"])
     o = max(rows["1f1b/never"]["peak_MiB_per_stage"])
-    emit("memory", {"n_stages": p, "n_microbatches": m, "width": width, "batch_size": batch,
-                    "cases": rows, "1f1b_over_gpipe_max_stage": round(o / g, 3),
-                    "expected_p_over_m": round(p / m, 3)})
+    emit(
+        "memory",
+        {
+            "n_stages": p,
+            "n_microbatches": m,
+            "width": width,
+            "batch_size": batch,
+            "cases": rows,
+            "1f1b_over_gpipe_max_stage": round(o / g, 3),
+            "expected_p_over_m": round(p / m, 3),
+        },
+    )
 
 
 if __name__ == "__main__":

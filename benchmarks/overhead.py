@@ -24,7 +24,7 @@ from skpipe import PipeNetClassifier  # noqa: E402
 from skpipe.modules import MLP  # noqa: E402
 
 
-def slicing_loop(X, y, epochs, batch):  # noqa: ANN001
+def slicing_loop(X, y, epochs, batch) -> list[float]:  # noqa: ANN001
     torch.manual_seed(0)
     net = MLP(X.shape[1], 2, hidden_layer_sizes=(128,))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -46,7 +46,7 @@ def slicing_loop(X, y, epochs, batch):  # noqa: ANN001
     return times
 
 
-def epoch_times(history):  # noqa: ANN001
+def epoch_times(history) -> list[float]:  # noqa: ANN001
     return [e["dur"] for e in history]
 
 
@@ -63,27 +63,47 @@ def main() -> None:
     batch = 256
 
     loop = slicing_loop(X, y, epochs, batch)[1:]
-    est = PipeNetClassifier(module__hidden_layer_sizes=(128,), max_epochs=epochs, batch_size=batch,
-                            random_state=0, devices=["cpu"]).fit(X, y)
+    est = PipeNetClassifier(
+        module__hidden_layer_sizes=(128,),
+        max_epochs=epochs,
+        batch_size=batch,
+        random_state=0,
+        devices=["cpu"],
+    ).fit(X, y)
     ours = epoch_times(est.history_)[1:]
 
     from skorch import NeuralNetClassifier
 
-    sk = NeuralNetClassifier(MLP, module__n_features_in=64, module__n_outputs=2,
-                             module__hidden_layer_sizes=(128,), criterion=nn.CrossEntropyLoss,
-                             optimizer=torch.optim.Adam, lr=1e-3, max_epochs=epochs,
-                             batch_size=batch, train_split=None, verbose=0,
-                             iterator_train__shuffle=True)
+    sk = NeuralNetClassifier(
+        MLP,
+        module__n_features_in=64,
+        module__n_outputs=2,
+        module__hidden_layer_sizes=(128,),
+        criterion=nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=1e-3,
+        max_epochs=epochs,
+        batch_size=batch,
+        train_split=None,
+        verbose=0,
+        iterator_train__shuffle=True,
+    )
     sk.fit(X, y)
     skorch_t = epoch_times(sk.history_)[1:]
-    emit("overhead", {
-        "rows": n, "batch_size": batch, "threads": args.threads, "epochs_timed": len(loop),
-        "slicing_loop_s_per_epoch": round(median(loop), 4),
-        "skpipe_s_per_epoch": round(median(ours), 4),
-        "skorch_s_per_epoch": round(median(skorch_t), 4),
-        "skpipe_over_loop": round(median(ours) / median(loop), 3),
-        "skorch_over_loop": round(median(skorch_t) / median(loop), 3),
-    })
+    emit(
+        "overhead",
+        {
+            "rows": n,
+            "batch_size": batch,
+            "threads": args.threads,
+            "epochs_timed": len(loop),
+            "slicing_loop_s_per_epoch": round(median(loop), 4),
+            "skpipe_s_per_epoch": round(median(ours), 4),
+            "skorch_s_per_epoch": round(median(skorch_t), 4),
+            "skpipe_over_loop": round(median(ours) / median(loop), 3),
+            "skorch_over_loop": round(median(skorch_t) / median(loop), 3),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ def network(p: int, v: int, f: float, b: float) -> nn.Sequential:
     return nn.Sequential(*[SleepLayer(f / v, b / v) for _ in range(p * v)])
 
 
-def _raw_worker(rank, world, port, schedule, m, f, b, steps, batch, queue):  # noqa: ANN001
+def _raw_worker(
+    rank: int, world: int, port: int, schedule: str, m: int, f: float, b: float, steps: int,
+    batch: int, queue: object,
+) -> None:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as ts
 
@@ -48,9 +51,14 @@ def _raw_worker(rank, world, port, schedule, m, f, b, steps, batch, queue):  # n
     chunks = S.chunks_of_rank(rank, world, v, spec.placement)
     mb = batch // m
     stages = [
-        PipelineStage(net[c], c, world * v, torch.device("cpu"),
-                      input_args=(torch.empty(mb, 8, requires_grad=c > 0),),
-                      output_args=(torch.empty(mb, 8, requires_grad=True),))
+        PipelineStage(
+            net[c],
+            c,
+            world * v,
+            torch.device("cpu"),
+            input_args=(torch.empty(mb, 8, requires_grad=c > 0),),
+            output_args=(torch.empty(mb, 8, requires_grad=True),),
+        )
         for c in chunks
     ]
     cls = getattr(ts, spec.torch_class)
@@ -75,25 +83,42 @@ def _raw_worker(rank, world, port, schedule, m, f, b, steps, batch, queue):  # n
     dist.destroy_process_group()
 
 
-def raw_step_time(schedule, p, m, f, b, steps, batch):  # noqa: ANN001
+def raw_step_time(schedule, p, m, f, b, steps, batch) -> float:  # noqa: ANN001
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_raw_worker, args=(p, port, schedule, m, f, b, steps, batch, queue),
-                       nprocs=p, join=True, start_method="spawn")
+    mp.start_processes(
+        _raw_worker,
+        args=(p, port, schedule, m, f, b, steps, batch, queue),
+        nprocs=p,
+        join=True,
+        start_method="spawn",
+    )
     return queue.get()
 
 
-def skpipe_step_time(schedule, p, m, f, b, steps, batch):  # noqa: ANN001
+def skpipe_step_time(schedule, p, m, f, b, steps, batch) -> float:  # noqa: ANN001
     v = S.resolve_chunks(schedule, "auto")
     net = network(p, v, f, b)
-    cfg = make_config(n_stages=p, n_microbatches=m, schedule=schedule, chunks_per_stage="auto",
-                      balance="uniform", checkpoint="never", launcher="spawn",
-                      devices=("cpu",) * p, batch_size=batch, precision="float32",
-                      max_grad_norm=None, timeout=300.0)
-    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss())
+    cfg = make_config(
+        n_stages=p,
+        n_microbatches=m,
+        schedule=schedule,
+        chunks_per_stage="auto",
+        balance="uniform",
+        checkpoint="never",
+        launcher="spawn",
+        devices=("cpu",) * p,
+        batch_size=batch,
+        precision="float32",
+        max_grad_norm=None,
+        timeout=300.0,
+    )
+    spec = TrainSpec(
+        optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss()
+    )
     x, y = torch.randn(batch, 8), torch.zeros(batch, 8)
     with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
         times = []
@@ -130,8 +155,10 @@ def main() -> None:
             "raw_torch_efficiency": round(theory / raw, 3),
             "skpipe_vs_raw": round(raw / ours, 3),
         }
-    emit("schedule_efficiency", {"n_stages": p, "n_microbatches": m, "F_s": f, "B_s": b,
-                                 "steps": steps, "schedules": rows})
+    emit(
+        "schedule_efficiency",
+        {"n_stages": p, "n_microbatches": m, "F_s": f, "B_s": b, "steps": steps, "schedules": rows},
+    )
 
 
 if __name__ == "__main__":

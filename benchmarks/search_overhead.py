@@ -24,11 +24,11 @@ from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
 from skpipe.engine import _spawn  # noqa: E402
 
 
-def search(est, grid, X, y, cold: bool):  # noqa: ANN001
+def search(est, grid, X, y, cold: bool) -> float:  # noqa: ANN001
     if cold:  # stop the warm group before every new one is asked for
         original = _spawn.acquire_group
 
-        def cold_acquire(*a, **k):  # noqa: ANN002, ANN003
+        def cold_acquire(*a, **k) -> object:  # noqa: ANN002, ANN003
             shutdown_workers()
             return original(*a, **k)
 
@@ -52,8 +52,12 @@ def main() -> None:
     X = rng.normal(size=(200, 8)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
     grid = {"lr": [0.01, 0.02]} if args.quick else {"lr": [0.003, 0.01, 0.03, 0.1]}
-    base = dict(module__hidden_layer_sizes=(16,), max_epochs=2 if args.quick else 5,
-                batch_size=32, random_state=0)
+    base = dict(
+        module__hidden_layer_sizes=(16,),
+        max_epochs=2 if args.quick else 5,
+        batch_size=32,
+        random_state=0,
+    )
     one = search(PipeNetClassifier(**base), grid, X, y, cold=False)
     pipe = PipeNetClassifier(n_stages=2, n_microbatches=2, launcher="spawn", **base)
     shutdown_workers()
@@ -61,14 +65,17 @@ def main() -> None:
     shutdown_workers()
     warm = search(pipe, grid, X, y, cold=False)
     shutdown_workers()
-    emit("search_overhead", {
-        "fits": 5 * len(grid["lr"]),
-        "one_stage_s_per_fit": round(one, 4),
-        "two_stages_cold_s_per_fit": round(cold, 4),
-        "two_stages_warm_s_per_fit": round(warm, 4),
-        "warm_overhead_s_per_fit": round(warm - one, 4),
-        "cold_overhead_s_per_fit": round(cold - one, 4),
-    })
+    emit(
+        "search_overhead",
+        {
+            "fits": 5 * len(grid["lr"]),
+            "one_stage_s_per_fit": round(one, 4),
+            "two_stages_cold_s_per_fit": round(cold, 4),
+            "two_stages_warm_s_per_fit": round(warm, 4),
+            "warm_overhead_s_per_fit": round(warm - one, 4),
+            "cold_overhead_s_per_fit": round(cold - one, 4),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -28,15 +28,17 @@ if QUICK:
     grid = {"schedule": ["gpipe", "zbv"], "n_microbatches": [4]}
 search = GridSearchCV(base, grid, cv=2, scoring="accuracy", return_train_score=False)
 search.fit(X, y)
-for params, fit_time, score in zip(search.cv_results_["params"], search.cv_results_["mean_fit_time"],
-                                   search.cv_results_["mean_test_score"]):
+results = search.cv_results_
+for params, fit_time, score in zip(results["params"], results["mean_fit_time"],
+                                   results["mean_test_score"], strict=True):
     print(f"{params}: fit {fit_time:.2f} s, accuracy {score:.3f}")
 
 # one fit per schedule with the timeline recorded, drawn one above the other
 schedules = grid["schedule"]
 fig, axes = plt.subplots(len(schedules), 1, figsize=(12, 2.2 * len(schedules)))
-for ax, schedule in zip(np.atleast_1d(axes), schedules):
-    est = PipeNetClassifier(**{**base.get_params(), "schedule": schedule, "n_microbatches": 4}).fit(X, y)
+for ax, schedule in zip(np.atleast_1d(axes), schedules, strict=True):
+    params = {**base.get_params(), "schedule": schedule, "n_microbatches": 4}
+    est = PipeNetClassifier(**params).fit(X, y)
     plot_timeline(est.timeline_, ax=ax)
 fig.tight_layout()
 fig.savefig(os.environ.get("SKPIPE_EXAMPLE_OUT", "schedules.png"), dpi=110)

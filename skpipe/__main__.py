@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-epochs", type=int, default=30, help="epochs per fit (default 30)")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.add_argument(
-        "--timeline", default="skpipe-demo-timeline.png",
+        "--timeline",
+        default="skpipe-demo-timeline.png",
         help="where to save the timeline picture (default skpipe-demo-timeline.png; '' for none)",
     )
     args = parser.parse_args(argv)

@@ -54,7 +54,10 @@ def run_demo(
 ) -> GridSearchCV:
     X, y = load_penguins(return_X_y=True)
     pipe = penguin_pipeline(
-        n_stages=n_stages, launcher=launcher, max_epochs=max_epochs, n_microbatches=4,
+        n_stages=n_stages,
+        launcher=launcher,
+        max_epochs=max_epochs,
+        n_microbatches=4,
         timeline_steps=3,
     )
     grid = penguin_grid()
@@ -69,7 +72,9 @@ def run_demo(
     out(str(pipe[-1].plan(Xt, y)))
     out("")
     search = GridSearchCV(
-        pipe, grid, cv=StratifiedKFold(5, shuffle=True, random_state=0),
+        pipe,
+        grid,
+        cv=StratifiedKFold(5, shuffle=True, random_state=0),
         verbose=0 if progress else verbose,
     )
     if progress and _has_rich():
@@ -103,7 +108,8 @@ def run_demo(
         ax.figure.savefig(timeline_png, dpi=120)
         out(
             f"timeline of the refit's steps 2-4 saved to {timeline_png} (measured bubble "
-            f"{best.timeline_.measured_bubble():.0%}, theoretical {best.timeline_.theoretical_bubble:.0%})"
+            f"{best.timeline_.measured_bubble():.0%}, "
+            f"theoretical {best.timeline_.theoretical_bubble:.0%})"
         )
     return search
 

@@ -46,7 +46,9 @@ def fit_fingerprint(params: dict[str, Any], X: Any, y: Any) -> str:
 
 def params_hash(params: dict[str, Any]) -> str:
     """The parameters' part of the fingerprint (callbacks excluded)."""
-    clean = {k: v for k, v in params.items() if k != "callbacks" and not k.startswith("callbacks__")}
+    clean = {
+        k: v for k, v in params.items() if k != "callbacks" and not k.startswith("callbacks__")
+    }
     parts = []
     for key in sorted(clean):
         try:
@@ -167,7 +169,8 @@ class LoadInitState(Callback):
             )
         if payload.get("layout") != layout:
             raise ValueError(
-                f"checkpoint {path} was saved with pipeline layout {payload.get('layout')} but this "
+                f"checkpoint {path} was saved with pipeline layout {payload.get('layout')} "
+                "but this "
                 f"fit uses {layout}; resume with the same n_stages and schedule."
             )
         return payload

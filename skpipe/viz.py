@@ -10,14 +10,21 @@ from typing import Any
 from .engine._timeline import Timeline
 
 COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#DD8452", "W": "#55A868", "wait": "#BBBBBB"}
-LABELS = {"F": "forward", "B": "backward", "I": "backward (input grad)", "W": "backward (weight grad)", "wait": "idle (waiting on another stage)"}
+LABELS = {
+    "F": "forward",
+    "B": "backward",
+    "I": "backward (input grad)",
+    "W": "backward (weight grad)",
+    "wait": "idle (waiting on another stage)",
+}
 
 
 def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) -> Any:
     """Draw the recorded spans of a fit: one row per stage, time in ms from the first span.
 
     Forward spans are blue, backward orange (input-gradient halves too), weight-gradient green,
-    idle time (waiting on another stage) grey; each compute span is labelled with its micro-batch. The title
+    idle time (waiting on another stage) grey; each compute span is labelled with its
+    micro-batch. The title
     gives the measured bubble beside the schedule's theoretical one.
 
     Parameters
@@ -36,29 +43,52 @@ def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) 
     if ax is None:
         _, ax = plt.subplots(figsize=(12, 1.0 + 0.7 * timeline.n_stages))
     if not timeline.spans:
-        raise ValueError("the timeline has no spans: fit with timeline_steps > 0 and at least 2 steps")
+        raise ValueError(
+            "the timeline has no spans: fit with timeline_steps > 0 and at least 2 steps"
+        )
     t0 = min(s.start for s in timeline.spans)
     seen = set()
-    for s in sorted(timeline.spans + timeline.waits(), key=lambda s: s.kind == "wait", reverse=True):
+    for s in sorted(
+        timeline.spans + timeline.waits(), key=lambda s: s.kind == "wait", reverse=True
+    ):
         y = timeline.n_stages - 1 - s.rank
         height = 0.3 if s.kind == "wait" else 0.8
         label = LABELS[s.kind] if s.kind not in seen else None
         seen.add(s.kind)
-        ax.broken_barh([((s.start - t0) * 1e3, (s.end - s.start) * 1e3)], (y - height / 2, height),
-                       facecolors=COLORS[s.kind], edgecolor="white", linewidth=0.3, label=label)
+        ax.broken_barh(
+            [((s.start - t0) * 1e3, (s.end - s.start) * 1e3)],
+            (y - height / 2, height),
+            facecolors=COLORS[s.kind],
+            edgecolor="white",
+            linewidth=0.3,
+            label=label,
+        )
         width = (s.end - s.start) * 1e3
         if s.kind != "wait" and width > 0:
-            ax.text((s.start - t0) * 1e3 + width / 2, y, str(s.microbatch), ha="center",
-                    va="center", fontsize=6, color="white", clip_on=True)
+            ax.text(
+                (s.start - t0) * 1e3 + width / 2,
+                y,
+                str(s.microbatch),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white",
+                clip_on=True,
+            )
     ax.set_yticks(range(timeline.n_stages))
     ax.set_yticklabels([f"stage {timeline.n_stages - 1 - i}" for i in range(timeline.n_stages)])
     ax.set_xlabel("time (ms)")
     measured = timeline.measured_bubble()
-    ax.set_title(title or (
-        f"{timeline.schedule}: {timeline.n_stages} stages, {timeline.n_microbatches} micro-batches, "
-        f"{len(timeline.steps())} step(s) - measured bubble {measured:.0%}, "
-        f"theoretical {timeline.theoretical_bubble:.0%}"
-    ), fontsize=9)
+    ax.set_title(
+        title
+        or (
+            f"{timeline.schedule}: {timeline.n_stages} stages, "
+            f"{timeline.n_microbatches} micro-batches, "
+            f"{len(timeline.steps())} step(s) - measured bubble {measured:.0%}, "
+            f"theoretical {timeline.theoretical_bubble:.0%}"
+        ),
+        fontsize=9,
+    )
     ax.legend(loc="upper right", fontsize=7, ncol=4)
     return ax
 

@@ -24,14 +24,18 @@ def fit_budget(plan: Plan, budget: float) -> Plan:
     batch = cfg.batch_size
     for m in range(cfg.n_microbatches, batch + 1):
         try:
-            _schedules.check_microbatches(cfg.schedule, cfg.n_stages, m, cfg.chunks_per_stage, batch)
+            _schedules.check_microbatches(
+                cfg.schedule, cfg.n_stages, m, cfg.chunks_per_stage, batch
+            )
         except ValueError:
             continue
         if max(plan.stage_bytes(m)) <= budget:
             return plan.with_microbatches(m) if m != cfg.n_microbatches else plan
     least = plan.stage_bytes(batch)
     worst = max(range(cfg.n_stages), key=lambda r: least[r])
-    static = sum(4 * b for b, rank in zip(plan.parameter_bytes, plan.owners) if rank == worst)
+    static = sum(
+        4 * b for b, rank in zip(plan.parameter_bytes, plan.owners, strict=True) if rank == worst
+    )
     raise ValueError(
         f"stage_memory_budget ({budget / 2**20:.1f} MiB) is too small: even with one row per "
         f"micro-batch, stage {worst} needs about {least[worst] / 2**20:.1f} MiB (parameters, "

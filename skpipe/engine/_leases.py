@@ -95,7 +95,7 @@ def lease_devices(
         target = count if choose_from is not None else len(wanted)
         if len(got) == target:
             if choose_from is not None:
-                mapping = dict(zip(wanted, got))
+                mapping = dict(zip(wanted, got, strict=True))
                 chosen = tuple(mapping.get(d, d) for d in devices)
             else:
                 chosen = tuple(devices)

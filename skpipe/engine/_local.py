@@ -23,8 +23,13 @@ class LocalRunner(Runner):
         super().__init__(plan, module, spec, seed)
         device = self.config.devices[0]
         self.host = StageHost(
-            plan.chunks(module), self.config, spec, plan.shapes,
-            rank=0, device=device, group=local_world(device),
+            plan.chunks(module),
+            self.config,
+            spec,
+            plan.shapes,
+            rank=0,
+            device=device,
+            group=local_world(device),
         )
 
     @property

@@ -122,7 +122,8 @@ def balance_sizes(
     sample: torch.Tensor | None = None,
     device: str = "cpu",
 ) -> tuple[list[int], list[float] | None]:
-    """Layer counts per chunk for a balance rule; also the measured costs when ``balance='time'``."""
+    """Layer counts per chunk for a balance rule; also the measured costs when
+    ``balance='time'``."""
     n_layers = len(layers)
     if n_chunks > n_layers:
         raise ValueError(
@@ -149,7 +150,8 @@ def balance_sizes(
         costs = time_costs(layers, sample, device)
         return _split_min_max(costs, n_chunks), costs
     raise ValueError(
-        f"balance must be 'uniform', 'parameters', 'time' or a list of layer counts; got {balance!r}."
+        "balance must be 'uniform', 'parameters', 'time' or a list of layer counts; "
+        f"got {balance!r}."
     )
 
 

@@ -91,7 +91,9 @@ class Plan:
         held = _schedules.in_flight(cfg.schedule, cfg.n_stages, cfg.chunks_per_stage, m)
         need = [0.0] * cfg.n_stages
         for c, rank in enumerate(self.owners):
-            need[rank] += 4 * self.parameter_bytes[c] + held * rows * self.activation_bytes_per_row[c]
+            need[rank] += (
+                4 * self.parameter_bytes[c] + held * rows * self.activation_bytes_per_row[c]
+            )
         return need
 
     def report(self) -> PlanReport:
@@ -125,8 +127,12 @@ class Plan:
         if self.layer_costs is not None:
             slowest = max(per_rank_seconds)
             predicted = 1e3 * _schedules.theoretical_step_time(
-                cfg.schedule, cfg.n_stages, cfg.n_microbatches, cfg.chunks_per_stage,
-                slowest / 3, 2 * slowest / 3,
+                cfg.schedule,
+                cfg.n_stages,
+                cfg.n_microbatches,
+                cfg.chunks_per_stage,
+                slowest / 3,
+                2 * slowest / 3,
             )
         return PlanReport(
             schedule=cfg.schedule,
@@ -151,7 +157,10 @@ def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -
     named = named_layers(module, config.n_chunks)
     layers = [layer for _, layer in named]
     sizes, costs = balance_sizes(
-        layers, config.n_chunks, config.balance, sample[: config.microbatch_rows],
+        layers,
+        config.n_chunks,
+        config.balance,
+        sample[: config.microbatch_rows],
         config.devices[0],
     )
     bounds = chunk_bounds(sizes)
@@ -214,4 +223,3 @@ def _activation_bytes(chunk: nn.Module, x: torch.Tensor) -> tuple[float, torch.T
         out.float().sum().backward()
     del copy
     return float(meter.peak), out.detach()
-

@@ -53,7 +53,8 @@ class PlanReport:
         head = (
             f"schedule {self.schedule!r}: {self.n_stages} stage(s) x {self.chunks_per_stage} "
             f"chunk(s), {self.n_microbatches} micro-batch(es) of {self.microbatch_rows} rows "
-            f"(batch padded to {self.batch_rows}), launcher {self.launcher!r} on {list(self.devices)}"
+            f"(batch padded to {self.batch_rows}), launcher {self.launcher!r} "
+            f"on {list(self.devices)}"
         )
         cols = ["stage", "chunk", "layers", "params", "param MiB", "act MiB/mb", "f+b ms"]
         rows = [
@@ -71,7 +72,10 @@ class PlanReport:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(cols)]
 
         def line(r: list[str]) -> str:
-            return "  ".join(v.rjust(w) if i != 2 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+            return "  ".join(
+                v.rjust(w) if i != 2 else v.ljust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
 
         tail = f"expected bubble: {self.bubble:.1%}"
         if self.predicted_step_ms is not None:

@@ -76,7 +76,9 @@ class ScheduleSpec:
     max_chunks: int | None
     zero_bubble: bool
     microbatch_rule: MicrobatchRule
-    in_flight: Callable[[int, int, int], int]  # (n_stages, chunks_per_stage, m) -> micro-batches held
+    in_flight: Callable[
+        [int, int, int], int
+    ]  # (n_stages, chunks_per_stage, m) -> micro-batches held
     # With every stage in one process (world size 1), torch's single-stage classes cannot hold
     # more than one stage and the V classes hold exactly two: the local home runs this looped
     # schedule with the same stages and micro-batches instead. The arithmetic (and so every
@@ -99,20 +101,65 @@ class ScheduleSpec:
 SCHEDULES: dict[str, ScheduleSpec] = {
     spec.name: spec
     for spec in (
-        ScheduleSpec("gpipe", "GPipe", "single", 1, 1, False, _any_count, _all_microbatches,
-                     "LoopedBFS"),
-        ScheduleSpec("1f1b", "1F1B", "single", 1, 1, False, _at_least_stages,
-                     _one_per_chunk_in_pipe, "Interleaved1F1B"),
-        ScheduleSpec("interleaved_1f1b", "Interleaved1F1B", "loop", 2, None, False,
-                     _whole_rounds, _one_per_chunk_in_pipe),
-        ScheduleSpec("looped_bfs", "LoopedBFS", "loop", 2, None, False, _any_count,
-                     _all_microbatches),
-        ScheduleSpec("interleaved_zero_bubble", "InterleavedZeroBubble", "loop", 2, None, True,
-                     _whole_rounds, _one_per_chunk_in_pipe),
-        ScheduleSpec("zbv", "ZBVZeroBubble", "v", 2, 2, True, _any_count,
-                     _one_per_chunk_in_pipe, "InterleavedZeroBubble"),
-        ScheduleSpec("dualpipev", "DualPipeV", "v", 2, 2, True, _at_least_chunks,
-                     _one_per_chunk_in_pipe, "InterleavedZeroBubble"),
+        ScheduleSpec(
+            "gpipe", "GPipe", "single", 1, 1, False, _any_count, _all_microbatches, "LoopedBFS"
+        ),
+        ScheduleSpec(
+            "1f1b",
+            "1F1B",
+            "single",
+            1,
+            1,
+            False,
+            _at_least_stages,
+            _one_per_chunk_in_pipe,
+            "Interleaved1F1B",
+        ),
+        ScheduleSpec(
+            "interleaved_1f1b",
+            "Interleaved1F1B",
+            "loop",
+            2,
+            None,
+            False,
+            _whole_rounds,
+            _one_per_chunk_in_pipe,
+        ),
+        ScheduleSpec(
+            "looped_bfs", "LoopedBFS", "loop", 2, None, False, _any_count, _all_microbatches
+        ),
+        ScheduleSpec(
+            "interleaved_zero_bubble",
+            "InterleavedZeroBubble",
+            "loop",
+            2,
+            None,
+            True,
+            _whole_rounds,
+            _one_per_chunk_in_pipe,
+        ),
+        ScheduleSpec(
+            "zbv",
+            "ZBVZeroBubble",
+            "v",
+            2,
+            2,
+            True,
+            _any_count,
+            _one_per_chunk_in_pipe,
+            "InterleavedZeroBubble",
+        ),
+        ScheduleSpec(
+            "dualpipev",
+            "DualPipeV",
+            "v",
+            2,
+            2,
+            True,
+            _at_least_chunks,
+            _one_per_chunk_in_pipe,
+            "InterleavedZeroBubble",
+        ),
     )
 }
 
@@ -162,7 +209,9 @@ def chunks_of_rank(
 ) -> list[int]:
     """The chunk indices a rank holds, in increasing order."""
     n_chunks = n_stages * chunks_per_stage
-    return [c for c in range(n_chunks) if chunk_owner(c, n_stages, chunks_per_stage, placement) == rank]
+    return [
+        c for c in range(n_chunks) if chunk_owner(c, n_stages, chunks_per_stage, placement) == rank
+    ]
 
 
 def check_microbatches(
@@ -212,7 +261,9 @@ def auto_microbatches(schedule: str, n_stages: int, chunks_per_stage: int, batch
     )
 
 
-def bubble_fraction(schedule: str, n_stages: int, n_microbatches: int, chunks_per_stage: int) -> float:
+def bubble_fraction(
+    schedule: str, n_stages: int, n_microbatches: int, chunks_per_stage: int
+) -> float:
     """Theoretical idle fraction of a step, assuming equal stages and B = 2F (W = B/2 split).
 
     GPipe / 1F1B: (p-1)/(m+p-1). Interleaved with v chunks: (p-1)/(v*m+p-1). Zero-bubble
@@ -224,8 +275,10 @@ def bubble_fraction(schedule: str, n_stages: int, n_microbatches: int, chunks_pe
         return 0.0
     spec = SCHEDULES[schedule]
     if spec.zero_bubble:
-        return (p - 1) / (3 * (v * m + p - 1)) if spec.placement == "loop" else (p - 1) / (
-            3 * (m + p - 1)
+        return (
+            (p - 1) / (3 * (v * m + p - 1))
+            if spec.placement == "loop"
+            else (p - 1) / (3 * (m + p - 1))
         )
     if spec.placement == "loop":
         return (p - 1) / (v * m + p - 1)

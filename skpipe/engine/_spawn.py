@@ -30,8 +30,14 @@ class SpawnRunner(Runner):
         self.group = acquire_group(cfg.n_stages, cfg.devices, cfg.timeout)
         try:
             setups = [
-                P.Setup(chunks=plan.chunks(module, rank), config=cfg, spec=spec,
-                        shapes=list(plan.shapes), device=cfg.devices[rank], seed=seed)
+                P.Setup(
+                    chunks=plan.chunks(module, rank),
+                    config=cfg,
+                    spec=spec,
+                    shapes=list(plan.shapes),
+                    device=cfg.devices[rank],
+                    seed=seed,
+                )
                 for rank in range(cfg.n_stages)
             ]
             self.group.ask_all(setups, timeout=max(cfg.timeout, STARTUP_TIMEOUT))
@@ -45,10 +51,12 @@ class SpawnRunner(Runner):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
-        replies = self.group.ask_all([
-            P.Step(self._to(r, self.first, x), self._to(r, self.last, y), n)
-            for r in range(self.config.n_stages)
-        ])
+        replies = self.group.ask_all(
+            [
+                P.Step(self._to(r, self.first, x), self._to(r, self.last, y), n)
+                for r in range(self.config.n_stages)
+            ]
+        )
         loss, out = replies[self.last]
         return torch.from_numpy(loss), torch.from_numpy(out)
 
@@ -73,7 +81,7 @@ class SpawnRunner(Runner):
 
     def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         if optimizers:
-            return [tuple(r) for r in self.group.ask_all(P.GetState())]  # type: ignore[misc]
+            return [tuple(r) for r in self.group.ask_all(P.GetState())]
         return [(chunks, None) for chunks in self.group.ask_all(P.Collect())]
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:

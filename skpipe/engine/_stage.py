@@ -130,7 +130,9 @@ class StageHost:
 
     def track_memory(self, on: bool = True) -> None:
         """Measure the activations held for backward during each step (peak per process)."""
-        self.meter = ActivationMeter(p for c in self.chunks.values() for p in c.parameters()) if on else None
+        self.meter = (
+            ActivationMeter(p for c in self.chunks.values() for p in c.parameters()) if on else None
+        )
 
     def stats(self) -> dict[str, float]:
         return {"peak_activation_bytes": float(self.meter.peak) if self.meter else float("nan")}
@@ -156,7 +158,7 @@ class StageHost:
         local = self.world_size == 1 and self.config.n_stages > 1
         cls = _schedules.SCHEDULES[self.config.schedule].schedule_class(local=local)
         stages = [self._stage(c) for c in self.chunk_ids]
-        self.stages = dict(zip(self.chunk_ids, stages))
+        self.stages = dict(zip(self.chunk_ids, stages, strict=True))
         m = self.config.n_microbatches
         if issubclass(cls, PipelineScheduleSingle):
             return cls(stages[0], m, loss_fn=self.loss, scale_grads=False)
@@ -219,7 +221,10 @@ class StageHost:
         if max_norm is None:
             return
         grads = [
-            p.grad for c in self.chunk_ids for p in self.chunks[c].parameters() if p.grad is not None
+            p.grad
+            for c in self.chunk_ids
+            for p in self.chunks[c].parameters()
+            if p.grad is not None
         ]
         sq = torch.zeros((), device=self.device, dtype=torch.float64)
         for g in grads:

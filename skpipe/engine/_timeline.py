@@ -49,7 +49,13 @@ class Recorder:
         self.step = 0
         self.spans: list[Span] = []
 
-    def _wrap(self, chunk: int, kind: str, fn: Callable[..., Any], kind_of: Callable[..., str] | None = None) -> Callable[..., Any]:
+    def _wrap(
+        self,
+        chunk: int,
+        kind: str,
+        fn: Callable[..., Any],
+        kind_of: Callable[..., str] | None = None,
+    ) -> Callable[..., Any]:
         def wrapped(mb: int, *args: Any, **kwargs: Any) -> Any:
             self._sync()
             t0 = time.time()
@@ -58,7 +64,9 @@ class Recorder:
             finally:
                 self._sync()
                 k = kind_of(*args, **kwargs) if kind_of else kind
-                self.spans.append(Span(self.step, self.stage_of(chunk), chunk, k, int(mb), t0, time.time()))
+                self.spans.append(
+                    Span(self.step, self.stage_of(chunk), chunk, k, int(mb), t0, time.time())
+                )
 
         return wrapped
 
@@ -78,6 +86,7 @@ class Recorder:
                 original = getattr(stage, name)
                 setattr(stage, name, self._wrap(chunk, kind, original, kind_of))
                 undo.append((stage, name))
+
         def uninstall() -> None:
             for stage, name in undo:
                 delattr(stage, name)  # the class's method shows through again
@@ -87,7 +96,8 @@ class Recorder:
 
 @dataclass
 class Timeline:
-    """The recorded spans of a fit, with the schedule's theoretical bubble beside the measured one."""
+    """The recorded spans of a fit, with the schedule's theoretical bubble beside the measured
+    one."""
 
     spans: list[Span]
     n_stages: int
@@ -97,7 +107,9 @@ class Timeline:
 
     @property
     def theoretical_bubble(self) -> float:
-        return bubble_fraction(self.schedule, self.n_stages, self.n_microbatches, self.chunks_per_stage)
+        return bubble_fraction(
+            self.schedule, self.n_stages, self.n_microbatches, self.chunks_per_stage
+        )
 
     def steps(self) -> list[int]:
         return sorted({s.step for s in self.spans})

@@ -38,8 +38,15 @@ class TorchrunRunner(Runner):
     def _host(self, plan: Plan, module: nn.Module, spec: TrainSpec, group: Any) -> Any:
         from ._stage import StageHost
 
-        return StageHost(plan.chunks(module, self.rank), self.config, spec, plan.shapes,
-                         rank=self.rank, device=self.device, group=group)
+        return StageHost(
+            plan.chunks(module, self.rank),
+            self.config,
+            spec,
+            plan.shapes,
+            rank=self.rank,
+            device=self.device,
+            group=group,
+        )
 
     @staticmethod
     def agree_seed(seed: int) -> int:

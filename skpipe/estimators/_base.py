@@ -27,7 +27,14 @@ from torch import nn
 from ..callbacks import Checkpoint, CheckpointKey, LoadInitState, params_hash
 from ..engine import _schedules
 from ..engine._budget import fit_budget
-from ..engine._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, PipelineConfig, TrainSpec, make_config
+from ..engine._config import (
+    CHECKPOINTS,
+    LAUNCHERS,
+    PRECISIONS,
+    PipelineConfig,
+    TrainSpec,
+    make_config,
+)
 from ..engine._devices import resolve_devices
 from ..engine._microbatch import reduction_of
 from ..engine._plan import Plan, make_plan
@@ -140,7 +147,7 @@ class FitInputs:
 class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
     """Base of PipeNetClassifier and PipeNetRegressor; not meant to be used directly."""
 
-    _parameter_constraints: dict[str, list[Any]] = {
+    _parameter_constraints: dict[str, Any] = {
         "module": "no_validation",  # checked where the module is built, with a clearer message
         "criterion": "no_validation",
         "optimizer": [callable],
@@ -173,6 +180,10 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
     )
     _Y_CHECKS: dict[str, Any] = {}
     _DEFAULT_CRITERION: type[nn.Module] = nn.MSELoss
+
+    # fitted state (set by fit)
+    module_: nn.Module
+    history_: Any
 
     def __init__(
         self,
@@ -277,8 +288,13 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
                     history = self._train(runner, inputs, plan, warm, progress)
                     timeline = (
-                        Timeline(runner.spans(), config.n_stages, plan.config.n_microbatches,
-                                 config.chunks_per_stage, config.schedule)
+                        Timeline(
+                            runner.spans(),
+                            config.n_stages,
+                            plan.config.n_microbatches,
+                            config.chunks_per_stage,
+                            config.schedule,
+                        )
                         if self.timeline_steps
                         else None
                     )
@@ -324,7 +340,9 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
             timeout=float(self.timeout),
         )
         criterion = build_criterion(
-            type(self).__name__, self.criterion, self._params_for("criterion"),
+            type(self).__name__,
+            self.criterion,
+            self._params_for("criterion"),
             self._DEFAULT_CRITERION,
         )
         reduction_of(criterion)  # refused here, before any worker starts
@@ -334,17 +352,35 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
             criterion=copy.deepcopy(criterion),
         )
         sample = rows_to_tensor(X, slice(0, min(config.microbatch_rows, n_samples)))
-        return FitInputs(X=X, y=y_enc, n_outputs=n_outputs, seed=seed, config=config,
-                         criterion=criterion, spec=spec, sample=sample, checkpoint_digest=digest)
+        return FitInputs(
+            X=X,
+            y=y_enc,
+            n_outputs=n_outputs,
+            seed=seed,
+            config=config,
+            criterion=criterion,
+            spec=spec,
+            sample=sample,
+            checkpoint_digest=digest,
+        )
 
     def _build_module(self, inputs: FitInputs) -> nn.Module:
-        return build_module(type(self).__name__, self.module, self._params_for("module"),
-                            inputs.X.shape[1], inputs.n_outputs)
+        return build_module(
+            type(self).__name__,
+            self.module,
+            self._params_for("module"),
+            inputs.X.shape[1],
+            inputs.n_outputs,
+        )
 
     def _make_plan(self, module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -> Plan:
         """The plan of the fit, with the micro-batch count chosen under the memory budget."""
         plan = make_plan(module, config, sample)
-        if self.stage_memory_budget is not None and self.n_microbatches == "auto" and self.n_stages > 1:
+        if (
+            self.stage_memory_budget is not None
+            and self.n_microbatches == "auto"
+            and self.n_stages > 1
+        ):
             plan = fit_budget(plan, float(self.stage_memory_budget))
         return plan
 
@@ -358,17 +394,18 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
         if optimizer_in_driver:
             return
         for cb in self._callback_list():
-            if isinstance(cb, LRScheduler) or (isinstance(cb, type) and issubclass(cb, LRScheduler)):
+            if isinstance(cb, LRScheduler) or (
+                isinstance(cb, type) and issubclass(cb, LRScheduler)
+            ):
+                name = cb.__name__ if isinstance(cb, type) else type(cb).__name__
                 raise ValueError(
-                    f"callbacks contains {type(cb).__name__ if not isinstance(cb, type) else cb.__name__}, "
-                    f"which steps the optimizer, but with launcher={launcher!r} each stage's optimizer "
+                    f"callbacks contains {name}, which steps the optimizer, but with "
+                    f"launcher={launcher!r} each stage's optimizer "
                     "lives in its worker process. Use launcher='local' (every stage in this "
                     "process) or 'torchrun', or drop the scheduler."
                 )
 
-    def _train(
-        self, runner: Any, inputs: FitInputs, plan: Plan, warm: bool, progress: Any
-    ) -> Any:
+    def _train(self, runner: Any, inputs: FitInputs, plan: Plan, warm: bool, progress: Any) -> Any:
         key = None
         if inputs.checkpoint_digest is not None:
             layout = {"n_stages": plan.config.n_stages, "placement": plan.config.placement}
@@ -393,7 +430,11 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
             estimator=self,
             checkpoint_key=key,
             initial_history=self.history_ if warm else None,
-            **{k: v for k, v in self._prefixed_params().items() if k.startswith(("callbacks__", "iterator_"))},
+            **{
+                k: v
+                for k, v in self._prefixed_params().items()
+                if k.startswith(("callbacks__", "iterator_"))
+            },
         )
         net.initialize()
         return net.run(inputs.X, inputs.y)
@@ -462,7 +503,9 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
         """
         X = self._validate_X_predict(X)
         if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-            raise ValueError(f"forward_pipelined's batch_size must be a positive int; got {batch_size!r}.")
+            raise ValueError(
+                f"forward_pipelined's batch_size must be a positive int; got {batch_size!r}."
+            )
         fitted = self.config_
         if fitted.n_stages == 1:
             return self._forward(X)
@@ -471,10 +514,14 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
         config = dataclasses.replace(
             fitted, devices=resolve_devices(self.devices, fitted.n_stages, fitted.launcher)
         )
-        spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_)
+        spec = TrainSpec(
+            optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_
+        )
         module = copy.deepcopy(self.module_)
         with held_devices(config, self.devices) as held:
-            plan = make_plan(module, held, rows_to_tensor(X, slice(0, min(held.microbatch_rows, n))))
+            plan = make_plan(
+                module, held, rows_to_tensor(X, slice(0, min(held.microbatch_rows, n)))
+            )
             with make_runner(plan, module, spec) as runner:
                 outs = [
                     runner.predict(rows_to_tensor(X, slice(s, min(s + int(batch_size), n)))).numpy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -13,19 +14,19 @@ from torch.utils.data import Subset
 
 def rows_to_tensor(X: np.ndarray | sp.spmatrix, rows: np.ndarray | slice) -> torch.Tensor:
     """Rows of a validated float32 array or CSR matrix as a dense float32 tensor."""
-    part = X[rows]
+    part: Any = X[rows]
     if sp.issparse(part):
         part = part.toarray()
     return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
 
 
-def _arrays(dataset: object) -> tuple[object, np.ndarray | None, np.ndarray | None]:
+def _arrays(dataset: Any) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
     """(X, y, row indices or None) behind a skorch Dataset or a Subset of one."""
     indices = None
     if isinstance(dataset, Subset):
         indices = np.asarray(dataset.indices)
         dataset = dataset.dataset
-    X = getattr(dataset, "X")
+    X = dataset.X
     y = getattr(dataset, "y", None)
     return X, y, indices
 

@@ -108,7 +108,9 @@ class TrainingLoop(NeuralNet):
             try:
                 self.fit_loop(X, y, epochs=max(0, self.max_epochs - self.skip_epochs))
             except UserInterrupt:
-                raise KeyboardInterrupt("fit interrupted by the user; the estimator is unchanged")
+                raise KeyboardInterrupt(
+                    "fit interrupted by the user; the estimator is unchanged"
+                ) from None
             except KeyboardInterrupt:
                 pass  # skorch's EarlyStopping ends training this way
             self.notify("on_train_end", X=X, y=y)

@@ -85,4 +85,3 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
         X = self._validate_X_predict(X)
         out = self._forward(X).astype(np.float64)
         return out.ravel() if self.y_ndim_ == 1 else out
-
