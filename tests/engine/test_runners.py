@@ -1,0 +1,44 @@
+"""The runner table: one row per launcher, every row the whole interface, devices held per row."""
+
+import inspect
+
+import pytest
+
+from skpipe.engine._config import LAUNCHERS, make_config
+from skpipe.engine._leases import lease_devices
+from skpipe.engine._runner import Runner
+from skpipe.engine._runners import RUNNERS, held_devices, resolve_launcher
+
+
+def test_every_launcher_has_a_row_with_the_whole_interface():
+    assert set(RUNNERS) == (set(LAUNCHERS) - {"auto"}) | {"single"}
+    for cls in RUNNERS.values():
+        assert issubclass(cls, Runner) and not inspect.isabstract(cls), cls.__name__
+
+
+def test_resolve_launcher():
+    assert resolve_launcher("spawn", 1) == "single"
+    assert resolve_launcher("auto", 2) == "spawn"  # no job here
+    assert resolve_launcher("local", 3) == "local"
+
+
+def config(launcher, devices):
+    return make_config(n_stages=2, n_microbatches=2, schedule="1f1b", chunks_per_stage="auto",
+                       balance="uniform", checkpoint="never", launcher=launcher, devices=devices,
+                       batch_size=8, precision="float32", max_grad_norm=None, timeout=0.2)
+
+
+def test_held_devices_lease_for_the_block_and_name_where_tensors_go():
+    with held_devices(config("spawn", ("cpu:0", "cpu:1")), ["cpu:0", "cpu:1"]) as held:
+        assert held.devices == ("cpu", "cpu")
+        with pytest.raises(TimeoutError, match="could not lease"):
+            lease_devices(["cpu:1"], 0.05)
+    with lease_devices(["cpu:0", "cpu:1"], 0.05):
+        pass  # given back
+
+
+def test_a_torchrun_job_owns_its_devices():
+    cfg = config("torchrun", ("cpu:0", "cpu:1"))
+    with lease_devices(["cpu:0"], 0.05):
+        with held_devices(cfg, "auto") as held:  # no lease asked for: no wait
+            assert held is cfg
