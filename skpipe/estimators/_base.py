@@ -8,19 +8,17 @@ runner the plan's launcher names, inside a skorch loop; store what comes back.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from sklearn.base import clone, is_classifier
 from sklearn.callback import CallbackSupportMixin, with_callbacks
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+from sklearn.utils.validation import check_random_state, validate_data
 from skorch.callbacks import LRScheduler
 from torch import nn
 
@@ -45,89 +43,7 @@ from ..modules import MLP
 from ._data import rows_to_tensor
 from ._loop import ClassifierTrainingLoop, TrainingLoop
 from ._params import PrefixedParamsMixin, build_criterion, build_module
-
-PARAMETERS_DOC = """
-    Parameters
-    ----------
-    module : nn.Module subclass or instance, default=skpipe.modules.MLP
-        A class is built with the ``module__*`` parameters, plus ``n_features_in`` and
-        ``n_outputs`` when its constructor declares them.
-    criterion : nn.Module subclass or instance, default=None
-        None means the estimator's default loss; ``criterion__*`` parameters are passed to a class.
-    optimizer : callable, default=torch.optim.Adam
-        Built as ``optimizer(params, lr=lr, **optimizer__*)``.
-    lr : float, default=0.001
-        Learning rate.
-    max_epochs : int, default=100
-        Passes over the training data.
-    batch_size : int or 'all', default=64
-        Rows per optimizer step.
-    callbacks : list of skorch callbacks, default=None
-        Run in this process, whatever the number of stages (``EpochScoring``,
-        ``EarlyStopping``, ``PrintLog``...).
-    train_split : callable, default=None
-        A skorch split such as ``skorch.dataset.ValidSplit(5)``; None trains on all of X.
-    warm_start : bool, default=False
-        Continue from the fitted network (a new optimizer is built).
-    random_state : int, RandomState or None, default=None
-        Fixes weight initialisation and shuffling: two fits with the same seed are identical.
-    verbose : int, default=0
-        1 prints skorch's epoch table.
-    devices : 'auto' or list of str, default='auto'
-        One device per stage ('cpu', 'cuda:0', ...); with one stage the first is used.
-    n_stages : int, default=1
-        Pipeline depth: the number of workers (devices) the network is split across.
-    n_microbatches : int or 'auto', default='auto'
-        Micro-batches per batch; 'auto' picks the largest of 4p, 2p, p the schedule accepts.
-    schedule : str, default='1f1b'
-        'gpipe', '1f1b', 'interleaved_1f1b', 'looped_bfs', 'interleaved_zero_bubble', 'zbv'
-        or 'dualpipev' (torch.distributed.pipelining's schedules).
-    chunks_per_stage : int or 'auto', default='auto'
-        Model chunks per worker for the looped/interleaved schedules (2 for the V schedules).
-    balance : 'uniform', 'parameters', 'time' or list of int, default='uniform'
-        How layers are divided among chunks.
-    checkpoint : {'never', 'except_last', 'always'}, default='never'
-        Activation recomputation per micro-batch, as torchgpipe defines the modes.
-    launcher : {'auto', 'spawn', 'local', 'torchrun'}, default='auto'
-        Where the stages live: worker processes, this process, or a torchrun job.
-    precision : {'float32', 'bf16'}, default='float32'
-        'bf16' runs the forward under bfloat16 autocast.
-    max_grad_norm : float or None, default=None
-        Clip gradients by their global norm across all stages.
-    timeout : float, default=300.0
-        Seconds the driver waits for a worker before declaring it hung.
-    timeline_steps : int, default=0
-        Record what each stage does during this many steps (from the second one) into
-        ``timeline_`` (see :func:`skpipe.viz.plot_timeline`).
-    stage_memory_budget : float or None, default=None
-        Bytes each stage may hold; with ``n_microbatches='auto'`` the micro-batch count is raised
-        until the estimated peak (parameters, gradients, optimizer state and the activations of
-        the micro-batches in flight) fits, or ``fit`` says by how much it cannot.
-    **kwargs : dict
-        Prefixed parameters: ``module__*``, ``optimizer__*``, ``criterion__*``,
-        ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
-"""
-
-ATTRIBUTES_DOC = """
-    module_ : nn.Module
-        The whole trained network, on the CPU.
-    criterion_ : nn.Module
-        The loss the network was trained with.
-    history_ : skorch.History
-        Per epoch (and per batch): the losses and what the callbacks recorded.
-    n_features_in_ : int
-        Number of features seen during ``fit``.
-    feature_names_in_ : ndarray of str
-        Only when X had string column names.
-    n_iter_ : int
-        Epochs run.
-    plan_ : PlanReport
-        The plan the fit used (see :meth:`plan`).
-    timeline_ : Timeline or None
-        The recorded spans when ``timeline_steps > 0``.
-    config_ : PipelineConfig
-        The resolved configuration (micro-batch count, chunks, devices, launcher)."""
-
+from ._predict import PredictMixin
 
 @dataclass(frozen=True)
 class FitInputs:
@@ -144,7 +60,7 @@ class FitInputs:
     checkpoint_digest: str | None  # the parameters' hash, when the fit uses checkpoints
 
 
-class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
+class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
     """Base of PipeNetClassifier and PipeNetRegressor; not meant to be used directly."""
 
     _parameter_constraints: dict[str, Any] = {
@@ -467,77 +383,8 @@ class BasePipeNet(CallbackSupportMixin, PrefixedParamsMixin):
             module = est._build_module(inputs)
         return est._make_plan(module, inputs.config, inputs.sample).report()
 
-    # -- inference -----------------------------------------------------------------------------
-    def _forward(self, X: Any) -> np.ndarray:
-        """Network outputs for validated X, in batches, on the CPU."""
-        module = self.module_
-        module.eval()
-        n = X.shape[0]
-        step = max(1024, int(self.batch_size) if self.batch_size != "all" else n)
-        outs = []
-        with torch.inference_mode():
-            for start in range(0, n, step):
-                xb = rows_to_tensor(X, slice(start, min(start + step, n)))
-                outs.append(module(xb).float().numpy())
-        return np.concatenate(outs, axis=0)  # validation refused an empty X
-
-    def forward_pipelined(self, X: Any, *, batch_size: int = 4096) -> np.ndarray:
-        """Raw network outputs for X computed by the pipeline's stages (forward only).
-
-        For inputs too large for one device: the fitted network is split as in ``fit`` and
-        each batch flows through the stages' workers (warm ones when a fit left them up), on
-        devices held for this call as a fit holds them. The numbers are those of ``module_``
-        (logits for the classifier).
-
-        Parameters
-        ----------
-        X : array-like or sparse matrix of shape (n_samples, n_features)
-            Rows to run through the network.
-        batch_size : int, default=4096
-            Rows sent through the pipeline at a time.
-
-        Returns
-        -------
-        outputs : ndarray of shape (n_samples, n_outputs)
-            The network's raw outputs.
-        """
-        X = self._validate_X_predict(X)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-            raise ValueError(
-                f"forward_pipelined's batch_size must be a positive int; got {batch_size!r}."
-            )
-        fitted = self.config_
-        if fitted.n_stages == 1:
-            return self._forward(X)
-        n = X.shape[0]
-        # the fit's configuration, on devices named as the user named them (to hold them again)
-        config = dataclasses.replace(
-            fitted, devices=resolve_devices(self.devices, fitted.n_stages, fitted.launcher)
-        )
-        spec = TrainSpec(
-            optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_
-        )
-        module = copy.deepcopy(self.module_)
-        with held_devices(config, self.devices) as held:
-            plan = make_plan(
-                module, held, rows_to_tensor(X, slice(0, min(held.microbatch_rows, n)))
-            )
-            with make_runner(plan, module, spec) as runner:
-                outs = [
-                    runner.predict(rows_to_tensor(X, slice(s, min(s + int(batch_size), n)))).numpy()
-                    for s in range(0, n, int(batch_size))
-                ]
-        return np.concatenate(outs, axis=0)
-
-    def _validate_X_predict(self, X: Any) -> Any:
-        check_is_fitted(self, "module_")
-        return self._to_csr(validate_data(self, X, reset=False, **self._X_CHECKS))
-
     def __sklearn_tags__(self):  # noqa: ANN204 - sklearn's Tags type is private
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = True
         tags.non_deterministic = False
         return tags
-
-    def _to_csr(self, X: Any) -> Any:
-        return X.tocsr() if sp.issparse(X) else X

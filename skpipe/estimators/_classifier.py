@@ -10,7 +10,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 from torch import nn
 
-from ._base import ATTRIBUTES_DOC, PARAMETERS_DOC, BasePipeNet
+from ._base import BasePipeNet
+from ._docs import ATTRIBUTES_DOC, PARAMETERS_DOC
 
 
 class PipeNetClassifier(ClassifierMixin, BasePipeNet):

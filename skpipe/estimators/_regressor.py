@@ -8,7 +8,8 @@ import numpy as np
 from sklearn.base import RegressorMixin
 from torch import nn
 
-from ._base import ATTRIBUTES_DOC, PARAMETERS_DOC, BasePipeNet
+from ._base import BasePipeNet
+from ._docs import ATTRIBUTES_DOC, PARAMETERS_DOC
 
 
 class PipeNetRegressor(RegressorMixin, BasePipeNet):

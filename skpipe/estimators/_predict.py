@@ -1,0 +1,100 @@
+"""The prediction path both estimators share: the network's outputs in batches on the CPU, or
+through the pipeline's stages (``forward_pipelined``)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
+
+from ..engine._config import PipelineConfig, TrainSpec
+from ..engine._devices import resolve_devices
+from ..engine._plan import make_plan
+from ..engine._runners import held_devices, make_runner
+from ._data import rows_to_tensor
+
+
+class PredictMixin:
+    """Outputs of the fitted network (``module_``) for validated X."""
+
+    module_: nn.Module
+    criterion_: nn.Module
+    config_: PipelineConfig
+    batch_size: int | str
+    devices: Any
+    _X_CHECKS: dict[str, Any]
+
+    def _forward(self, X: Any) -> np.ndarray:
+        """Network outputs for validated X, in batches, on the CPU."""
+        module = self.module_
+        module.eval()
+        n = X.shape[0]
+        step = max(1024, int(self.batch_size) if self.batch_size != "all" else n)
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, n, step):
+                xb = rows_to_tensor(X, slice(start, min(start + step, n)))
+                outs.append(module(xb).float().numpy())
+        return np.concatenate(outs, axis=0)  # validation refused an empty X
+
+    def forward_pipelined(self, X: Any, *, batch_size: int = 4096) -> np.ndarray:
+        """Raw network outputs for X computed by the pipeline's stages (forward only).
+
+        For inputs too large for one device: the fitted network is split as in ``fit`` and
+        each batch flows through the stages' workers (warm ones when a fit left them up), on
+        devices held for this call as a fit holds them. The numbers are those of ``module_``
+        (logits for the classifier).
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+            Rows to run through the network.
+        batch_size : int, default=4096
+            Rows sent through the pipeline at a time.
+
+        Returns
+        -------
+        outputs : ndarray of shape (n_samples, n_outputs)
+            The network's raw outputs.
+        """
+        X = self._validate_X_predict(X)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(
+                f"forward_pipelined's batch_size must be a positive int; got {batch_size!r}."
+            )
+        fitted = self.config_
+        if fitted.n_stages == 1:
+            return self._forward(X)
+        n = X.shape[0]
+        # the fit's configuration, on devices named as the user named them (to hold them again)
+        config = dataclasses.replace(
+            fitted, devices=resolve_devices(self.devices, fitted.n_stages, fitted.launcher)
+        )
+        spec = TrainSpec(
+            optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_
+        )
+        module = copy.deepcopy(self.module_)
+        with held_devices(config, self.devices) as held:
+            plan = make_plan(
+                module, held, rows_to_tensor(X, slice(0, min(held.microbatch_rows, n)))
+            )
+            with make_runner(plan, module, spec) as runner:
+                outs = [
+                    runner.predict(rows_to_tensor(X, slice(s, min(s + int(batch_size), n)))).numpy()
+                    for s in range(0, n, int(batch_size))
+                ]
+        return np.concatenate(outs, axis=0)
+
+    def _validate_X_predict(self, X: Any) -> Any:
+        check_is_fitted(self, "module_")
+        return self._to_csr(validate_data(self, X, reset=False, **self._X_CHECKS))
+
+    def _to_csr(self, X: Any) -> Any:
+        return X.tocsr() if sp.issparse(X) else X
