@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from skpipe.engine._config import PipelineConfig, make_config
+
 
 def emit(name: str, figures: dict) -> None:
     """Print the one JSON line a benchmark reports."""
@@ -61,3 +63,16 @@ class SleepLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Sleep.apply(x, self.f, self.b) * self.scale
+
+
+def cpu_config(
+    *, n_stages: int, n_microbatches: int, schedule: str, batch_size: int,
+    launcher: str = "spawn", checkpoint: str = "never",
+) -> PipelineConfig:
+    """A pipeline configuration on CPU workers with the defaults every benchmark shares."""
+    return make_config(
+        n_stages=n_stages, n_microbatches=n_microbatches, schedule=schedule,
+        chunks_per_stage="auto", balance="uniform", checkpoint=checkpoint, launcher=launcher,
+        devices=("cpu",) * n_stages, batch_size=batch_size, precision="float32",
+        max_grad_norm=None, timeout=300.0,
+    )

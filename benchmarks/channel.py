@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, median  # noqa: E402
+from _common import cpu_config, emit, median  # noqa: E402
 
 from skpipe import shutdown_workers  # noqa: E402
-from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
+from skpipe.engine._config import TrainSpec  # noqa: E402
 from skpipe.engine._plan import make_plan  # noqa: E402
 from skpipe.engine._runners import make_runner  # noqa: E402
 
@@ -32,20 +32,8 @@ ROWS = 256
 
 def step_ms(launcher: str, n_features: int, steps: int) -> float:
     p = 1 if launcher == "single" else 2
-    cfg = make_config(
-        n_stages=p,
-        n_microbatches=4 if p > 1 else 1,
-        schedule="1f1b",
-        chunks_per_stage="auto",
-        balance="uniform",
-        checkpoint="never",
-        launcher=launcher,
-        devices=("cpu",) * p,
-        batch_size=ROWS,
-        precision="float32",
-        max_grad_norm=None,
-        timeout=300.0,
-    )
+    cfg = cpu_config(n_stages=p, n_microbatches=4 if p > 1 else 1, schedule="1f1b",
+                     batch_size=ROWS, launcher=launcher)
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Linear(n_features, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)

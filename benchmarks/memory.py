@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit  # noqa: E402
+from _common import cpu_config, emit  # noqa: E402
 
 from skpipe import shutdown_workers  # noqa: E402
-from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
+from skpipe.engine._config import TrainSpec  # noqa: E402
 from skpipe.engine._plan import make_plan  # noqa: E402
 from skpipe.engine._runners import make_runner  # noqa: E402
 
@@ -28,20 +28,8 @@ from skpipe.engine._runners import make_runner  # noqa: E402
 def peak_per_stage(
     schedule: str, p: int, m: int, checkpoint: str, width: int, depth_per_chunk: int, batch: int
 ) -> list[float]:
-    cfg = make_config(
-        n_stages=p,
-        n_microbatches=m,
-        schedule=schedule,
-        chunks_per_stage="auto",
-        balance="uniform",
-        checkpoint=checkpoint,
-        launcher="spawn",
-        devices=("cpu",) * p,
-        batch_size=batch,
-        precision="float32",
-        max_grad_norm=None,
-        timeout=300.0,
-    )
+    cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=batch,
+                     checkpoint=checkpoint)
     layers = []
     for _ in range(cfg.n_chunks * depth_per_chunk):
         layers += [nn.Linear(width, width), nn.Tanh()]

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SleepLayer, emit, median  # noqa: E402
+from _common import SleepLayer, cpu_config, emit, median  # noqa: E402
 
 from skpipe.engine import _schedules as S  # noqa: E402
-from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
+from skpipe.engine._config import TrainSpec  # noqa: E402
 from skpipe.engine._plan import make_plan  # noqa: E402
 from skpipe.engine._runners import make_runner  # noqa: E402
 
@@ -102,20 +102,7 @@ def raw_step_time(schedule, p, m, f, b, steps, batch) -> float:  # noqa: ANN001
 def skpipe_step_time(schedule, p, m, f, b, steps, batch) -> float:  # noqa: ANN001
     v = S.resolve_chunks(schedule, "auto")
     net = network(p, v, f, b)
-    cfg = make_config(
-        n_stages=p,
-        n_microbatches=m,
-        schedule=schedule,
-        chunks_per_stage="auto",
-        balance="uniform",
-        checkpoint="never",
-        launcher="spawn",
-        devices=("cpu",) * p,
-        batch_size=batch,
-        precision="float32",
-        max_grad_norm=None,
-        timeout=300.0,
-    )
+    cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=batch)
     spec = TrainSpec(
         optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss()
     )
