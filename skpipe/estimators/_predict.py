@@ -17,6 +17,7 @@ from torch import nn
 from ..engine._config import PipelineConfig, TrainSpec
 from ..engine._devices import resolve_devices
 from ..engine._plan import make_plan
+from ..engine._report import PlanReport
 from ..engine._runners import held_devices, make_runner
 from ._data import rows_to_tensor
 
@@ -27,6 +28,7 @@ class PredictMixin:
     module_: nn.Module
     criterion_: nn.Module
     config_: PipelineConfig
+    plan_: PlanReport
     batch_size: int | str
     devices: Any
     _X_CHECKS: dict[str, Any]
@@ -73,9 +75,12 @@ class PredictMixin:
         if fitted.n_stages == 1:
             return self._forward(X)
         n = X.shape[0]
-        # the fit's configuration, on devices named as the user named them (to hold them again)
+        # the fit's configuration and split (nothing is profiled again), on devices named as
+        # the user named them (to hold them again)
         config = dataclasses.replace(
-            fitted, devices=resolve_devices(self.devices, fitted.n_stages, fitted.launcher)
+            fitted,
+            devices=resolve_devices(self.devices, fitted.n_stages, fitted.launcher),
+            balance=tuple(chunk.n_layers for chunk in self.plan_.chunks),
         )
         spec = TrainSpec(
             optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_
