@@ -105,6 +105,12 @@ class Timeline:
     chunks_per_stage: int
     schedule: str
 
+    @classmethod
+    def of(cls, spans: list[Span], config: Any) -> Timeline:
+        """The timeline of spans recorded under ``config`` (a PipelineConfig)."""
+        return cls(spans, config.n_stages, config.n_microbatches, config.chunks_per_stage,
+                   config.schedule)
+
     @property
     def theoretical_bubble(self) -> float:
         return bubble_fraction(

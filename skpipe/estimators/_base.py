@@ -203,17 +203,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 plan = self._make_plan(module, config, inputs.sample)
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
                     history = self._train(runner, inputs, plan, warm, progress)
-                    timeline = (
-                        Timeline(
-                            runner.spans(),
-                            config.n_stages,
-                            plan.config.n_microbatches,
-                            config.chunks_per_stage,
-                            config.schedule,
-                        )
-                        if self.timeline_steps
-                        else None
-                    )
+                    timeline = Timeline.of(runner.spans(), plan.config) if self.timeline_steps else None
                     module = runner.collect()
         module.eval()
         self.module_ = module
