@@ -203,7 +203,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 plan = self._make_plan(module, config, inputs.sample)
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
                     history = self._train(runner, inputs, plan, warm, progress)
-                    timeline = Timeline.of(runner.spans(), plan.config) if self.timeline_steps else None
+                    spans = runner.spans() if self.timeline_steps else None
                     module = runner.collect()
         module.eval()
         self.module_ = module
@@ -212,7 +212,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self.n_iter_ = len(history)
         self.config_ = plan.config
         self.plan_ = plan.report()
-        self.timeline_ = timeline
+        self.timeline_ = None if spans is None else Timeline.of(spans, plan.config)
         progress.call_on_fit_task_end(estimator=self, X=inputs.X, y=y)
         return self
 
