@@ -44,28 +44,51 @@ class PrefixedParamsMixin(BaseEstimator):
         return params
 
     def set_params(self, **params: Any) -> Any:
-        """Set parameters, including prefixed ones (``module__hidden_layer_sizes``); like the
-        constructor, it stores what it is given and ``fit`` validates it."""
+        """Set parameters, including prefixed ones (``module__hidden_layer_sizes``).
+
+        A name that is neither a parameter nor a routed prefix raises ``ValueError`` here, where
+        the typo is made, with the closest valid name; values are stored as given and ``fit``
+        validates them.
+        """
+        for key in params:
+            unknown = self._unknown_name(key)
+            if unknown is not None:
+                raise ValueError(
+                    f"Invalid parameter {key!r} for estimator {type(self).__name__}.{unknown} "
+                    f"Valid parameters are its signature's and the prefixed ones "
+                    f"({', '.join(p + '__*' for p in PREFIXES)})."
+                )
         for key, value in params.items():
             setattr(self, key, value)
         return self
 
+    def _unknown_name(self, key: str) -> str | None:
+        """None for a valid parameter name; else the ' Did you mean ...?' hint (maybe empty).
+
+        The name of the constructor's ``**kwargs`` passes like the constructor takes it
+        (scikit-learn's checks set every signature name); ``fit`` reports it.
+        """
+        if key in self._get_param_names() or key == "kwargs":
+            return None
+        prefix, sep, rest = key.partition("__")
+        if sep and prefix in PREFIXES and rest:
+            return None
+        names = self._get_param_names() + [p + "__" for p in PREFIXES]
+        close = difflib.get_close_matches(key, names, n=1)
+        if not close:
+            for p in PREFIXES:  # module_hidden -> module__hidden
+                if key.startswith(p + "_") and not key.startswith(p + "__"):
+                    close = [p + "__" + key[len(p) :].lstrip("_")]
+        return f" Did you mean {close[0]!r}?" if close else ""
+
     def _validate_prefixed(self) -> None:
         for key in self._prefixed_params():
-            prefix, sep, rest = key.partition("__")
-            if sep and prefix in PREFIXES and rest:
-                continue
-            names = self._get_param_names() + [p + "__" for p in PREFIXES]
-            close = difflib.get_close_matches(key, names, n=1)
-            if not close:
-                for p in PREFIXES:  # module_hidden -> module__hidden
-                    if key.startswith(p + "_") and not key.startswith(p + "__"):
-                        close = [p + "__" + key[len(p) :].lstrip("_")]
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(
-                f"{type(self).__name__} got an unexpected parameter {key!r}.{hint} Prefixed "
-                f"parameters are routed by prefix: {', '.join(p + '__*' for p in PREFIXES)}."
-            )
+            hint = "" if key == "kwargs" else self._unknown_name(key)
+            if hint is not None:
+                raise TypeError(
+                    f"{type(self).__name__} got an unexpected parameter {key!r}.{hint} Prefixed "
+                    f"parameters are routed by prefix: {', '.join(p + '__*' for p in PREFIXES)}."
+                )
 
 
 def build_module(

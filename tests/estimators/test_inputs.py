@@ -245,3 +245,30 @@ def test_numpy_integer_parameters_fit_like_python_ints(classification_data, para
     ref = PipeNetClassifier(**{**base, param: plain}).fit(X, y)
     est = PipeNetClassifier(**{**base, param: value}).fit(X, y)
     np.testing.assert_array_equal(est.predict_proba(X), ref.predict_proba(X))
+
+
+# -- typos are caught where they are made ---------------------------------------------------
+@pytest.mark.parametrize("key,hint", [
+    ("n_stage", r"Did you mean 'n_stages'\?"),
+    ("module_hidden_layer_sizes", r"Did you mean 'module__hidden_layer_sizes'\?"),
+    ("moduel__width", r"Did you mean 'module__'\?"),
+    ("zzz", r"Valid parameters are"),
+])
+def test_set_params_refuses_unknown_names(key, hint):
+    est = PipeNetClassifier()
+    with pytest.raises(ValueError, match=rf"Invalid parameter '{key}' for estimator PipeNetClassifier\..*{hint}"):
+        est.set_params(**{key: 2})
+    assert key not in est.get_params()
+
+
+def test_set_params_stores_values_unvalidated_and_prefixed_names_free_form():
+    est = PipeNetClassifier().set_params(n_stages=-3, module__anything=1, optimizer__betas=(0.8, 0.9))
+    assert est.get_params()["n_stages"] == -3 and est.get_params()["module__anything"] == 1
+
+
+def test_a_grid_with_a_typo_names_it(classification_data):
+    from sklearn.model_selection import GridSearchCV
+
+    search = GridSearchCV(PipeNetClassifier(max_epochs=1), {"n_stage": [1, 2]}, cv=2)
+    with pytest.raises(ValueError, match=r"Invalid parameter 'n_stage'.*Did you mean 'n_stages'"):
+        search.fit(*classification_data)
