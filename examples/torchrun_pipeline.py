@@ -16,9 +16,10 @@ import argparse
 
 import torch.distributed as dist
 from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
 
-from skpipe._demo import penguin_pipeline
-from skpipe.datasets import load_penguins
+from skpipe import PipeNetClassifier
+from skpipe.datasets import load_penguins, penguin_preprocessor
 
 
 def main() -> None:
@@ -31,13 +32,17 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     X, y = load_penguins(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, random_state=0, stratify=y)
-    pipe = penguin_pipeline(
+    net = PipeNetClassifier(
+        lr=0.01,
+        batch_size=32,
+        random_state=0,
         n_stages=world,
         launcher="torchrun",
         schedule=args.schedule,
         n_microbatches=2 * world,
         max_epochs=args.max_epochs,
     )
+    pipe = make_pipeline(penguin_preprocessor(), net)
     pipe.fit(X_train, y_train)
     accuracy = pipe.score(X_test, y_test)
     net = pipe[-1]

@@ -6,27 +6,11 @@ import time
 from typing import Any
 
 import numpy as np
-from sklearn.compose import ColumnTransformer, make_column_selector
-from sklearn.impute import SimpleImputer
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from .datasets import load_penguins
+from .datasets import load_penguins, penguin_preprocessor
 from .estimators import PipeNetClassifier
-
-
-def penguin_preprocessor() -> ColumnTransformer:
-    numeric = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
-    categorical = make_pipeline(
-        SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore")
-    )
-    return ColumnTransformer(
-        [
-            ("numeric", numeric, make_column_selector(dtype_include="number")),
-            ("categorical", categorical, make_column_selector(dtype_exclude="number")),
-        ]
-    )
 
 
 def penguin_pipeline(**params: Any) -> Pipeline:

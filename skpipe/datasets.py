@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from sklearn.compose import ColumnTransformer
 
 
 def load_penguins(*, return_X_y: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.Series]:
@@ -28,3 +32,36 @@ def load_penguins(*, return_X_y: bool = False) -> pd.DataFrame | tuple[pd.DataFr
     if not return_X_y:
         return frame
     return frame.drop(columns="species"), frame["species"]
+
+
+def penguin_preprocessor() -> ColumnTransformer:
+    """The preprocessing the penguins data needs: numbers imputed (median) and scaled, text
+    columns imputed (most frequent) and one-hot encoded (unknown categories ignored).
+
+    Returns
+    -------
+    ColumnTransformer
+        Unfitted; put it before the estimator in a ``Pipeline``.
+
+    Examples
+    --------
+    >>> from skpipe.datasets import load_penguins, penguin_preprocessor
+    >>> X, y = load_penguins(return_X_y=True)
+    >>> penguin_preprocessor().fit_transform(X).shape
+    (344, 10)
+    """
+    from sklearn.compose import ColumnTransformer, make_column_selector
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    numeric = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
+    categorical = make_pipeline(
+        SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore")
+    )
+    return ColumnTransformer(
+        [
+            ("numeric", numeric, make_column_selector(dtype_include="number")),
+            ("categorical", categorical, make_column_selector(dtype_exclude="number")),
+        ]
+    )

@@ -32,3 +32,18 @@ def test_sphinx_builds_clean(tmp_path, builder):
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_readme_example_imports_only_public_names():
+    import ast
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            module = getattr(node, "module", "") or ""
+            names = [a.name for a in node.names]
+            assert not any(part.startswith("_") for part in module.split(".")), module
+            assert not any(n.startswith("_") for n in names), names

@@ -18,7 +18,8 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 
 from skpipe import PipeNetClassifier, PipeNetRegressor
-from skpipe._demo import penguin_grid, penguin_pipeline, penguin_preprocessor
+from skpipe._demo import penguin_grid, penguin_pipeline
+from skpipe.datasets import penguin_preprocessor
 from skpipe.datasets import load_penguins
 
 
