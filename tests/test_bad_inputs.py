@@ -87,6 +87,9 @@ CASES = [
     ("warm_start", dict(SPAWN, warm_start="yes"), X, Y, ValueError, r"The 'warm_start' parameter .*Got 'yes' instead"),
     ("callbacks", dict(SPAWN, callbacks="ProgressBar"), X, Y, ValueError, r"The 'callbacks' parameter .*Got 'ProgressBar' instead"),
     ("train_split", dict(SPAWN, train_split=5), X, Y, ValueError, r"The 'train_split' parameter .*Got 5 instead"),
+    ("output-width", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 5))), X, Y, ValueError, r"The network outputs 5 values per row but y has 3 classes: PipeNetClassifier passes n_outputs=3"),
+    ("criterion-targets", dict(SPAWN, criterion=nn.MSELoss), X, Y, ValueError, r"criterion MSELoss cannot compare the network's outputs \(shape \(4, 3\), torch.float32\) with the targets PipeNetClassifier passes it \(shape \(4,\), torch.int64"),
+    ("batchnorm-1-row", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)), batch_size=4, n_microbatches=4), X, Y, ValueError, r"BatchNorm needs at least 2 rows per micro-batch in training, but batch_size=4 with n_microbatches=4 makes micro-batches of 1 row"),
     ("module-params-with-instance", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 3)), module__hidden_layer_sizes=(3,)), X, Y, ValueError, r"module__ parameters \['hidden_layer_sizes'\] were given, but module is an instance \(Sequential\)"),
 ]
 
@@ -132,3 +135,13 @@ def test_wrong_feature_count_at_predict():
     est = PipeNetClassifier(max_epochs=1).fit(X, Y)
     with pytest.raises(ValueError, match=r"X has 4 features, but PipeNetClassifier is expecting 5 features"):
         est.predict(X[:, :4])
+
+
+def test_regressor_output_width_and_ragged_batchnorm_batches(no_worker_may_start):
+    y2 = np.c_[X[:, 0], X[:, 1]]
+    with pytest.raises(ValueError, match=r"The network outputs 1 values per row but y has 2 target columns"):
+        PipeNetRegressor(module=nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1)),
+                         **SPAWN).fit(X, y2)
+    bn = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"makes micro-batches of 1 row\(s\) \(the last batch of the 40 rows has 1\)"):
+        PipeNetClassifier(module=bn, batch_size=39, max_epochs=1).fit(X, Y)

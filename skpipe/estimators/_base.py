@@ -42,6 +42,7 @@ from ..engine._timeline import Timeline
 from ..modules import MLP
 from ._data import rows_to_tensor
 from ._loop import ClassifierTrainingLoop, TrainingLoop
+from ._checks import check_batchnorm_rows, check_network_fits_data
 from ._params import PrefixedParamsMixin, build_criterion, build_module
 from ._predict import PredictMixin
 
@@ -200,7 +201,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             module = copy.deepcopy(self.module_) if warm else self._build_module(inputs)
             # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
             with held_devices(inputs.config, self.devices) as config:
-                plan = self._make_plan(module, config, inputs.sample)
+                plan = self._make_plan(module, config, inputs)
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
                     history = self._train(runner, inputs, plan, warm, progress)
                     spans = runner.spans() if self.timeline_steps else None
@@ -279,15 +280,19 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             inputs.n_outputs,
         )
 
-    def _make_plan(self, module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -> Plan:
-        """The plan of the fit, with the micro-batch count chosen under the memory budget."""
-        plan = make_plan(module, config, sample)
-        if (
-            self.stage_memory_budget is not None
-            and self.n_microbatches == "auto"
-            and self.n_stages > 1
-        ):
-            plan = fit_budget(plan, float(self.stage_memory_budget))
+    def _make_plan(self, module: nn.Module, config: PipelineConfig, inputs: FitInputs) -> Plan:
+        """The plan of the fit, with the micro-batch count chosen under the memory budget, and
+        the network checked against the data on the plan's sample (before any worker)."""
+        n_rows = len(inputs.y) if self.train_split is None else None
+        check_batchnorm_rows(module, config, n_rows)  # measuring would run into it first
+        plan = make_plan(module, config, inputs.sample)
+        budget = self.stage_memory_budget
+        if budget is not None and self.n_microbatches == "auto" and self.n_stages > 1:
+            plan = fit_budget(plan, float(budget))
+            check_batchnorm_rows(module, plan.config, n_rows)
+        check_network_fits_data(
+            type(self).__name__, plan, inputs.criterion, inputs.y, inputs.n_outputs
+        )
         return plan
 
     def _callback_list(self) -> list[Any]:
@@ -371,7 +376,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(inputs.seed)
             module = est._build_module(inputs)
-        return est._make_plan(module, inputs.config, inputs.sample).report()
+        return est._make_plan(module, inputs.config, inputs).report()
 
     def __sklearn_tags__(self):  # noqa: ANN204 - sklearn's Tags type is private
         tags = super().__sklearn_tags__()

@@ -1,0 +1,89 @@
+"""Checks of the network against the data, made on the plan's sample before any worker starts:
+mistakes a user meets in the first hour get a message naming the values, not torch's shapes."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine._config import PipelineConfig
+from ..engine._plan import Plan
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def check_network_fits_data(
+    owner: str,
+    plan: Plan,
+    criterion: nn.Module,
+    y: np.ndarray,
+    n_outputs: int,
+) -> None:
+    """Raise ValueError when the network's output width or the criterion does not fit y."""
+    out_shape = tuple(plan.shapes[-1])
+    if out_shape != (n_outputs,):
+        what = "classes" if owner.endswith("Classifier") else "target columns"
+        raise ValueError(
+            f"The network outputs {out_shape[0] if len(out_shape) == 1 else out_shape} values per "
+            f"row but y has {n_outputs} {what}: {owner} passes n_outputs={n_outputs} to a module "
+            f"class whose constructor takes it, and needs one output per "
+            f"{'class' if what == 'classes' else 'target column'}. Build the module with "
+            f"n_outputs={n_outputs} outputs."
+        )
+    rows = min(4, len(y))
+    outputs = torch.zeros((rows,) + out_shape)
+    targets = torch.from_numpy(np.ascontiguousarray(y[:rows]))
+    try:
+        # torch only warns when a criterion broadcasts mismatched shapes: here that is an error
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            loss = criterion(outputs, targets)
+        if loss.dim() != 0:
+            raise ValueError(f"it returned shape {tuple(loss.shape)} instead of one number")
+    except (RuntimeError, ValueError, IndexError, TypeError, UserWarning) as exc:
+        kind = (
+            "class indices (int64, 0..n_classes-1)"
+            if owner.endswith("Classifier")
+            else "float32 values, one column per target"
+        )
+        raise ValueError(
+            f"criterion {type(criterion).__name__} cannot compare the network's outputs "
+            f"(shape {tuple(outputs.shape)}, {outputs.dtype}) with the targets {owner} passes it "
+            f"(shape {tuple(targets.shape)}, {targets.dtype}: {kind}): {exc}"
+        ) from None
+
+
+def check_batchnorm_rows(module: nn.Module, config: PipelineConfig, n_rows: int | None) -> None:
+    """BatchNorm cannot train on a micro-batch of one row: say which parameters make one.
+
+    ``n_rows``: the rows the fit trains on when known (no ``train_split``), for the ragged last
+    batch.
+    """
+    if not any(isinstance(m, _BATCH_NORMS) for m in module.modules()):
+        return
+    smallest = _smallest_microbatch(config, n_rows)
+    if smallest < 2:
+        raise ValueError(
+            f"BatchNorm needs at least 2 rows per micro-batch in training, but batch_size="
+            f"{config.batch_size} with n_microbatches={config.n_microbatches} makes micro-batches "
+            f"of {smallest} row(s){_ragged_note(config, n_rows)}. Lower n_microbatches or raise "
+            "batch_size."
+        )
+
+
+def _smallest_microbatch(cfg: PipelineConfig, n_rows: int | None) -> int:
+    """Rows of the smallest micro-batch a training step sees (over full and ragged batches)."""
+    if cfg.n_stages > 1:  # every batch is padded to a fixed micro-batch size
+        return cfg.microbatch_rows
+    batches = [cfg.batch_size]
+    if n_rows is not None and n_rows % cfg.batch_size:
+        batches.append(n_rows % cfg.batch_size)
+    return min(b // min(cfg.n_microbatches, b) for b in batches)
+
+
+def _ragged_note(cfg: PipelineConfig, n_rows: int | None) -> str:
+    last = 0 if n_rows is None or cfg.n_stages > 1 else n_rows % cfg.batch_size
+    return f" (the last batch of the {n_rows} rows has {last})" if last else ""
