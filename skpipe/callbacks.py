@@ -75,7 +75,7 @@ class CheckpointKey:
             h = hashlib.sha256()
             h.update(self._params.encode())
             h.update(joblib.hash(self._X).encode())
-            h.update(joblib.hash(np.asarray(self._y)).encode())
+            h.update(joblib.hash(self._y).encode())
             self._fingerprint = h.hexdigest()[:16]
             self._X = self._y = None
         return self._fingerprint

@@ -90,6 +90,7 @@ CASES = [
     ("output-width", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 5))), X, Y, ValueError, r"The network outputs 5 values per row but y has 3 classes: PipeNetClassifier passes n_outputs=3"),
     ("criterion-targets", dict(SPAWN, criterion=nn.MSELoss), X, Y, ValueError, r"criterion MSELoss cannot compare the network's outputs \(shape \(4, 3\), torch.float32\) with the targets PipeNetClassifier passes it \(shape \(4,\), torch.int64"),
     ("batchnorm-1-row", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)), batch_size=4, n_microbatches=4), X, Y, ValueError, r"BatchNorm needs at least 2 rows per micro-batch in training, but batch_size=4 with n_microbatches=4 makes micro-batches of 1 row"),
+    ("class_weight", dict(SPAWN, class_weight="uniform"), X, Y, ValueError, r"The 'class_weight' parameter of PipeNetClassifier must be .*Got 'uniform' instead"),
     ("module-params-with-instance", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 3)), module__hidden_layer_sizes=(3,)), X, Y, ValueError, r"module__ parameters \['hidden_layer_sizes'\] were given, but module is an instance \(Sequential\)"),
 ]
 

@@ -36,8 +36,10 @@ class LocalRunner(Runner):
     def optimizer(self) -> torch.optim.Optimizer:
         return self.host.optimizer
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, out = self.host.train_step(x, y, x.shape[0])
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, out = self.host.train_step(x, y, x.shape[0], w)
         if loss is None or out is None:  # pragma: no cover - the one process holds the last chunk
             raise RuntimeError("the local pipeline returned no loss")
         return loss.cpu(), out.cpu()

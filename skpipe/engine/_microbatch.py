@@ -9,6 +9,7 @@ gradient equals the gradient of the loss over the real batch, whatever the micro
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -51,19 +52,24 @@ def reduction_of(criterion: nn.Module) -> str:
 class WeightedLoss:
     """Loss of one micro-batch, weighted so that micro-batch losses sum to the batch loss.
 
-    ``set_batch(y, n_real)`` before each step; the schedule then calls ``self(output, idx)`` once
-    per micro-batch with the row indices of that micro-batch.
+    ``set_batch(y, n_real, w)`` before each step; the schedule then calls ``self(output, idx)``
+    once per micro-batch with the row indices of that micro-batch. With per-row weights ``w`` the
+    batch loss is sum(w_i * loss_i) / sum(w_i) for a 'mean' criterion and sum(w_i * loss_i) for a
+    'sum' one, loss_i being row i's loss (its elements averaged, or summed, like the criterion).
     """
 
     def __init__(self, criterion: nn.Module) -> None:
         self.criterion = criterion
         self.reduction = reduction_of(criterion)
         self.y: torch.Tensor | None = None
+        self.w: torch.Tensor | None = None
         self.n_real = 0
 
-    def set_batch(self, y: torch.Tensor, n_real: int) -> None:
+    def set_batch(self, y: torch.Tensor, n_real: int, w: torch.Tensor | None = None) -> None:
         self.y = y
         self.n_real = n_real
+        self.w = w
+        self._w_total = float(w.sum()) if w is not None else 0.0
 
     def __call__(self, output: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if self.y is None:
@@ -72,10 +78,32 @@ class WeightedLoss:
         n = int(real.sum())
         if n == 0:
             return output.sum() * 0.0
-        if n == idx.shape[0]:
-            loss = self.criterion(output, self.y[idx])
-        else:
-            loss = self.criterion(output[real], self.y[idx[real]])
+        out, rows = (output, idx) if n == idx.shape[0] else (output[real], idx[real])
+        if self.w is not None:
+            if self._w_total == 0:  # a batch whose rows all weigh 0 teaches nothing
+                return output.sum() * 0.0
+            per_row = row_losses(self.criterion, self.reduction, out, self.y[rows])
+            weighted = (per_row * self.w[rows].to(per_row.dtype)).sum()
+            return weighted / self._w_total if self.reduction == "mean" else weighted
+        loss = self.criterion(out, self.y[rows])
         if self.reduction == "mean":
             loss = loss * (n / self.n_real)
         return loss
+
+
+def row_losses(
+    criterion: nn.Module, reduction: str, output: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Each row's loss: the criterion without reduction, its elements averaged ('mean') or summed
+    ('sum') within the row, as the criterion would over the batch."""
+    unreduced = copy.copy(criterion)
+    unreduced.__dict__["reduction"] = "none"  # a plain attribute on torch's losses
+    losses = unreduced(output, target)
+    if losses.dim() == 0 or losses.shape[0] != output.shape[0]:
+        raise ValueError(
+            f"criterion {type(criterion).__name__} with reduction='none' returned shape "
+            f"{tuple(losses.shape)}, not one loss per row ({output.shape[0]} rows): sample "
+            "weights need a criterion whose unreduced loss has the rows first."
+        )
+    flat = losses.reshape(losses.shape[0], -1)
+    return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)

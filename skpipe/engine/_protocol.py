@@ -39,11 +39,13 @@ class Setup(Message):
 
 @dataclass(frozen=True)
 class Step(Message):
-    """One optimizer step; ``x`` goes to the rank of the first chunk, ``y`` to the last."""
+    """One optimizer step; ``x`` goes to the rank of the first chunk, ``y`` (and the rows'
+    sample weights ``w``, if any) to the last."""
 
     x: Any  # numpy array or None
     y: Any
     n_real: int
+    w: Any = None
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,10 @@ class Runner(ABC):
         return None
 
     @abstractmethod
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch; ``w`` the rows' sample weights (None: unweighted)."""
 
     @abstractmethod
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...

@@ -60,29 +60,38 @@ class SingleRunner(Runner):
         out: torch.Tensor = self.module(x)
         return out
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._meter is not None:
             with self._meter.track():
-                return self._train_step(x, y)
-        return self._train_step(x, y)
+                return self._train_step(x, y, w)
+        return self._train_step(x, y, w)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.module.train()
         self._optimizer.zero_grad(set_to_none=True)
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         n = x.shape[0]
         m = min(self.config.n_microbatches, n)
+        w = None if w is None else w.to(self.device, non_blocking=True)
         if m == 1:
             t0 = time.time()
             out = self._forward(x)
-            loss = self.loss.criterion(out, y)
+            if w is None:
+                loss = self.loss.criterion(out, y)
+            else:
+                self.loss.set_batch(y, n, w)
+                loss = self.loss(out, torch.arange(n, device=self.device))
             self._span("F", 0, t0)
             t0 = time.time()
             loss.backward()
             self._span("B", 0, t0)
         else:  # gradient accumulation, weighted so the sum is the batch loss exactly
-            self.loss.set_batch(y, n)
+            self.loss.set_batch(y, n, w)
             outs, total = [], torch.zeros((), device=self.device)
             for mb, idx in enumerate(torch.arange(n, device=self.device).tensor_split(m)):
                 t0 = time.time()

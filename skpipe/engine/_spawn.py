@@ -49,11 +49,18 @@ class SpawnRunner(Runner):
         """A tensor as numpy for the rank that needs it; None for the others."""
         return t.numpy() if rank == holder else None
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         replies = self.group.ask_all(
             [
-                P.Step(self._to(r, self.first, x), self._to(r, self.last, y), n)
+                P.Step(
+                    self._to(r, self.first, x),
+                    self._to(r, self.last, y),
+                    n,
+                    None if w is None else self._to(r, self.last, w),
+                )
                 for r in range(self.config.n_stages)
             ]
         )

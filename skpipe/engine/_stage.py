@@ -170,12 +170,17 @@ class StageHost:
             chunk.train(mode)
 
     def train_step(
-        self, x: torch.Tensor | None, y: torch.Tensor | None, n_real: int
+        self,
+        x: torch.Tensor | None,
+        y: torch.Tensor | None,
+        n_real: int,
+        w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One optimizer step over a batch of ``n_real`` rows.
 
-        ``x`` is needed where the first chunk lives, ``y`` where the last one lives. Returns the
-        batch loss and the real rows' outputs on the process holding the last chunk.
+        ``x`` is needed where the first chunk lives, ``y`` (and the rows' weights ``w``, if any)
+        where the last one lives. Returns the batch loss and the real rows' outputs on the
+        process holding the last chunk.
         """
         self.train(True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,7 +195,11 @@ class StageHost:
         losses: list[torch.Tensor] | None = None
         if self.holds_last:
             assert y is not None
-            self.loss.set_batch(y.to(self.device, non_blocking=True), n_real)
+            self.loss.set_batch(
+                y.to(self.device, non_blocking=True),
+                n_real,
+                None if w is None else w.to(self.device, non_blocking=True),
+            )
             target = row_targets(n_real, rows, self.device)
             losses = []
         uninstall = None

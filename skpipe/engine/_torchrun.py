@@ -63,9 +63,11 @@ class TorchrunRunner(Runner):
         dist.broadcast(buf, group_src=self.last)
         return buf.cpu()
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
-        loss, out = self.host.train_step(x, y, n)
+        loss, out = self.host.train_step(x, y, n, w)
         shared_loss = self._share(None if loss is None else loss.reshape(()).to(self.device), ())
         return shared_loss, self._share(out, (n,) + self.plan.shapes[-1])
 

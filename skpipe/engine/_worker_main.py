@@ -82,7 +82,7 @@ class Worker:
         )
 
     def step(self, m: P.Step) -> Any:
-        loss, out = self.stages().train_step(_tensor(m.x), _tensor(m.y), m.n_real)
+        loss, out = self.stages().train_step(_tensor(m.x), _tensor(m.y), m.n_real, _tensor(m.w))
         return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
 
     def forward(self, m: P.Forward) -> Any:

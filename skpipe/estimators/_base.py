@@ -18,7 +18,7 @@ import torch
 from sklearn.base import clone, is_classifier
 from sklearn.callback import CallbackSupportMixin, with_callbacks
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_random_state, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_random_state, validate_data
 from skorch.callbacks import LRScheduler
 from torch import nn
 
@@ -59,6 +59,7 @@ class FitInputs:
     spec: TrainSpec
     sample: torch.Tensor  # the first rows of X, to measure the chunks on
     checkpoint_digest: str | None  # the parameters' hash, when the fit uses checkpoints
+    sample_weight: np.ndarray | None  # per row of X, mean 1; None when every row weighs the same
 
 
 class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
@@ -167,7 +168,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
 
     # -- fit -----------------------------------------------------------------------------------
     @with_callbacks
-    def fit(self, X: Any, y: Any) -> BasePipeNet:
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> BasePipeNet:
         """Train the network on ``X`` and ``y``.
 
         Parameters
@@ -176,6 +177,10 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             Any numeric dtype; cast to float32 inside. Sparse rows are densified per batch.
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
             Class labels of any type (classifier) or numeric targets (regressor).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row: each batch's loss is sum(w_i * loss_i) / sum(w_i).
+            Rows of weight 0 are left out (as if absent); scaling every weight by a constant
+            changes nothing.
 
         Returns
         -------
@@ -184,16 +189,16 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         """
         before = dict(self.__dict__)
         try:
-            return self._fit(X, y)
+            return self._fit(X, y, sample_weight)
         except BaseException:
             # a failed or interrupted fit leaves the estimator exactly as it was
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
 
-    def _fit(self, X: Any, y: Any) -> BasePipeNet:
+    def _fit(self, X: Any, y: Any, sample_weight: Any = None) -> BasePipeNet:
         warm = self.warm_start and hasattr(self, "module_")
-        inputs = self._prepare(X, y, warm)
+        inputs = self._prepare(X, y, warm, sample_weight)
         progress = self._init_callback_context(max_subtasks=self.max_epochs)
         progress.call_on_fit_task_begin(estimator=self, X=inputs.X, y=y)
         with torch.random.fork_rng(devices=[]):
@@ -217,14 +222,24 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         progress.call_on_fit_task_end(estimator=self, X=inputs.X, y=y)
         return self
 
-    def _prepare(self, X: Any, y: Any, warm: bool) -> FitInputs:
+    def _prepare(self, X: Any, y: Any, warm: bool, sample_weight: Any = None) -> FitInputs:
         """Validate parameters and data; resolve the configuration. Raises before any worker."""
         self._validate_params()
         self._validate_prefixed()
         digest = params_hash(self.get_params()) if self._uses_checkpoints() else None
         X, y = validate_data(self, X, y, reset=not warm, **self._X_CHECKS, **self._Y_CHECKS)
         X = self._to_csr(X)
+        weights = None
+        if sample_weight is not None:
+            # refuses negative, non-finite and all-zero weights and a wrong length, by name
+            weights = _check_sample_weight(
+                sample_weight, X, dtype=np.float64, ensure_non_negative=True
+            )
+            keep = weights > 0  # a row of weight 0 is a row that is not there
+            if not keep.all():
+                X, y, weights = X[keep], y[keep], weights[keep]
         y_enc, n_outputs = self._validate_targets(y, reset=not warm)
+        weights = self._row_weights(y_enc, weights)
         launcher = resolve_launcher(self.launcher, self.n_stages)
         runner = runner_class(launcher)
         self._check_callbacks_fit(runner.optimizer_in_driver, launcher)
@@ -269,7 +284,15 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             spec=spec,
             sample=sample,
             checkpoint_digest=digest,
+            sample_weight=weights,
         )
+
+    def _row_weights(self, y_enc: np.ndarray, weights: np.ndarray | None) -> np.ndarray | None:
+        """Per-row weights scaled to mean 1 (so a constant factor changes nothing, and all-equal
+        weights are exactly the unweighted fit); None when every row weighs the same."""
+        if weights is None or np.all(weights == weights[0]):
+            return None
+        return weights / weights.mean()
 
     def _build_module(self, inputs: FitInputs) -> nn.Module:
         return build_module(
@@ -320,7 +343,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         key = None
         if inputs.checkpoint_digest is not None:
             layout = {"n_stages": plan.config.n_stages, "placement": plan.config.placement}
-            key = CheckpointKey(inputs.checkpoint_digest, inputs.X, inputs.y, layout)
+            key = CheckpointKey(
+                inputs.checkpoint_digest, inputs.X, (inputs.y, inputs.sample_weight), layout
+            )
         loop = ClassifierTrainingLoop if is_classifier(self) else TrainingLoop
         net = loop(
             module=runner.module,
@@ -341,6 +366,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             estimator=self,
             checkpoint_key=key,
             initial_history=self.history_ if warm else None,
+            sample_weight=inputs.sample_weight,
             **{
                 k: v
                 for k, v in self._prefixed_params().items()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from sklearn.base import ClassifierMixin
+from sklearn.utils._param_validation import StrOptions
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
+import torch
 from torch import nn
+
+from ..modules import MLP
 
 from ._base import BasePipeNet
 from ._docs import ATTRIBUTES_DOC, PARAMETERS_DOC
@@ -24,7 +30,15 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
     split into stages trained by torch's pipeline schedules, and the result is the same network
     a single device would have trained.
 """
-        + PARAMETERS_DOC
+        + PARAMETERS_DOC.replace(
+            "    criterion :",
+            """    class_weight : dict, 'balanced' or None, default=None
+        Weight of each class, multiplying the sample weights of its rows (as
+        ``LogisticRegression``): a dict ``{label: weight}`` (classes not named weigh 1) or
+        'balanced' (n_samples / (n_classes * count of the class)).
+    criterion :""",
+            1,
+        )
         + """
     Attributes
     ----------
@@ -49,6 +63,109 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
     )
 
     _DEFAULT_CRITERION = nn.CrossEntropyLoss
+
+    _parameter_constraints: dict[str, Any] = {
+        **BasePipeNet._parameter_constraints,
+        "class_weight": [dict, StrOptions({"balanced"}), None],
+    }
+
+    def __init__(
+        self,
+        module: type[nn.Module] | nn.Module = MLP,
+        *,
+        class_weight: dict[Any, float] | str | None = None,
+        criterion: type[nn.Module] | nn.Module | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+        lr: float = 0.001,
+        max_epochs: int = 100,
+        batch_size: int | str = 64,
+        callbacks: list[Any] | None = None,
+        train_split: Callable[..., Any] | None = None,
+        warm_start: bool = False,
+        random_state: int | np.random.RandomState | None = None,
+        verbose: int = 0,
+        devices: str | list[str] | tuple[str, ...] = "auto",
+        n_stages: int = 1,
+        n_microbatches: int | str = "auto",
+        schedule: str = "1f1b",
+        chunks_per_stage: int | str = "auto",
+        balance: str | list[int] | tuple[int, ...] = "uniform",
+        checkpoint: str = "never",
+        launcher: str = "auto",
+        precision: str = "float32",
+        max_grad_norm: float | None = None,
+        timeout: float = 300.0,
+        timeline_steps: int = 0,
+        stage_memory_budget: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            module,
+            criterion=criterion,
+            optimizer=optimizer,
+            lr=lr,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            callbacks=callbacks,
+            train_split=train_split,
+            warm_start=warm_start,
+            random_state=random_state,
+            verbose=verbose,
+            devices=devices,
+            n_stages=n_stages,
+            n_microbatches=n_microbatches,
+            schedule=schedule,
+            chunks_per_stage=chunks_per_stage,
+            balance=balance,
+            checkpoint=checkpoint,
+            launcher=launcher,
+            precision=precision,
+            max_grad_norm=max_grad_norm,
+            timeout=timeout,
+            timeline_steps=timeline_steps,
+            stage_memory_budget=stage_memory_budget,
+            **kwargs,
+        )
+        self.class_weight = class_weight
+
+
+    def _row_weights(self, y_enc: np.ndarray, weights: np.ndarray | None) -> np.ndarray | None:
+        """Sample weights times the weight of each row's class (``class_weight``), as
+        ``LogisticRegression`` combines them."""
+        if self.class_weight is not None:
+            per_class = self._class_weights(y_enc, weights)
+            rows = per_class[y_enc]
+            weights = rows if weights is None else weights * rows
+        if weights is not None and not weights.any():
+            raise ValueError(
+                f"class_weight={self.class_weight!r} with these sample weights gives every row "
+                "weight zero: there is nothing to train on."
+            )
+        return super()._row_weights(y_enc, weights)
+
+    def _class_weights(self, y_enc: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        if isinstance(self.class_weight, dict):
+            unknown = [k for k in self.class_weight if k not in set(self.classes_.tolist())]
+            if unknown:
+                raise ValueError(
+                    f"class_weight names class(es) {unknown} that y does not have "
+                    f"(classes_={self.classes_.tolist()})."
+                )
+            bad = {k: v for k, v in self.class_weight.items() if not (np.isfinite(v) and v >= 0)}
+            if bad:
+                raise ValueError(
+                    f"class_weight must map classes to non-negative finite weights; got {bad}."
+                )
+        given = self.class_weight
+        by_index: dict[int, float] | str = (
+            {i: float(given.get(c, 1.0)) for i, c in enumerate(self.classes_.tolist())}
+            if isinstance(given, dict)
+            else "balanced"
+        )
+        per_class = compute_class_weight(
+            by_index, classes=np.arange(len(self.classes_)), y=y_enc, sample_weight=weights
+        )
+        return np.asarray(per_class, dtype=np.float64)
 
     def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
         y = column_or_1d(y, warn=True)

@@ -35,7 +35,8 @@ class BatchIterator:
     """Slices shuffled rows into batches; what skorch's DataLoader does per sample, per batch.
 
     ``seed`` fixes the order of every epoch; the generator carries over between epochs, so the
-    epochs differ from one another but repeat exactly from fit to fit.
+    epochs differ from one another but repeat exactly from fit to fit. With ``weights`` (one per
+    row of the whole data) each batch also carries its rows' sample weights.
     """
 
     def __init__(
@@ -45,8 +46,10 @@ class BatchIterator:
         shuffle: bool = False,
         seed: int | None = None,
         drop_last: bool = False,
+        weights: np.ndarray | None = None,
     ) -> None:
         self.X, self.y, self.indices = _arrays(dataset)
+        self.weights = weights
         self.n = len(self.indices) if self.indices is not None else self.X.shape[0]
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -64,7 +67,7 @@ class BatchIterator:
             return self.n // self.batch_size
         return math.ceil(self.n / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order: np.ndarray | None = None
         if self.shuffle:
             order = self.rng.permutation(self.n)
@@ -78,4 +81,7 @@ class BatchIterator:
             rows = slice(start, end) if order is None else order[start:end]
             xb = rows_to_tensor(self.X, rows)
             yb = None if self.y is None else torch.from_numpy(np.ascontiguousarray(self.y[rows]))
-            yield xb, yb
+            if self.weights is None:
+                yield xb, yb  # type: ignore[misc]
+            else:
+                yield xb, yb, torch.from_numpy(np.ascontiguousarray(self.weights[rows]))  # type: ignore[misc]

@@ -14,11 +14,13 @@ import signal
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 from skorch import NeuralNet
 from skorch.dataset import unpack_data
 from skorch.history import History
 
+from ..engine._microbatch import WeightedLoss
 from ._data import BatchIterator
 
 
@@ -71,6 +73,7 @@ class TrainingLoop(NeuralNet):
         estimator: Any = None,
         checkpoint_key: Any = None,
         initial_history: History | None = None,
+        sample_weight: np.ndarray | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -80,6 +83,7 @@ class TrainingLoop(NeuralNet):
         self.estimator = estimator
         self.checkpoint_key = checkpoint_key
         self.initial_history = initial_history
+        self.sample_weight = sample_weight  # one per row of the X given to run(), or None
         self.skip_epochs = 0  # epochs a resumed fit already ran (set by LoadInitState)
         self.steps_taken = 0
         self.epoch_progress: Any = None
@@ -122,19 +126,19 @@ class TrainingLoop(NeuralNet):
         kwargs.setdefault("batch_size", self.batch_size)
         if kwargs["batch_size"] == -1:
             kwargs["batch_size"] = len(dataset)
-        iterator = BatchIterator(dataset, **kwargs)
+        iterator = BatchIterator(dataset, weights=self.sample_weight, **kwargs)
         if training:
             # a resumed fit continues the shuffling where the checkpointed fit left it
             iterator.skip_epochs(self.skip_epochs)
         return iterator
 
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
-        Xi, yi = unpack_data(batch)
+        Xi, yi, wi = _unpack(batch)
         if self.steps_taken == 1 and self.timeline_steps:
             # record from the second step: the first one also pays one-off set-up costs
             self.runner.record_timeline(self.timeline_steps)
         self.steps_taken += 1
-        loss, y_pred = self.runner.train_step(Xi, yi)
+        loss, y_pred = self.runner.train_step(Xi, yi, wi)
         return {"loss": loss, "y_pred": y_pred}
 
     # scikit-learn's callbacks (ProgressBar...) see one sub-task per epoch
@@ -151,16 +155,29 @@ class TrainingLoop(NeuralNet):
             self.epoch_progress = None
 
     def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
-        Xi, yi = unpack_data(batch)
+        Xi, yi, wi = _unpack(batch)
         y_pred = self.runner.predict(Xi)
         with torch.no_grad():
-            loss = self.criterion_(y_pred, yi)
+            if wi is None:
+                loss = self.criterion_(y_pred, yi)
+            else:  # the validation loss weighs rows as training does
+                weighted = WeightedLoss(self.criterion_)
+                weighted.set_batch(yi, len(yi), wi)
+                loss = weighted(y_pred, torch.arange(len(yi)))
         return {"loss": loss, "y_pred": y_pred}
 
     def evaluation_step(self, batch: Any, training: bool = False) -> torch.Tensor:
-        Xi, _ = unpack_data(batch)
+        Xi = _unpack(batch)[0]
         out: torch.Tensor = self.runner.predict(Xi)
         return out
+
+
+def _unpack(batch: Any) -> tuple[Any, Any, Any]:
+    """(X, y, sample weights or None) of a batch from ``BatchIterator``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    Xi, yi = unpack_data(batch)
+    return Xi, yi, None
 
 
 class ClassifierTrainingLoop(TrainingLoop):
