@@ -42,3 +42,10 @@ def test_integer_weights_train_like_repeated_rows_to_float32_rounding():
         assert "Max absolute difference among violations" in text
         worst = float(text.split("Max absolute difference among violations: ")[1].split()[0])
         assert worst < 1e-5
+
+
+# Default-constructed estimators too (scikit-learn's check_estimator(PipeNetRegressor())).
+@parametrize_with_checks([PipeNetClassifier(), PipeNetRegressor()],
+                         expected_failed_checks=expected_failed_checks)
+def test_default_constructed_estimator(estimator, check):
+    check(estimator)

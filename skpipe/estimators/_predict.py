@@ -22,6 +22,10 @@ from ..engine._runners import held_devices, make_runner
 from ._data import rows_to_tensor
 
 
+# Rows per forward call when predicting: fixed, so that predictions do not depend on batching.
+PREDICT_ROWS = 128
+
+
 class PredictMixin:
     """Outputs of the fitted network (``module_``) for validated X."""
 
@@ -34,16 +38,24 @@ class PredictMixin:
     _X_CHECKS: dict[str, Any]
 
     def _forward(self, X: Any) -> np.ndarray:
-        """Network outputs for validated X, in batches, on the CPU."""
+        """Network outputs for validated X, on the CPU, in blocks of ``PREDICT_ROWS`` rows.
+
+        Every block has the same number of rows (the last one padded with zeros): the matrix
+        kernels then add each row's terms in the same order wherever the row sits, so a row's
+        prediction does not depend on which rows share its call (a lone row would otherwise take
+        another kernel and differ in the last bits).
+        """
         module = self.module_
         module.eval()
         n = X.shape[0]
-        step = max(1024, int(self.batch_size) if self.batch_size != "all" else n)
         outs = []
         with torch.inference_mode():
-            for start in range(0, n, step):
-                xb = rows_to_tensor(X, slice(start, min(start + step, n)))
-                outs.append(module(xb).float().numpy())
+            for start in range(0, n, PREDICT_ROWS):
+                xb = rows_to_tensor(X, slice(start, min(start + PREDICT_ROWS, n)))
+                rows = xb.shape[0]
+                if rows < PREDICT_ROWS:
+                    xb = torch.cat([xb, xb.new_zeros((PREDICT_ROWS - rows,) + xb.shape[1:])])
+                outs.append(module(xb)[:rows].float().numpy())
         return np.concatenate(outs, axis=0)  # validation refused an empty X
 
     def forward_pipelined(self, X: Any, *, batch_size: int = 4096) -> np.ndarray:

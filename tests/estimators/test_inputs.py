@@ -272,3 +272,16 @@ def test_a_grid_with_a_typo_names_it(classification_data):
     search = GridSearchCV(PipeNetClassifier(max_epochs=1), {"n_stage": [1, 2]}, cv=2)
     with pytest.raises(ValueError, match=r"Invalid parameter 'n_stage'.*Did you mean 'n_stages'"):
         search.fit(*classification_data)
+
+
+# -- predictions do not depend on which rows share a call -------------------------------------
+def test_a_rows_prediction_does_not_depend_on_its_batch():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 37))
+    y = rng.normal(size=300)
+    est = PipeNetRegressor(module__hidden_layer_sizes=(100, 100), max_epochs=1).fit(X, y)
+    whole = est.predict(X)
+    alone = np.array([est.predict(X[i : i + 1])[0] for i in range(40)])
+    np.testing.assert_array_equal(alone, whole[:40])  # bit for bit
+    order = rng.permutation(300)[:77]
+    np.testing.assert_array_equal(est.predict(X[order]), whole[order])
