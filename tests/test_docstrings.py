@@ -13,8 +13,9 @@ from skpipe import PipeNetClassifier, PipeNetRegressor
 METHOD_EXEMPT = {"ES01", "SA01", "EX01", "RT02"}
 
 METHODS = {
-    PipeNetClassifier: ["fit", "plan", "forward_pipelined", "predict", "predict_proba", "predict_log_proba"],
-    PipeNetRegressor: ["fit", "plan", "forward_pipelined", "predict"],
+    PipeNetClassifier: ["fit", "partial_fit", "plan", "forward_pipelined", "predict", "predict_proba",
+                        "predict_log_proba"],
+    PipeNetRegressor: ["fit", "partial_fit", "plan", "forward_pipelined", "predict"],
 }
 
 

@@ -162,8 +162,11 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             setattr(self, key, value)
 
     # -- what subclasses define ----------------------------------------------------------------
-    def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
-        """Encoded targets for training and the number of network outputs."""
+    def _validate_targets(
+        self, y: np.ndarray, reset: bool, classes: Any = None
+    ) -> tuple[np.ndarray, int]:
+        """Encoded targets for training and the number of network outputs (``classes``: the
+        classifier's classes given to the first ``partial_fit``)."""
         raise NotImplementedError
 
     # -- fit -----------------------------------------------------------------------------------
@@ -187,19 +190,32 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self : object
             The fitted estimator.
         """
+        return self._unchanged_on_failure(self._fit, X, y, sample_weight)
+
+    def _partial_fit(
+        self, X: Any, y: Any, sample_weight: Any = None, classes: Any = None
+    ) -> BasePipeNet:
+        return self._unchanged_on_failure(self._fit, X, y, sample_weight, True, classes)
+
+    def _unchanged_on_failure(self, method: Callable[..., BasePipeNet], *args: Any) -> BasePipeNet:
         before = dict(self.__dict__)
         try:
-            return self._fit(X, y, sample_weight)
+            return method(*args)
         except BaseException:
             # a failed or interrupted fit leaves the estimator exactly as it was
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
 
-    def _fit(self, X: Any, y: Any, sample_weight: Any = None) -> BasePipeNet:
-        warm = self.warm_start and hasattr(self, "module_")
-        inputs = self._prepare(X, y, warm, sample_weight)
-        progress = self._init_callback_context(max_subtasks=self.max_epochs)
+    def _fit(
+        self, X: Any, y: Any, sample_weight: Any = None, partial: bool = False,
+        classes: Any = None,
+    ) -> BasePipeNet:
+        """``partial``: one epoch, continuing the network, optimizer state and history."""
+        warm = (self.warm_start or partial) and hasattr(self, "module_")
+        inputs = self._prepare(X, y, warm, sample_weight, classes)
+        epochs = 1 if partial else self.max_epochs
+        progress = self._init_callback_context(max_subtasks=epochs)
         progress.call_on_fit_task_begin(estimator=self, X=inputs.X, y=y)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(inputs.seed)
@@ -208,7 +224,11 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             with held_devices(inputs.config, self.devices) as config:
                 plan = self._make_plan(module, config, inputs)
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
-                    history = self._train(runner, inputs, plan, warm, progress)
+                    resumed = getattr(self, "optimizer_state_", None) if partial and warm else None
+                    if resumed is not None:
+                        runner.set_state({"module": module.state_dict(), "optimizer": resumed})
+                    history = self._train(runner, inputs, plan, warm, progress, epochs)
+                    optimizer_state = runner.get_state()["optimizer"] if partial else None
                     spans = runner.spans() if self.timeline_steps else None
                     module = runner.collect()
         module.eval()
@@ -219,10 +239,16 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self.config_ = plan.config
         self.plan_ = plan.report()
         self.timeline_ = None if spans is None else Timeline.of(spans, plan.config)
+        if partial:
+            self.optimizer_state_ = optimizer_state
+        else:
+            self.__dict__.pop("optimizer_state_", None)
         progress.call_on_fit_task_end(estimator=self, X=inputs.X, y=y)
         return self
 
-    def _prepare(self, X: Any, y: Any, warm: bool, sample_weight: Any = None) -> FitInputs:
+    def _prepare(
+        self, X: Any, y: Any, warm: bool, sample_weight: Any = None, classes: Any = None
+    ) -> FitInputs:
         """Validate parameters and data; resolve the configuration. Raises before any worker."""
         self._validate_params()
         self._validate_prefixed()
@@ -238,7 +264,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             keep = weights > 0  # a row of weight 0 is a row that is not there
             if not keep.all():
                 X, y, weights = X[keep], y[keep], weights[keep]
-        y_enc, n_outputs = self._validate_targets(y, reset=not warm)
+        y_enc, n_outputs = self._validate_targets(y, reset=not warm, classes=classes)
         weights = self._row_weights(y_enc, weights)
         launcher = resolve_launcher(self.launcher, self.n_stages)
         runner = runner_class(launcher)
@@ -339,7 +365,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                     "process) or 'torchrun', or drop the scheduler."
                 )
 
-    def _train(self, runner: Any, inputs: FitInputs, plan: Plan, warm: bool, progress: Any) -> Any:
+    def _train(
+        self, runner: Any, inputs: FitInputs, plan: Plan, warm: bool, progress: Any, epochs: int
+    ) -> Any:
         key = None
         if inputs.checkpoint_digest is not None:
             layout = {"n_stages": plan.config.n_stages, "placement": plan.config.placement}
@@ -352,7 +380,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             criterion=inputs.criterion,
             optimizer=self.optimizer,
             lr=self.lr,
-            max_epochs=self.max_epochs,
+            max_epochs=epochs,
             batch_size=plan.config.batch_size,
             callbacks=self.callbacks,
             train_split=self.train_split,

@@ -167,27 +167,63 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         )
         return np.asarray(per_class, dtype=np.float64)
 
-    def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
+    def _validate_targets(
+        self, y: np.ndarray, reset: bool, classes: Any = None
+    ) -> tuple[np.ndarray, int]:
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         if reset:
-            classes, encoded = np.unique(y, return_inverse=True)
-            if len(classes) < 2:
-                only = classes[0].item() if isinstance(classes[0], np.generic) else classes[0]
+            given = classes is not None
+            found = np.unique(classes if given else y)
+            if len(found) < 2:
+                only = found[0].item() if isinstance(found[0], np.generic) else found[0]
+                where = "classes" if given else "y"
                 raise ValueError(
-                    f"y has only one class ({only!r}); {type(self).__name__} needs at "
+                    f"{where} has only one class ({only!r}); {type(self).__name__} needs at "
                     "least 2 classes to train."
                 )
-            self.classes_ = classes
-        else:
-            unknown = np.setdiff1d(np.unique(y), self.classes_)
-            if unknown.size:
-                raise ValueError(
-                    f"y contains classes {unknown.tolist()} not seen in the first fit "
-                    f"(classes_={self.classes_.tolist()}); warm_start cannot add classes."
-                )
-            encoded = np.searchsorted(self.classes_, y)
-        return encoded.astype(np.int64), len(self.classes_)
+            self.classes_ = found
+        unknown = np.setdiff1d(np.unique(y), self.classes_)
+        if unknown.size:
+            source = "the classes given" if classes is not None else "classes_"
+            raise ValueError(
+                f"y contains classes {unknown.tolist()} not in {source} "
+                f"({self.classes_.tolist()}, set by the first fit or partial_fit); a continued "
+                "fit cannot add classes."
+            )
+        return np.searchsorted(self.classes_, y).astype(np.int64), len(self.classes_)
+
+    def partial_fit(
+        self, X: Any, y: Any, classes: Any = None, sample_weight: Any = None
+    ) -> PipeNetClassifier:
+        """One pass over ``X, y``, continuing from the state of the previous calls.
+
+        The network, the optimizer's state and the history carry over from call to call (as
+        ``MLPClassifier.partial_fit``); a pipelined fit keeps its warm workers between calls.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+            The rows of this call.
+        y : array-like of shape (n_samples,)
+            Their labels.
+        classes : array-like of shape (n_classes,), default=None
+            Every class the calls will see; required on the first call, ignored after.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the rows, as in :meth:`fit`.
+
+        Returns
+        -------
+        self : object
+            The estimator, trained one more epoch.
+        """
+        first = not hasattr(self, "module_")
+        if first and classes is None:
+            raise ValueError(
+                "classes must be given on the first call to partial_fit: every class the calls "
+                "will see (e.g. classes=np.unique(y_all))."
+            )
+        return self._partial_fit(X, y, sample_weight, classes if first else None)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, rows summing to 1, columns in the order of ``classes_``.

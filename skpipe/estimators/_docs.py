@@ -80,4 +80,7 @@ ATTRIBUTES_DOC = """
     timeline_ : Timeline or None
         The recorded spans when ``timeline_steps > 0``.
     config_ : PipelineConfig
-        The resolved configuration (micro-batch count, chunks, devices, launcher)."""
+        The resolved configuration (micro-batch count, chunks, devices, launcher).
+    optimizer_state_ : dict
+        Only after ``partial_fit``: the optimizer's state (keyed by parameter name), which the
+        next ``partial_fit`` continues from."""

@@ -58,7 +58,31 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
 
     _Y_CHECKS = dict(multi_output=True, y_numeric=True)
 
-    def _validate_targets(self, y: np.ndarray, reset: bool) -> tuple[np.ndarray, int]:
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> PipeNetRegressor:
+        """One pass over ``X, y``, continuing from the state of the previous calls.
+
+        The network, the optimizer's state and the history carry over from call to call (as
+        ``MLPRegressor.partial_fit``); a pipelined fit keeps its warm workers between calls.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+            The rows of this call.
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+            Their targets.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the rows, as in :meth:`fit`.
+
+        Returns
+        -------
+        self : object
+            The estimator, trained one more epoch.
+        """
+        return self._partial_fit(X, y, sample_weight)
+
+    def _validate_targets(
+        self, y: np.ndarray, reset: bool, classes: Any = None
+    ) -> tuple[np.ndarray, int]:
         y = np.asarray(y, dtype=np.float32)
         if reset:
             self.y_ndim_ = y.ndim
