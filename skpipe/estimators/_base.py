@@ -227,7 +227,8 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                     resumed = getattr(self, "optimizer_state_", None) if partial and warm else None
                     if resumed is not None:
                         runner.set_state({"module": module.state_dict(), "optimizer": resumed})
-                    history = self._train(runner, inputs, plan, warm, progress, epochs)
+                    report = plan.report()
+                    history = self._train(runner, inputs, plan, report, warm, progress, epochs)
                     optimizer_state = runner.get_state()["optimizer"] if partial else None
                     spans = runner.spans() if self.timeline_steps else None
                     module = runner.collect()
@@ -237,7 +238,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self.history_ = history
         self.n_iter_ = len(history)
         self.config_ = plan.config
-        self.plan_ = plan.report()
+        self.plan_ = report
         self.timeline_ = None if spans is None else Timeline.of(spans, plan.config)
         if partial:
             self.optimizer_state_ = optimizer_state
@@ -366,7 +367,14 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 )
 
     def _train(
-        self, runner: Any, inputs: FitInputs, plan: Plan, warm: bool, progress: Any, epochs: int
+        self,
+        runner: Any,
+        inputs: FitInputs,
+        plan: Plan,
+        report: PlanReport,
+        warm: bool,
+        progress: Any,
+        epochs: int,
     ) -> Any:
         key = None
         if inputs.checkpoint_digest is not None:
@@ -393,6 +401,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             progress=progress,
             estimator=self,
             checkpoint_key=key,
+            plan=report,
             initial_history=self.history_ if warm else None,
             sample_weight=inputs.sample_weight,
             **{

@@ -72,6 +72,7 @@ class TrainingLoop(NeuralNet):
         progress: Any = None,
         estimator: Any = None,
         checkpoint_key: Any = None,
+        plan: Any = None,
         initial_history: History | None = None,
         sample_weight: np.ndarray | None = None,
         **kwargs: Any,
@@ -82,6 +83,7 @@ class TrainingLoop(NeuralNet):
         self.progress = progress
         self.estimator = estimator
         self.checkpoint_key = checkpoint_key
+        self.plan = plan  # the PlanReport of this fit, for callbacks that show or log it
         self.initial_history = initial_history
         self.sample_weight = sample_weight  # one per row of the X given to run(), or None
         self.skip_epochs = 0  # epochs a resumed fit already ran (set by LoadInitState)
