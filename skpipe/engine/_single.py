@@ -30,6 +30,7 @@ class SingleRunner(Runner):
         self._step = 0
         self._spans: list[Span] = []
         self._meter: ActivationMeter | None = None
+        self._on_cpu = self.device.type == "cpu"
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -71,14 +72,22 @@ class SingleRunner(Runner):
     def _train_step(
         self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.module.train()
+        if not self.module.training:  # predict switched it to eval (checked, not reset, per step)
+            self.module.train()
         self._optimizer.zero_grad(set_to_none=True)
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        if self._on_cpu:
+            pass  # batches arrive on the CPU
+        else:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            w = None if w is None else w.to(self.device, non_blocking=True)
         n = x.shape[0]
         m = min(self.config.n_microbatches, n)
-        w = None if w is None else w.to(self.device, non_blocking=True)
-        if m == 1:
+        if m == 1 and w is None and self._record_left == 0:  # the common case, kept lean
+            out = self._forward(x)
+            loss = self.loss.criterion(out, y)
+            loss.backward()
+        elif m == 1:
             t0 = time.time()
             out = self._forward(x)
             if w is None:

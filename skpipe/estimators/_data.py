@@ -50,6 +50,13 @@ class BatchIterator:
     ) -> None:
         self.X, self.y, self.indices = _arrays(dataset)
         self.weights = weights
+        # dense arrays become tensors once (sharing memory): a batch is then one index_select
+        self._tensors = None
+        if isinstance(self.X, np.ndarray) and isinstance(self.y, np.ndarray):
+            self._tensors = tuple(
+                None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+                for a in (self.X, self.y, weights)
+            )
         self.n = len(self.indices) if self.indices is not None else self.X.shape[0]
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -76,6 +83,9 @@ class BatchIterator:
         elif self.indices is not None:
             order = self.indices
         stop = len(self) * self.batch_size
+        if self._tensors is not None:
+            yield from self._tensor_batches(order, min(stop, self.n))
+            return
         for start in range(0, min(stop, self.n), self.batch_size):
             end = min(start + self.batch_size, self.n)
             rows = slice(start, end) if order is None else order[start:end]
@@ -85,3 +95,19 @@ class BatchIterator:
                 yield xb, yb  # type: ignore[misc]
             else:
                 yield xb, yb, torch.from_numpy(np.ascontiguousarray(self.weights[rows]))  # type: ignore[misc]
+
+    def _tensor_batches(
+        self, order: np.ndarray | None, stop: int
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The batches of dense data, cut from the tensors made once (same rows, same order)."""
+        assert self._tensors is not None
+        X, y, w = self._tensors
+        index = None if order is None else torch.from_numpy(np.ascontiguousarray(order))
+        for start in range(0, stop, self.batch_size):
+            end = min(start + self.batch_size, self.n)
+            if index is None:
+                parts = [t[start:end] for t in (X, y, w) if t is not None]
+            else:
+                rows = index[start:end]
+                parts = [t.index_select(0, rows) for t in (X, y, w) if t is not None]
+            yield tuple(parts)
