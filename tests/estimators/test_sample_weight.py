@@ -154,3 +154,38 @@ def test_bad_weights_are_refused_before_any_worker(weights, kw, match, no_worker
     with pytest.raises(ValueError, match=match):
         make(**SPAWN, **kw).fit(X, Y, sample_weight=weights)
     assert worker_pids() == []
+
+
+TORCHRUN_SCRIPT = """
+import numpy as np, torch.distributed as dist
+from skpipe import PipeNetClassifier
+dist.init_process_group("gloo")
+rng = np.random.RandomState(0)
+X = rng.normal(size=(90, 6)).astype(np.float32); y = rng.randint(0, 3, size=90)
+w = rng.uniform(0.2, 3.0, size=90)
+kw = dict(module__hidden_layer_sizes=(16, 16, 16), module__activation="tanh", lr=0.01,
+          max_epochs=3, batch_size=13, random_state=0)
+piped = PipeNetClassifier(n_stages=2, n_microbatches=4, launcher="torchrun", **kw).fit(X, y, sample_weight=w)
+one = PipeNetClassifier(**kw).fit(X, y, sample_weight=w)  # one stage, in this rank
+diff = max(float((a - b).abs().max()) for a, b in zip(piped.module_.state_dict().values(),
+                                                       one.module_.state_dict().values()))
+print(f"rank {dist.get_rank()} max difference {diff:.3g}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_torchrun_weighted_fit_equals_one_device(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_examples import free_port
+
+    script = tmp_path / "weighted.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("rank ")]
+    assert len(diffs) == 2 and max(diffs) < 1e-5
