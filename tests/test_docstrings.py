@@ -47,3 +47,18 @@ def test_every_parameter_and_fitted_attribute_is_documented(cls, classification_
         assert re.search(rf"^\s+{name} :", attributes, re.M), name
     for name in ("plan_", "timeline_", "config_"):
         assert name in fitted
+
+
+def test_classifier_signature_is_the_base_signature_plus_class_weight():
+    """The classifier spells its constructor out (scikit-learn's convention, as MLPClassifier and
+    MLPRegressor do); a parameter added to one side only fails here."""
+    import inspect
+
+    from skpipe.estimators._base import BasePipeNet
+
+    base = inspect.signature(BasePipeNet.__init__).parameters
+    classifier = inspect.signature(PipeNetClassifier.__init__).parameters
+    assert [p for p in classifier if p != "class_weight"] == list(base)
+    for name, param in base.items():
+        assert classifier[name].default == param.default, name
+        assert classifier[name].kind == param.kind, name

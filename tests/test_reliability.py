@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -43,7 +44,13 @@ def _allowed(schedule, p, m, batch):
     return 7 >= p * chunks  # MLP with 3 hidden layers has 7 layers
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# SGD: every example now counts (assume, not return), and hypothesis found a corner (one-row
+# micro-batches, gpipe p=2 m=6 batch=6 n=23) where Adam's division by the root of a near-zero
+# second moment turns float32 rounding of a ~1e-8 gradient into a 1.6e-5 parameter difference.
+# SGD keeps the property exact up to rounding; Adam is covered case by case in
+# tests/engine/test_transparency.py. derandomize: the same examples on every run (no flaky CI).
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     schedule=st.sampled_from(SCHEDULE_NAMES),
     p=st.integers(2, 3),
@@ -56,7 +63,8 @@ def test_transparency_property(schedule, p, m, batch, n):
     rng = np.random.RandomState(n)
     X = rng.normal(size=(n, 5)).astype(np.float32)
     y = np.arange(n) % 3
-    common = dict(module__activation="tanh", max_epochs=2, batch_size=batch, lr=0.01)
+    common = dict(module__activation="tanh", max_epochs=2, batch_size=batch, lr=0.1,
+                  optimizer=torch.optim.SGD)
     ref = fit(X, y, **common)
     est = fit(X, y, n_stages=p, n_microbatches=m, schedule=schedule, launcher="local", **common)
     for a, b in zip(state(est), state(ref)):

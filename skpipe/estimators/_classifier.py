@@ -69,6 +69,8 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
         "class_weight": [dict, StrOptions({"balanced"}), None],
     }
 
+    # Spelled out, as scikit-learn's estimators spell theirs (MLPClassifier, MLPRegressor):
+    # BasePipeNet's parameters plus class_weight (tests/test_docstrings.py keeps them in step).
     def __init__(
         self,
         module: type[nn.Module] | nn.Module = MLP,
