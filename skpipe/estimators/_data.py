@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,10 @@ def rows_to_tensor(X: np.ndarray | sp.spmatrix, rows: np.ndarray | slice) -> tor
     part: Any = X[rows]
     if sp.issparse(part):
         part = part.toarray()
-    return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+    dense = np.ascontiguousarray(part, dtype=np.float32)
+    if not dense.flags.writeable:  # a view of a read-only memmap (joblib): copy these rows
+        dense = dense.copy()
+    return torch.from_numpy(dense)
 
 
 def _arrays(dataset: Any) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
@@ -53,10 +57,14 @@ class BatchIterator:
         # dense arrays become tensors once (sharing memory): a batch is then one index_select
         self._tensors = None
         if isinstance(self.X, np.ndarray) and isinstance(self.y, np.ndarray):
-            self._tensors = tuple(
-                None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-                for a in (self.X, self.y, weights)
-            )
+            with warnings.catch_warnings():
+                # joblib hands large arrays to its workers as read-only memmaps; batches are
+                # copied out of them (index_select), never written
+                warnings.simplefilter("ignore", UserWarning)
+                self._tensors = tuple(
+                    None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+                    for a in (self.X, self.y, weights)
+                )
         self.n = len(self.indices) if self.indices is not None else self.X.shape[0]
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -106,7 +114,7 @@ class BatchIterator:
         for start in range(0, stop, self.batch_size):
             end = min(start + self.batch_size, self.n)
             if index is None:
-                parts = [t[start:end] for t in (X, y, w) if t is not None]
+                parts = [t[start:end].clone() for t in (X, y, w) if t is not None]
             else:
                 rows = index[start:end]
                 parts = [t.index_select(0, rows) for t in (X, y, w) if t is not None]

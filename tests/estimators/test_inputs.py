@@ -285,3 +285,22 @@ def test_a_rows_prediction_does_not_depend_on_its_batch():
     np.testing.assert_array_equal(alone, whole[:40])  # bit for bit
     order = rng.permutation(300)[:77]
     np.testing.assert_array_equal(est.predict(X[order]), whole[order])
+
+
+def test_read_only_memmapped_data_trains_without_warnings(tmp_path):
+    """joblib hands large arrays to GridSearchCV(n_jobs>1) workers as read-only memmaps."""
+    import warnings
+
+    import joblib
+
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 20)).astype(np.float32)
+    y = rng.randint(0, 3, 300)
+    joblib.dump(X, tmp_path / "X")
+    Xm = joblib.load(tmp_path / "X", mmap_mode="r")
+    assert not Xm.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = PipeNetClassifier(max_epochs=2, random_state=0).fit(Xm, y)
+        proba = est.predict_proba(Xm)
+    np.testing.assert_array_equal(proba, PipeNetClassifier(max_epochs=2, random_state=0).fit(X, y).predict_proba(X))
