@@ -1,0 +1,100 @@
+"""Many machines, on one: two torchrun agents as two "nodes" (c10d rendezvous), and a grid
+search of pipelined candidates spread over a Dask cluster's worker processes."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.conftest import wait_no_workers
+from tests.test_examples import free_port
+
+pytestmark = pytest.mark.distributed
+
+TWO_NODES = """
+import os
+import numpy as np, torch.distributed as dist
+from skpipe import PipeNetClassifier
+dist.init_process_group("gloo")
+rng = np.random.RandomState(0)
+X = rng.normal(size=(90, 6)).astype(np.float32); y = rng.randint(0, 3, size=90)
+kw = dict(module__hidden_layer_sizes=(16, 16, 16), module__activation="tanh", lr=0.01,
+          max_epochs=3, batch_size=13, random_state=0)
+piped = PipeNetClassifier(n_stages=2, n_microbatches=4, **kw).fit(X, y)   # launcher 'auto'
+one = PipeNetClassifier(**kw).fit(X, y)
+diff = max(float((a - b).abs().max()) for a, b in zip(piped.module_.state_dict().values(),
+                                                       one.module_.state_dict().values()))
+print(f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} launcher {piped.config_.launcher}"
+      f" difference {diff:.3g}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def isolated_network() -> list[str]:
+    """``unshare -n`` (a network namespace with loopback only) where the kernel allows it, so
+    that torch's rendezvous stores, which listen on every interface, reach nothing beyond."""
+    if shutil.which("unshare") and shutil.which("ip"):
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+        if probe.returncode == 0:
+            return ["unshare", "-n"]
+    return []
+
+
+def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path):
+    script = tmp_path / "two_nodes.py"
+    script.write_text(TWO_NODES)
+    port = free_port()
+    agent = (f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 "
+             f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id skpipe-two-nodes "
+             f"{script}")
+    shell = textwrap.dedent(f"""
+        {'ip link set lo up' if isolated_network() else 'true'}
+        export GLOO_SOCKET_IFNAME=lo
+        {agent} > {tmp_path}/node_a.txt 2>&1 & a=$!
+        {agent} > {tmp_path}/node_b.txt 2>&1 & b=$!
+        wait $a; ra=$?; wait $b; rb=$?
+        exit $((ra + rb))
+    """)
+    out = subprocess.run([*isolated_network(), "bash", "-c", shell], capture_output=True,
+                         text=True, timeout=300)
+    logs = [(tmp_path / f"node_{n}.txt").read_text() for n in "ab"]
+    assert out.returncode == 0, "\n".join(log[-2000:] for log in logs)
+    lines = [line for log in logs for line in log.splitlines() if line.startswith("node ")]
+    assert sorted(line.split()[1] for line in lines) == ["0", "1"]  # two nodes, one rank each
+    assert all("launcher torchrun" in line for line in lines)
+    assert max(float(line.rsplit(" ", 1)[1]) for line in lines) < 1e-5
+
+
+def test_grid_search_on_a_dask_cluster_equals_the_sequential_search():
+    distributed = pytest.importorskip("distributed")
+    import joblib
+    from sklearn.model_selection import GridSearchCV
+
+    from skpipe import PipeNetClassifier
+
+    rng = np.random.RandomState(0)
+    X, y = rng.normal(size=(90, 6)), rng.randint(0, 3, 90)
+    est = PipeNetClassifier(module__hidden_layer_sizes=(8, 8), max_epochs=2, batch_size=16,
+                            n_stages=2, n_microbatches=2, launcher="spawn", random_state=0)
+    grid = {"lr": [0.01, 0.03], "schedule": ["gpipe", "1f1b"]}
+    sequential = GridSearchCV(est, grid, cv=2).fit(X, y)
+    # worker processes (the default), on loopback, no dashboard
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        with joblib.parallel_config(backend="dask"):
+            spread = GridSearchCV(est, grid, cv=2, n_jobs=-1).fit(X, y)
+        dask_pids = list(client.run(os.getpid).values())
+    assert len(set(dask_pids)) == 2 and os.getpid() not in dask_pids
+    np.testing.assert_array_equal(spread.cv_results_["mean_test_score"],
+                                  sequential.cv_results_["mean_test_score"])
+    assert spread.best_params_ == sequential.best_params_
+    for pid in dask_pids:  # the candidates' stage workers went with the Dask workers
+        assert wait_no_workers(pid) == []
+    import skpipe
+
+    skpipe.shutdown_workers()
