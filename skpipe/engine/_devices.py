@@ -11,7 +11,8 @@ def resolve_devices(devices: str | Sequence[str], n_stages: int, launcher: str) 
     """One device string per pipeline rank.
 
     ``'auto'``: one GPU per stage when at least ``n_stages`` GPUs exist; every stage on the one
-    GPU when the stages share this process (``launcher='local'`` or one stage); else the CPU.
+    GPU when the stages share this process (``launcher='local'`` or one stage); under
+    ``torchrun`` a GPU per rank (its ``LOCAL_RANK``) whenever this machine has one; else the CPU.
     A list names the devices in rank order; with one stage its first entry is used.
     """
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -22,6 +23,9 @@ def resolve_devices(devices: str | Sequence[str], n_stages: int, launcher: str) 
             if n_gpus >= n_stages:
                 return tuple(f"cuda:{i}" for i in range(n_stages))
             if n_gpus >= 1 and launcher in ("local", "single"):
+                return ("cuda:0",) * n_stages
+            if n_gpus >= 1 and launcher == "torchrun":
+                # a job's stages span machines: each rank takes the GPU its LOCAL_RANK names
                 return ("cuda:0",) * n_stages
             return ("cpu",) * n_stages
     devices = list(devices)

@@ -43,3 +43,12 @@ def test_gpu_pool_only_for_auto_on_distinct_gpus():
     assert auto_gpu_pool(["cuda:0", "cuda:1"], ("cuda:0", "cuda:1")) is None
     assert auto_gpu_pool("auto", ("cpu", "cpu")) is None
     assert auto_gpu_pool("auto", ("cuda:0", "cuda:0")) is None
+
+
+def test_auto_under_torchrun_uses_a_gpu_per_rank_when_the_node_has_fewer_than_the_stages(monkeypatch):
+    """4 stages over 2 nodes of 2 GPUs: each node sees 2 GPUs, fewer than the 4 stages."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_devices("auto", 4, "torchrun") == ("cuda:0",) * 4  # mapped to LOCAL_RANK
+    assert resolve_devices("auto", 4, "spawn") == ("cpu",) * 4  # one machine: not enough GPUs
+    assert resolve_devices("auto", 2, "spawn") == ("cuda:0", "cuda:1")
