@@ -1,0 +1,43 @@
+"""The frozen configuration: cross-parameter rules checked once, with the values named."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from skpipe.engine._config import make_config
+
+
+def config(**kw):
+    base = dict(n_stages=2, n_microbatches=4, schedule="interleaved_1f1b", chunks_per_stage="auto",
+                balance="uniform", checkpoint="never", launcher="spawn", devices=("cpu", "cpu"),
+                batch_size=10, precision="float32", max_grad_norm=None, timeout=10.0)
+    base.update(kw)
+    return make_config(**base)
+
+
+def test_derived_sizes_and_placement():
+    cfg = config()
+    assert (cfg.n_chunks, cfg.batch_size, cfg.batch_rows, cfg.microbatch_rows) == (4, 10, 12, 3)
+    assert [cfg.owner(c) for c in range(4)] == [0, 1, 0, 1]
+    assert cfg.chunks_of(1) == [1, 3]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_stages = 3  # type: ignore[misc]
+
+
+def test_numpy_integers_become_ints():
+    cfg = config(n_stages=np.int64(2), n_microbatches=np.int32(4), batch_size=np.int64(10),
+                 balance=(np.int64(2), 2, 2, 1))
+    assert type(cfg.n_stages) is int and type(cfg.n_microbatches) is int
+    assert cfg.balance == (2, 2, 2, 1) and all(type(b) is int for b in cfg.balance)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(n_microbatches=0), r"n_microbatches must be a positive int; got 0"),
+    (dict(n_microbatches=2.5), r"n_microbatches must be a positive int; got 2.5"),
+    (dict(batch_size=True), r"batch_size must be a positive int; got True"),
+    (dict(chunks_per_stage=2.0), r"chunks_per_stage must be a positive int or 'auto'; got 2.0"),
+])
+def test_bad_counts_name_the_value(kw, match):
+    with pytest.raises(ValueError, match=match):
+        config(**kw)
