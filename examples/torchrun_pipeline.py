@@ -13,6 +13,7 @@ cluster, start it with your launcher's torchrun line (``--nnodes``, ``--rdzv-end
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch.distributed as dist
 from sklearn.model_selection import train_test_split
@@ -46,11 +47,12 @@ def main() -> None:
     pipe.fit(X_train, y_train)
     accuracy = pipe.score(X_test, y_test)
     net = pipe[-1]
-    print(
+    # one write per line: the ranks share this output, and a line written in pieces interleaves
+    sys.stdout.write(
         f"rank {rank}/{world}: final train loss {net.history_[-1, 'train_loss']:.4f}, "
-        f"test accuracy {accuracy:.4f}",
-        flush=True,
+        f"test accuracy {accuracy:.4f}\n"
     )
+    sys.stdout.flush()
     dist.destroy_process_group()
 
 

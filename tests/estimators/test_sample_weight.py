@@ -169,7 +169,9 @@ piped = PipeNetClassifier(n_stages=2, n_microbatches=4, launcher="torchrun", **k
 one = PipeNetClassifier(**kw).fit(X, y, sample_weight=w)  # one stage, in this rank
 diff = max(float((a - b).abs().max()) for a, b in zip(piped.module_.state_dict().values(),
                                                        one.module_.state_dict().values()))
-print(f"rank {dist.get_rank()} max difference {diff:.3g}", flush=True)
+import sys
+sys.stdout.write(f"rank {dist.get_rank()} max difference {diff:.3g}\\n")  # one write: no interleaving
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 
