@@ -35,17 +35,12 @@ from skorch.history import History
 _FILE = "checkpoint.pt"
 
 
-def fit_fingerprint(params: dict[str, Any], X: Any, y: Any) -> str:
-    """A short hash of the estimator's parameters (callbacks excluded) and the data.
+def params_hash(params: dict[str, Any]) -> str:
+    """The parameters' part of a fit's fingerprint (callbacks excluded).
 
     Values are hashed by content (joblib's hash of their pickle), never by ``repr``: a
     ``RandomState``'s repr holds a memory address, its pickle its state.
     """
-    return CheckpointKey(params_hash(params), X, y, {}).fingerprint
-
-
-def params_hash(params: dict[str, Any]) -> str:
-    """The parameters' part of the fingerprint (callbacks excluded)."""
     clean = {
         k: v for k, v in params.items() if k != "callbacks" and not k.startswith("callbacks__")
     }

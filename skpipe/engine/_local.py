@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -11,12 +9,12 @@ from torch import nn
 from ._config import TrainSpec
 from ._groups import local_world
 from ._plan import Plan
-from ._runner import Runner
+from ._runner import InProcessState, Runner
 from ._stage import StageHost
 from ._timeline import Span
 
 
-class LocalRunner(Runner):
+class LocalRunner(InProcessState, Runner):
     """The chunks share their layers with ``module``, so training updates it in place."""
 
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
@@ -61,16 +59,6 @@ class LocalRunner(Runner):
 
     def stats(self) -> list[dict[str, float]]:
         return [self.host.stats()]
-
-    # the chunks train the module's own layers: only the optimizer's state moves
-    def _ranks_parameter_names(self) -> list[list[str]]:
-        return [self.plan.rank_parameter_names()]
-
-    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
-        return [({}, self.host.optimizer_state() if optimizers else None)]
-
-    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
-        self.host.optimizer.load_state_dict(states[0][1])
 
     def close(self, keep_warm: bool = False) -> None:
         self.host.close()

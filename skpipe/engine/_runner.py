@@ -91,46 +91,81 @@ class Runner(ABC):
     # -- derived from the above ------------------------------------------------------------
     def collect(self) -> nn.Module:
         """The whole trained network, on the CPU (the same object that was handed in)."""
-        self._load_chunks(chunks for chunks, _ in self._rank_states(optimizers=False))
+        self._load_chunks(self._rank_states(optimizers=False))
         return self.module.to("cpu")
+
+    def collect_with_optimizer(self) -> tuple[nn.Module, dict[str, Any]]:
+        """``collect()`` and the optimizer's state keyed by parameter name, in one gathering."""
+        ranks = self._rank_states(optimizers=True)
+        self._load_chunks(ranks)
+        return self.module.to("cpu"), self._named(ranks)
 
     def get_state(self) -> dict[str, Any]:
         """``{'module': state dict of the whole network, 'optimizer': state keyed by name}``."""
         ranks = self._rank_states(optimizers=True)
-        self._load_chunks(chunks for chunks, _ in ranks)
-        names = self._ranks_parameter_names()
-        return {
-            "module": cpu_copy(self.module.state_dict()),
-            "optimizer": merge_by_name(
-                state_by_name(opt, names[r]) for r, (_, opt) in enumerate(ranks) if opt is not None
-            ),
-        }
+        self._load_chunks(ranks)
+        return {"module": cpu_copy(self.module.state_dict()), "optimizer": self._named(ranks)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Put a ``get_state`` result back, whatever split it was taken from."""
         self.module.load_state_dict(state["module"])
+        self._send_states(state["optimizer"], with_chunks=True)
+
+    def load_optimizer_state(self, named: dict[str, Any]) -> None:
+        """Give every rank its share of an optimizer state keyed by parameter name (the weights
+        stay as they are)."""
+        self._send_states(named, with_chunks=False)
+
+    def _load_chunks(self, ranks: Sequence[tuple[dict[int, Any], Any]]) -> None:
+        """Copy the chunk state dicts gathered from the ranks into the layers of ``module``."""
+        chunks = self.plan.chunks(self.module)
+        for states, _ in ranks:
+            for c, state in states.items():
+                chunks[c].load_state_dict(state)
+
+    def _named(self, ranks: Sequence[tuple[Any, dict[str, Any] | None]]) -> dict[str, Any]:
+        """The ranks' optimizer states merged into one, keyed by parameter name."""
         names = self._ranks_parameter_names()
+        return merge_by_name(
+            state_by_name(opt, names[r]) for r, (_, opt) in enumerate(ranks) if opt is not None
+        )
+
+    def _send_states(self, named: dict[str, Any], with_chunks: bool) -> None:
         ranks = []
-        for r, rank_names in enumerate(names):
-            chunks = {c: chunk.state_dict() for c, chunk in self._plan_chunks(r).items()}
-            ranks.append((chunks, state_for(state["optimizer"], rank_names)))
+        for r, rank_names in enumerate(self._ranks_parameter_names()):
+            chunks = (
+                {c: chunk.state_dict() for c, chunk in self.plan.chunks(self.module, r).items()}
+                if with_chunks
+                else {}
+            )
+            ranks.append((chunks, state_for(named, rank_names)))
         self._load_rank_states(ranks)
 
     def _ranks_parameter_names(self) -> list[list[str]]:
         return [self.plan.rank_parameter_names(r) for r in range(self.config.n_stages)]
-
-    def _plan_chunks(self, rank: int) -> dict[int, nn.Sequential]:
-        return self.plan.chunks(self.module, rank)
-
-    def _load_chunks(self, per_rank: Any) -> None:
-        """Copy chunk state dicts gathered from the ranks into the layers of ``module``."""
-        chunks = self.plan.chunks(self.module)
-        for states in per_rank:
-            for c, state in states.items():
-                chunks[c].load_state_dict(state)
 
     def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(keep_warm=exc_type is None)
+
+
+class InProcessState:
+    """For homes whose stages train ``module``'s own layers in this process (one device, or every
+    stage here): weights need no moving, only the one optimizer's state is read and written."""
+
+    plan: Plan
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def _ranks_parameter_names(self) -> list[list[str]]:
+        return [self.plan.rank_parameter_names()]
+
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        return [({}, cpu_copy(self.optimizer.state_dict()) if optimizers else None)]
+
+    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
+        self.optimizer.load_state_dict(states[0][1])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -13,12 +11,11 @@ from ._config import TrainSpec
 from ._memory import ActivationMeter
 from ._microbatch import WeightedLoss
 from ._plan import Plan
-from ._runner import Runner
-from ._state import cpu_copy
+from ._runner import InProcessState, Runner
 from ._timeline import Span
 
 
-class SingleRunner(Runner):
+class SingleRunner(InProcessState, Runner):
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         super().__init__(plan, module, spec, seed)
         self.device = torch.device(self.config.devices[0])
@@ -75,19 +72,13 @@ class SingleRunner(Runner):
         if not self.module.training:  # predict switched it to eval (checked, not reset, per step)
             self.module.train()
         self._optimizer.zero_grad(set_to_none=True)
-        if self._on_cpu:
-            pass  # batches arrive on the CPU
-        else:
+        if not self._on_cpu:  # batches arrive on the CPU
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             w = None if w is None else w.to(self.device, non_blocking=True)
         n = x.shape[0]
         m = min(self.config.n_microbatches, n)
-        if m == 1 and w is None and self._record_left == 0:  # the common case, kept lean
-            out = self._forward(x)
-            loss = self.loss.criterion(out, y)
-            loss.backward()
-        elif m == 1:
+        if m == 1:
             t0 = time.time()
             out = self._forward(x)
             if w is None:
@@ -125,13 +116,3 @@ class SingleRunner(Runner):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.module.eval()
         return self._forward(x.to(self.device)).float().cpu()
-
-    # the module trains in place: only the optimizer's state has to be read and written
-    def _ranks_parameter_names(self) -> list[list[str]]:
-        return [self.plan.rank_parameter_names()]
-
-    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
-        return [({}, cpu_copy(self._optimizer.state_dict()) if optimizers else None)]
-
-    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
-        self._optimizer.load_state_dict(states[0][1])

@@ -88,7 +88,7 @@ class SpawnRunner(Runner):
 
     def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         if optimizers:
-            return [tuple(r) for r in self.group.ask_all(P.GetState())]
+            return list(self.group.ask_all(P.GetState()))
         return [(chunks, None) for chunks in self.group.ask_all(P.Collect())]
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:

@@ -189,28 +189,28 @@ class StageHost:
         rows = self.config.batch_rows
         args: tuple[torch.Tensor, ...] = ()
         if self.holds_first:
-            assert x is not None
+            x = _given(x, f"the batch's inputs (rank {self.rank} holds the first chunk)")
             args = (pad_rows(x.to(self.device, non_blocking=True), rows),)
         target = None
-        losses: list[torch.Tensor] | None = None
+        losses: list[torch.Tensor] = []
         if self.holds_last:
-            assert y is not None
+            y = _given(y, f"the batch's targets (rank {self.rank} holds the last chunk)")
             self.loss.set_batch(
                 y.to(self.device, non_blocking=True),
                 n_real,
                 None if w is None else w.to(self.device, non_blocking=True),
             )
             target = row_targets(n_real, rows, self.device)
-            losses = []
         uninstall = None
         if self.recorder.steps_left > 0:
             uninstall = self.recorder.install(self.stages)
         try:
+            collected = losses if self.holds_last else None
             if self.meter is not None:
                 with self.meter.track():
-                    out = self._schedule.step(*args, target=target, losses=losses)
+                    out = self._schedule.step(*args, target=target, losses=collected)
             else:
-                out = self._schedule.step(*args, target=target, losses=losses)
+                out = self._schedule.step(*args, target=target, losses=collected)
         finally:
             if uninstall is not None:
                 uninstall()
@@ -220,7 +220,6 @@ class StageHost:
         self.optimizer.step()
         if not self.holds_last:
             return None, None
-        assert losses is not None
         total = torch.stack([loss.detach().float() for loss in losses]).sum()
         return total, out[:n_real].detach()
 
@@ -261,13 +260,12 @@ class StageHost:
             if c not in self.chunks:
                 continue
             if c == 0:
-                assert x is not None
-                h = x.to(self.device)
+                h = _given(x, f"the rows to predict (rank {self.rank} holds the first chunk)")
+                h = h.to(self.device)
             elif c - 1 not in self.chunks:
                 h = torch.empty((n_rows,) + self.shapes[c], device=self.device)
                 dist.recv(h, group_src=self.config.owner(c - 1), group=self.group)
-            assert h is not None
-            h = self.chunks[c](h)
+            h = self.chunks[c](_given(h, f"chunk {c - 1}'s output"))
             if c + 1 < n_chunks and c + 1 not in self.chunks:
                 dist.send(h.contiguous(), group_dst=self.config.owner(c + 1), group=self.group)
         return h if self.holds_last else None
@@ -295,3 +293,10 @@ class StageHost:
         self._schedule = None
         self.chunks.clear()
         self.optimizer = None  # type: ignore[assignment]
+
+
+def _given(value: torch.Tensor | None, what: str) -> torch.Tensor:
+    """``value``, which the caller had to pass; a clear error where it did not."""
+    if value is None:
+        raise RuntimeError(f"StageHost needs {what}, and was given None")
+    return value

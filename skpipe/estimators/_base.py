@@ -93,8 +93,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
     }
 
     # How X is checked everywhere, and what y must be (set by the subclasses).
+    # C order: every epoch's batches are cut from X without copying it again
     _X_CHECKS: dict[str, Any] = dict(
-        accept_sparse=["csr", "csc", "coo"], dtype=np.float32, ensure_all_finite=True
+        accept_sparse=["csr", "csc", "coo"], dtype=np.float32, ensure_all_finite=True, order="C"
     )
     _Y_CHECKS: dict[str, Any] = {}
     _DEFAULT_CRITERION: type[nn.Module] = nn.MSELoss
@@ -225,13 +226,16 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 plan = self._make_plan(module, config, inputs)
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
                     resumed = getattr(self, "optimizer_state_", None) if partial and warm else None
-                    if resumed is not None:
-                        runner.set_state({"module": module.state_dict(), "optimizer": resumed})
+                    if resumed is not None:  # the weights came with the stages; only this moves
+                        runner.load_optimizer_state(resumed)
                     report = plan.report()
                     history = self._train(runner, inputs, plan, report, warm, progress, epochs)
-                    optimizer_state = runner.get_state()["optimizer"] if partial else None
                     spans = runner.spans() if self.timeline_steps else None
-                    module = runner.collect()
+                    optimizer_state = None
+                    if partial:  # one gathering brings the weights and the optimizer's state
+                        module, optimizer_state = runner.collect_with_optimizer()
+                    else:
+                        module = runner.collect()
         module.eval()
         self.module_ = module
         self.criterion_ = inputs.criterion

@@ -92,7 +92,7 @@ class BatchIterator:
             order = self.indices
         stop = len(self) * self.batch_size
         if self._tensors is not None:
-            yield from self._tensor_batches(order, min(stop, self.n))
+            yield from self._tensor_batches(self._tensors, order, min(stop, self.n))
             return
         for start in range(0, min(stop, self.n), self.batch_size):
             end = min(start + self.batch_size, self.n)
@@ -105,11 +105,10 @@ class BatchIterator:
                 yield xb, yb, torch.from_numpy(np.ascontiguousarray(self.weights[rows]))  # type: ignore[misc]
 
     def _tensor_batches(
-        self, order: np.ndarray | None, stop: int
+        self, tensors: tuple[Any, ...], order: np.ndarray | None, stop: int
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         """The batches of dense data, cut from the tensors made once (same rows, same order)."""
-        assert self._tensors is not None
-        X, y, w = self._tensors
+        X, y, w = tensors
         index = None if order is None else torch.from_numpy(np.ascontiguousarray(order))
         for start in range(0, stop, self.batch_size):
             end = min(start + self.batch_size, self.n)
