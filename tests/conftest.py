@@ -40,6 +40,20 @@ def wait_no_workers(parent: int | None = None, timeout: float = 10.0) -> list[in
     return worker_pids(parent)
 
 
+def pipeline_config(**overrides):
+    """A PipelineConfig for engine tests: two CPU stages, 1F1B, 4 micro-batches of a 16-row batch
+    in this process; each test overrides what it is about."""
+    from skpipe.engine._config import make_config
+
+    base = dict(
+        n_stages=2, n_microbatches=4, schedule="1f1b", chunks_per_stage="auto",
+        balance="uniform", checkpoint="never", launcher="local", devices=("cpu", "cpu"),
+        batch_size=16, precision="float32", max_grad_norm=None, timeout=10.0,
+    )
+    base.update(overrides)
+    return make_config(**base)
+
+
 @pytest.fixture
 def classification_data():
     rng = np.random.RandomState(0)

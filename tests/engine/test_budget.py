@@ -5,15 +5,12 @@ import torch
 from torch import nn
 
 from skpipe.engine._budget import fit_budget
-from skpipe.engine._config import make_config
 from skpipe.engine._plan import make_plan
+from tests.conftest import pipeline_config
 
 
 def plan_for(schedule="1f1b", m="auto", batch=64):
-    cfg = make_config(n_stages=2, n_microbatches=m, schedule=schedule, chunks_per_stage="auto",
-                      balance="uniform", checkpoint="never", launcher="local",
-                      devices=("cpu", "cpu"), batch_size=batch, precision="float32",
-                      max_grad_norm=None, timeout=10.0)
+    cfg = pipeline_config(n_microbatches=m, schedule=schedule, batch_size=batch)
     net = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
     return make_plan(net, cfg, torch.randn(batch, 8))
 

@@ -5,15 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from skpipe.engine._config import make_config
+from tests.conftest import pipeline_config
 
 
 def config(**kw):
-    base = dict(n_stages=2, n_microbatches=4, schedule="interleaved_1f1b", chunks_per_stage="auto",
-                balance="uniform", checkpoint="never", launcher="spawn", devices=("cpu", "cpu"),
-                batch_size=10, precision="float32", max_grad_norm=None, timeout=10.0)
-    base.update(kw)
-    return make_config(**base)
+    return pipeline_config(**{"schedule": "interleaved_1f1b", "launcher": "spawn", "batch_size": 10, **kw})
 
 
 def test_derived_sizes_and_placement():

@@ -7,16 +7,12 @@ import torch
 from torch import nn
 
 from skpipe import PipeNetClassifier
-from skpipe.engine._config import make_config
 from skpipe.engine._plan import make_plan
+from tests.conftest import pipeline_config
 
 
 def config(**kw):
-    base = dict(n_stages=2, n_microbatches=2, schedule="1f1b", chunks_per_stage="auto",
-                balance="uniform", checkpoint="never", launcher="local", devices=("cpu", "cpu"),
-                batch_size=8, precision="float32", max_grad_norm=None, timeout=10.0)
-    base.update(kw)
-    return make_config(**base)
+    return pipeline_config(**{"n_microbatches": 2, "batch_size": 8, **kw})
 
 
 def bn_net():

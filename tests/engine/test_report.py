@@ -3,15 +3,12 @@
 import torch
 from torch import nn
 
-from skpipe.engine._config import make_config
 from skpipe.engine._plan import make_plan
+from tests.conftest import pipeline_config
 
 
 def report(balance="uniform"):
-    cfg = make_config(n_stages=2, n_microbatches=4, schedule="interleaved_1f1b",
-                      chunks_per_stage="auto", balance=balance, checkpoint="never",
-                      launcher="spawn", devices=("cpu", "cpu"), batch_size=16,
-                      precision="float32", max_grad_norm=None, timeout=10.0)
+    cfg = pipeline_config(schedule="interleaved_1f1b", balance=balance, launcher="spawn")
     net = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(8, 8), nn.ReLU())], nn.Linear(8, 2))
     return make_plan(net, cfg, torch.randn(16, 8)).report()
 

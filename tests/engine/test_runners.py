@@ -4,10 +4,11 @@ import inspect
 
 import pytest
 
-from skpipe.engine._config import LAUNCHERS, make_config
+from skpipe.engine._config import LAUNCHERS
 from skpipe.engine._leases import lease_devices
 from skpipe.engine._runner import Runner
 from skpipe.engine._runners import RUNNERS, held_devices, resolve_launcher
+from tests.conftest import pipeline_config
 
 
 def test_every_launcher_has_a_row_with_the_whole_interface():
@@ -23,9 +24,8 @@ def test_resolve_launcher():
 
 
 def config(launcher, devices):
-    return make_config(n_stages=2, n_microbatches=2, schedule="1f1b", chunks_per_stage="auto",
-                       balance="uniform", checkpoint="never", launcher=launcher, devices=devices,
-                       batch_size=8, precision="float32", max_grad_norm=None, timeout=0.2)
+    return pipeline_config(n_microbatches=2, launcher=launcher, devices=devices, batch_size=8,
+                           timeout=0.2)
 
 
 def test_held_devices_lease_for_the_block_and_name_where_tensors_go():

@@ -1,17 +1,7 @@
 import pytest
 
 from skpipe.engine import _schedules as S
-from skpipe.engine._config import make_config
-
-
-def config(**kw):
-    base = dict(
-        n_stages=2, n_microbatches=4, schedule="1f1b", chunks_per_stage="auto",
-        balance="uniform", checkpoint="never", launcher="local", devices=("cpu", "cpu"),
-        batch_size=16, precision="float32", max_grad_norm=None, timeout=10.0,
-    )
-    base.update(kw)
-    return make_config(**base)
+from tests.conftest import pipeline_config as config
 
 
 def test_every_torch_schedule_is_named():
