@@ -69,19 +69,29 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path):
     assert max(float(line.rsplit(" ", 1)[1]) for line in lines) < 1e-5
 
 
-def test_grid_search_on_a_dask_cluster_equals_the_sequential_search():
+def test_grid_search_on_a_dask_cluster_equals_the_sequential_search(tmp_path):
     distributed = pytest.importorskip("distributed")
     import joblib
     from sklearn.model_selection import GridSearchCV
+    from skorch.callbacks import Callback
 
     from skpipe import PipeNetClassifier
+
+    log = tmp_path / "fits"
+
+    class WhereItRan(Callback):  # defined here, so it travels to the Dask workers by value
+        def on_train_begin(self, net, **kw):
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
 
     rng = np.random.RandomState(0)
     X, y = rng.normal(size=(90, 6)), rng.randint(0, 3, 90)
     est = PipeNetClassifier(module__hidden_layer_sizes=(8, 8), max_epochs=2, batch_size=16,
-                            n_stages=2, n_microbatches=2, launcher="spawn", random_state=0)
+                            n_stages=2, n_microbatches=2, launcher="spawn", random_state=0,
+                            callbacks=[WhereItRan()])
     grid = {"lr": [0.01, 0.03], "schedule": ["gpipe", "1f1b"]}
     sequential = GridSearchCV(est, grid, cv=2).fit(X, y)
+    log.unlink()
     # worker processes (the default), on loopback, no dashboard
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
                                   dashboard_address=None) as cluster, \
@@ -90,6 +100,9 @@ def test_grid_search_on_a_dask_cluster_equals_the_sequential_search():
             spread = GridSearchCV(est, grid, cv=2, n_jobs=-1).fit(X, y)
         dask_pids = list(client.run(os.getpid).values())
     assert len(set(dask_pids)) == 2 and os.getpid() not in dask_pids
+    fit_pids = [int(line) for line in log.read_text().split()]
+    assert len(fit_pids) == 4 * 2 + 1  # 4 candidates x 2 folds, and the refit (here)
+    assert sum(pid in dask_pids for pid in fit_pids) == 8  # the candidates ran on the cluster
     np.testing.assert_array_equal(spread.cv_results_["mean_test_score"],
                                   sequential.cv_results_["mean_test_score"])
     assert spread.best_params_ == sequential.best_params_
