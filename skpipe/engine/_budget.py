@@ -21,7 +21,7 @@ from ._plan import Plan
 def fit_budget(plan: Plan, budget: float) -> Plan:
     """The plan stepping with the micro-batch count chosen under ``budget`` bytes per stage."""
     cfg = plan.config
-    batch = cfg.batch_size
+    batch = cfg.share_rows  # the rows one replica's pipeline steps with
     for m in range(cfg.n_microbatches, batch + 1):
         try:
             _schedules.check_microbatches(

@@ -23,7 +23,13 @@ class PipelineConfig:
     """How a fit is laid out: stages, micro-batches, schedule, placement and launcher.
 
     ``launcher`` here is resolved ('single', 'local', 'spawn' or 'torchrun'); ``devices`` has one
-    entry per pipeline rank (one entry when ``n_stages == 1``).
+    entry per rank (one entry with one stage and one replica).
+
+    With ``n_replicas`` > 1 the fit runs that many copies of the pipeline on a (replica x stage)
+    mesh: rank ``replica * n_stages + stage`` (a pipeline's stages are neighbouring ranks, so a
+    job that fills whole machines keeps each pipeline inside one). Each replica trains on its
+    share of every batch (``share_rows`` rows of a full one) and the replicas' gradients are
+    summed, so the step is the one-device step.
     """
 
     n_stages: int
@@ -35,10 +41,28 @@ class PipelineConfig:
     launcher: str
     devices: tuple[str, ...]
     batch_size: int  # rows of a full batch, as the user asked
-    batch_rows: int  # rows of every step: batch_size padded to a multiple of n_microbatches
+    batch_rows: int  # rows of every step of a replica: its share padded to a multiple of m
     precision: str = "float32"
     max_grad_norm: float | None = None
     timeout: float = 300.0
+    n_replicas: int = 1
+
+    @property
+    def world_size(self) -> int:
+        """Processes (ranks) of the fit: one per (replica, stage)."""
+        return self.n_replicas * self.n_stages
+
+    @property
+    def share_rows(self) -> int:
+        """Rows each replica takes of a full batch (the first replicas one more when uneven)."""
+        return -(-self.batch_size // self.n_replicas)
+
+    def stage_of(self, rank: int) -> int:
+        """The pipeline stage a rank of the (replica x stage) mesh holds."""
+        return rank % self.n_stages
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.n_stages
 
     @property
     def n_chunks(self) -> int:
@@ -82,17 +106,37 @@ def make_config(
     precision: str,
     max_grad_norm: float | None,
     timeout: float,
+    n_replicas: int = 1,
 ) -> PipelineConfig:
     """Resolve the 'auto' values and check the combination; messages name the values."""
+    n_replicas = _count("n_replicas", n_replicas)
+    if n_replicas > 1 and launcher in ("local", "single"):
+        raise ValueError(
+            f"n_replicas={n_replicas} needs one process per (replica, stage), but "
+            f"launcher={launcher!r} runs everything in this process; use launcher='spawn' "
+            "(or 'torchrun', or 'auto'), or n_replicas=1."
+        )
     if schedule not in _schedules.SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {list(_schedules.SCHEDULE_NAMES)}.")
     chunks = 1 if n_stages == 1 else _schedules.resolve_chunks(schedule, chunks_per_stage)
     n_stages, batch_size = _count("n_stages", n_stages), _count("batch_size", batch_size)
+    if n_replicas > batch_size:
+        raise ValueError(
+            f"n_replicas ({n_replicas}) must be <= batch_size ({batch_size}): every replica "
+            "takes at least one row of a full batch; lower n_replicas or raise batch_size."
+        )
+    share = -(-batch_size // n_replicas)  # the rows the largest replica share holds
     if n_microbatches == "auto":
-        m = _schedules.auto_microbatches(schedule, n_stages, chunks, batch_size)
+        m = _schedules.auto_microbatches(schedule, n_stages, chunks, share)
     else:
         m = _count("n_microbatches", n_microbatches)
-    _schedules.check_microbatches(schedule, n_stages, m, chunks, batch_size)
+    if n_replicas > 1 and m > share:
+        raise ValueError(
+            f"n_microbatches ({m}) must be <= the rows each replica takes of a batch "
+            f"({share}: batch_size={batch_size} over n_replicas={n_replicas}); lower "
+            "n_microbatches or n_replicas, or raise batch_size."
+        )
+    _schedules.check_microbatches(schedule, n_stages, m, chunks, share)
     if not isinstance(balance, str):
         balance = tuple(int(b) if isinstance(b, Integral) else b for b in balance)
     if not isinstance(balance, str) and len(balance) != n_stages * chunks:
@@ -111,10 +155,11 @@ def make_config(
         launcher=launcher,
         devices=devices,
         batch_size=batch_size,
-        batch_rows=step_rows(batch_size, m),
+        batch_rows=step_rows(share, m),
         precision=precision,
         max_grad_norm=max_grad_norm,
         timeout=timeout,
+        n_replicas=n_replicas,
     )
 
 

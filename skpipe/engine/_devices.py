@@ -7,27 +7,31 @@ from collections.abc import Sequence
 import torch
 
 
-def resolve_devices(devices: str | Sequence[str], n_stages: int, launcher: str) -> tuple[str, ...]:
-    """One device string per pipeline rank.
+def resolve_devices(
+    devices: str | Sequence[str], n_stages: int, launcher: str, n_replicas: int = 1
+) -> tuple[str, ...]:
+    """One device string per rank (``n_replicas x n_stages`` of them; rank
+    ``replica * n_stages + stage``).
 
-    ``'auto'``: one GPU per stage when at least ``n_stages`` GPUs exist; every stage on the one
+    ``'auto'``: one GPU per rank when at least that many GPUs exist; every stage on the one
     GPU when the stages share this process (``launcher='local'`` or one stage); under
     ``torchrun`` a GPU per rank (its ``LOCAL_RANK``) whenever this machine has one; else the CPU.
-    A list names the devices in rank order; with one stage its first entry is used.
+    A list names the devices in rank order; with one rank its first entry is used.
     """
+    n_ranks = n_stages * n_replicas
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if isinstance(devices, str):
         if devices != "auto":
             devices = [devices]
         else:
-            if n_gpus >= n_stages:
-                return tuple(f"cuda:{i}" for i in range(n_stages))
+            if n_gpus >= n_ranks:
+                return tuple(f"cuda:{i}" for i in range(n_ranks))
             if n_gpus >= 1 and launcher in ("local", "single"):
-                return ("cuda:0",) * n_stages
+                return ("cuda:0",) * n_ranks
             if n_gpus >= 1 and launcher == "torchrun":
-                # a job's stages span machines: each rank takes the GPU its LOCAL_RANK names
-                return ("cuda:0",) * n_stages
-            return ("cpu",) * n_stages
+                # a job's ranks span machines: each rank takes the GPU its LOCAL_RANK names
+                return ("cuda:0",) * n_ranks
+            return ("cpu",) * n_ranks
     devices = list(devices)
     if len(devices) == 0:
         raise ValueError("devices is an empty list; give 'auto' or at least one device.")
@@ -47,16 +51,22 @@ def resolve_devices(devices: str | Sequence[str], n_stages: int, launcher: str) 
             out.append(f"cuda:{index}")
         else:
             out.append(d if dev.type == "cpu" else str(dev))
-    if n_stages == 1:
+    if n_ranks == 1:
         return (out[0],)
     if launcher == "local" and len(out) == 1:
         return (out[0],) * n_stages
-    if len(out) < n_stages:
+    if len(out) < n_ranks:
+        if n_replicas == 1:
+            raise ValueError(
+                f"n_stages ({n_stages}) is larger than the number of devices given ({len(out)}: "
+                f"{out}); list one device per stage or lower n_stages."
+            )
         raise ValueError(
-            f"n_stages ({n_stages}) is larger than the number of devices given ({len(out)}: "
-            f"{out}); list one device per stage or lower n_stages."
+            f"n_replicas ({n_replicas}) x n_stages ({n_stages}) needs {n_ranks} devices, one per "
+            f"(replica, stage) in the order replica 0's stages, replica 1's, ...; devices lists "
+            f"{len(out)}: {out}. List more, or lower n_replicas or n_stages."
         )
-    return tuple(out[:n_stages])
+    return tuple(out[:n_ranks])
 
 
 def execution_devices(devices: Sequence[str]) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 _made_local_world = False
@@ -42,9 +43,9 @@ def local_world(device: str) -> dist.ProcessGroup:
     return _world()
 
 
-def job_world(device: str, size: int) -> dist.ProcessGroup:
+def job_world(device: str, n_stages: int, n_replicas: int = 1) -> dist.ProcessGroup:
     """The world of a torchrun (or otherwise launched) job, initialised from its environment
-    when needed; its size must be ``size``."""
+    when needed; its size must be ``n_replicas x n_stages``."""
     if _made_local_world or not dist.is_initialized():
         if "RANK" not in os.environ or _made_local_world:
             raise RuntimeError(
@@ -54,10 +55,24 @@ def job_world(device: str, size: int) -> dist.ProcessGroup:
             )
         dist.init_process_group(backend_for(device))
     world = dist.get_world_size()
-    if world != size:
+    if world != n_stages * n_replicas:
+        if n_replicas == 1:
+            hint = "set n_stages to the number of processes of the job"
+            if world % n_stages == 0:
+                hint += f", or n_replicas={world // n_stages} to run that many pipelines"
+            raise ValueError(
+                f"n_stages ({n_stages}) must equal the torchrun world size ({world}) with "
+                f"launcher='torchrun' and n_replicas=1; {hint}."
+            )
         raise ValueError(
-            f"n_stages ({size}) must equal the torchrun world size ({world}) with "
-            "launcher='torchrun'; set n_stages to the number of processes per job."
+            f"n_replicas ({n_replicas}) x n_stages ({n_stages}) = {n_replicas * n_stages} "
+            f"processes, but the torchrun world size is {world}; with launcher='torchrun' every "
+            "process holds one stage of one replica"
+            + (
+                f": n_replicas={world // n_stages} fits this job."
+                if world % n_stages == 0
+                else f", and {world} processes cannot be split into pipelines of {n_stages}."
+            )
         )
     return _world()
 
@@ -84,6 +99,39 @@ def worker_world(
             timeout=timedelta(seconds=max(timeout, 120.0)),
         )
     return _world()
+
+
+_MESHES: dict[tuple[int, int, str], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+def mesh_groups(
+    n_replicas: int, n_stages: int, device: str
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """This rank's groups on the (replica x stage) mesh of the default group: its pipeline's
+    stages (the group its PipelineStages talk in) and the same stage of every replica (the group
+    its gradients are summed over; None with one replica).
+
+    Built with torch's ``init_device_mesh`` over the whole world (every rank calls this with
+    the same shape); kept per shape, so that a warm worker does not make new groups each fit.
+    """
+    if n_replicas == 1:
+        return _world(), None
+    device_type = torch.device(device).type
+    key = (n_replicas, n_stages, device_type)
+    if key not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        if world != n_replicas * n_stages:
+            raise ValueError(
+                f"n_replicas ({n_replicas}) x n_stages ({n_stages}) = {n_replicas * n_stages} "
+                f"ranks, but the process group has {world}."
+            )
+        mesh = init_device_mesh(
+            device_type, (n_replicas, n_stages), mesh_dim_names=("replica", "stage")
+        )
+        _MESHES[key] = (mesh.get_group("stage"), mesh.get_group("replica"))
+    return _MESHES[key]
 
 
 def broadcast_object(value: object, src: int = 0) -> object:

@@ -21,6 +21,18 @@ def step_rows(batch_size: int, n_microbatches: int) -> int:
     return math.ceil(batch_size / n_microbatches) * n_microbatches
 
 
+def replica_shares(n_rows: int, n_replicas: int) -> list[slice]:
+    """The contiguous rows of a batch each replica takes: as even as can be, the first
+    ``n_rows % n_replicas`` replicas one row more (a replica may get none of a small last batch)."""
+    base, extra = divmod(n_rows, n_replicas)
+    out, start = [], 0
+    for r in range(n_replicas):
+        end = start + base + (1 if r < extra else 0)
+        out.append(slice(start, end))
+        start = end
+    return out
+
+
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` with zero rows appended up to ``rows`` rows (``x`` itself when already that long)."""
     n = x.shape[0]
@@ -56,6 +68,10 @@ class WeightedLoss:
     once per micro-batch with the row indices of that micro-batch. With per-row weights ``w`` the
     batch loss is sum(w_i * loss_i) / sum(w_i) for a 'mean' criterion and sum(w_i * loss_i) for a
     'sum' one, loss_i being row i's loss (its elements averaged, or summed, like the criterion).
+
+    A replica holding a share of a batch passes the whole batch's ``total_rows`` (and
+    ``total_weight``): its micro-batch losses are then its part of the batch loss, and the parts
+    (and their gradients) of all replicas sum to the batch's.
     """
 
     def __init__(self, criterion: nn.Module) -> None:
@@ -63,13 +79,24 @@ class WeightedLoss:
         self.reduction = reduction_of(criterion)
         self.y: torch.Tensor | None = None
         self.w: torch.Tensor | None = None
-        self.n_real = 0
+        self.total_rows = 0  # rows of the whole batch (over all replicas)
 
-    def set_batch(self, y: torch.Tensor, n_real: int, w: torch.Tensor | None = None) -> None:
+    def set_batch(
+        self,
+        y: torch.Tensor,
+        n_real: int,
+        w: torch.Tensor | None = None,
+        *,
+        total_rows: int | None = None,
+        total_weight: float | None = None,
+    ) -> None:
         self.y = y
-        self.n_real = n_real
+        self.total_rows = n_real if total_rows is None else total_rows
         self.w = w
-        self._w_total = float(w.sum()) if w is not None else 0.0
+        if w is None:
+            self._w_total = 0.0
+        else:
+            self._w_total = float(w.sum()) if total_weight is None else float(total_weight)
 
     def __call__(self, output: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if self.y is None:
@@ -87,7 +114,7 @@ class WeightedLoss:
             return weighted / self._w_total if self.reduction == "mean" else weighted
         loss = self.criterion(out, self.y[rows])
         if self.reduction == "mean":
-            loss = loss * (n / self.n_real)
+            loss = loss * (n / self.total_rows)
         return loss
 
 

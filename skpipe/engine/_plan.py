@@ -77,7 +77,7 @@ class Plan:
         config = dataclasses.replace(
             self.config,
             n_microbatches=n_microbatches,
-            batch_rows=step_rows(self.config.batch_size, n_microbatches),
+            batch_rows=step_rows(self.config.share_rows, n_microbatches),
         )
         return dataclasses.replace(self, config=config)
 
@@ -87,7 +87,7 @@ class Plan:
         holds at its peak."""
         cfg = self.config
         m = cfg.n_microbatches if n_microbatches is None else n_microbatches
-        rows = -(-cfg.batch_size // m)
+        rows = -(-cfg.share_rows // m)  # a replica's share of the batch, per micro-batch
         held = _schedules.in_flight(cfg.schedule, cfg.n_stages, cfg.chunks_per_stage, m)
         need = [0.0] * cfg.n_stages
         for c, rank in enumerate(self.owners):
@@ -148,6 +148,16 @@ class Plan:
                 cfg.schedule, cfg.n_stages, cfg.n_microbatches, cfg.chunks_per_stage
             ),
             predicted_step_ms=predicted,
+            n_replicas=cfg.n_replicas,
+            mesh=[
+                {
+                    "rank": rank,
+                    "replica": cfg.replica_of(rank),
+                    "stage": cfg.stage_of(rank),
+                    "device": cfg.devices[rank] if rank < len(cfg.devices) else cfg.devices[0],
+                }
+                for rank in range(cfg.world_size)
+            ],
         )
 
 

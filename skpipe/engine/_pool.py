@@ -174,10 +174,20 @@ class WorkerGroup:
         self, message: Message | Sequence[Message], timeout: float | None = None
     ) -> list[Any]:
         """Send ``message`` (or ``message[rank]``) to every rank; the replies in rank order."""
-        for rank in range(self.n_workers):
-            self.send(rank, message if isinstance(message, Message) else message[rank])
-        replies = self.gather(timeout)
-        return [replies[rank] for rank in range(self.n_workers)]
+        return self.ask(range(self.n_workers), message, timeout)
+
+    def ask(
+        self,
+        ranks: Sequence[int],
+        message: Message | Sequence[Message],
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """Send ``message`` (or ``message[i]``) to each of ``ranks``; their replies in order."""
+        ranks = list(ranks)
+        for i, rank in enumerate(ranks):
+            self.send(rank, message if isinstance(message, Message) else message[i])
+        replies = self.gather(timeout, ranks)
+        return [replies[rank] for rank in ranks]
 
     def _root_cause(self, rank: int, text: str) -> WorkerError:
         """A worker's error; when a peer died, the death is the cause and the error its echo
@@ -202,9 +212,13 @@ class WorkerGroup:
             pass
         return WorkerError(f"stage worker {rank} (pid {proc.pid}) stopped: {_describe_exit(proc)}.")
 
-    def gather(self, timeout: float | None = None) -> dict[int, Any]:
-        """Wait for one reply from each rank; raise WorkerError on any failure or timeout."""
-        pending: dict[Any, int] = {self.conns[r]: r for r in range(self.n_workers)}
+    def gather(
+        self, timeout: float | None = None, ranks: Sequence[int] | None = None
+    ) -> dict[int, Any]:
+        """Wait for one reply from each rank (of ``ranks``, when given); raise WorkerError on any
+        failure or timeout."""
+        ranks = range(self.n_workers) if ranks is None else ranks
+        pending: dict[Any, int] = {self.conns[r]: r for r in ranks}
         replies: dict[int, Any] = {}
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout

@@ -40,12 +40,16 @@ class Setup(Message):
 @dataclass(frozen=True)
 class Step(Message):
     """One optimizer step; ``x`` goes to the rank of the first chunk, ``y`` (and the rows'
-    sample weights ``w``, if any) to the last."""
+    sample weights ``w``, if any) to the last. With replicas, each replica's ranks get its share
+    of ``n_real`` rows, and the whole batch's rows and weight (``total_rows``,
+    ``total_weight``)."""
 
     x: Any  # numpy array or None
     y: Any
     n_real: int
     w: Any = None
+    total_rows: int | None = None
+    total_weight: float | None = None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -26,7 +26,8 @@ class PlanReport:
     memory held for backward per micro-batch (measured on a micro-batch of the data), and its
     measured forward+backward time when ``balance='time'``. ``bubble`` is the schedule's
     theoretical idle fraction and ``predicted_step_ms`` the step time it implies from the
-    slowest stage's measured time (when measured).
+    slowest stage's measured time (when measured). ``mesh`` says which rank holds which replica
+    and stage, on which device (micro-batch and batch rows are per replica).
     """
 
     schedule: str
@@ -40,6 +41,9 @@ class PlanReport:
     chunks: list[ChunkReport]
     bubble: float
     predicted_step_ms: float | None
+    n_replicas: int = 1
+    # one row per rank of the (replica x stage) mesh: {'rank', 'replica', 'stage', 'device'}
+    mesh: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,10 +81,23 @@ class PlanReport:
                 for i, (v, w) in enumerate(zip(r, widths, strict=True))
             )
 
+        mesh = []
+        if self.n_replicas > 1:
+            mesh.append(
+                f"mesh: {self.n_replicas} replicas x {self.n_stages} stage(s), each replica "
+                f"steps on its share of a batch ({self.batch_rows} rows padded); rank = "
+                f"replica x {self.n_stages} + stage"
+            )
+            for r in range(self.n_replicas):
+                ranks = [m for m in self.mesh if m["replica"] == r]
+                where = ", ".join(
+                    f"stage {m['stage']} rank {m['rank']} on {m['device']}" for m in ranks
+                )
+                mesh.append(f"  replica {r}: {where}")
         tail = f"expected bubble: {self.bubble:.1%}"
         if self.predicted_step_ms is not None:
             tail += f"; predicted step time: {self.predicted_step_ms:.2f} ms"
-        return "\n".join([head, line(cols), *[line(r) for r in rows], tail])
+        return "\n".join([head, *mesh, line(cols), *[line(r) for r in rows], tail])
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's hook
         p.text(str(self))

@@ -22,15 +22,20 @@ from ._torchrun import TorchrunRunner
 RUNNERS: dict[str, type[Runner]] = {
     "single": SingleRunner,  # n_stages=1: this process, one device
     "local": LocalRunner,  # every stage in this process (world size 1)
-    "spawn": SpawnRunner,  # one worker process per stage, started from here (kept warm)
-    "torchrun": TorchrunRunner,  # one rank of a torchrun job per stage
+    "spawn": SpawnRunner,  # one worker process per (replica, stage), started here (kept warm)
+    "torchrun": TorchrunRunner,  # one rank of a torchrun job per (replica, stage)
 }
 
 
-def resolve_launcher(launcher: str, n_stages: int) -> str:
-    """The runner's row for a ``launcher`` parameter ('auto': torchrun inside a job, else spawn)."""
-    if n_stages == 1:
+def resolve_launcher(launcher: str, n_stages: int, n_replicas: int = 1) -> str:
+    """The runner's row for a ``launcher`` parameter ('auto': torchrun inside a job, else spawn).
+
+    One stage and one replica run here ('single'); replicas need a process each, so 'local'
+    stays 'local' (and is refused with them by the configuration)."""
+    if n_stages == 1 and n_replicas == 1:
         return "single"
+    if n_stages == 1 and launcher == "local":
+        return "local"
     if launcher == "auto":
         return "torchrun" if job_active() else "spawn"
     return launcher

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import _protocol as P
 from ._config import TrainSpec
+from ._microbatch import replica_shares
 from ._plan import Plan
 from ._pool import STARTUP_TIMEOUT, acquire_group, release_group
 from ._runner import Runner
@@ -18,7 +19,8 @@ from ._timeline import Span
 
 
 class SpawnRunner(Runner):
-    """Drives one worker per pipeline rank."""
+    """Drives one worker per rank of the (replica x stage) mesh: with one replica, one per
+    pipeline stage."""
 
     optimizer_in_driver: ClassVar[bool] = False
 
@@ -27,52 +29,65 @@ class SpawnRunner(Runner):
         cfg = self.config
         self.first = cfg.owner(0)
         self.last = cfg.owner(cfg.n_chunks - 1)
-        self.group = acquire_group(cfg.n_stages, cfg.devices, cfg.timeout)
+        self.group = acquire_group(cfg.world_size, cfg.devices, cfg.timeout)
         try:
             setups = [
                 P.Setup(
-                    chunks=plan.chunks(module, rank),
+                    chunks=plan.chunks(module, cfg.stage_of(rank)),
                     config=cfg,
                     spec=spec,
                     shapes=list(plan.shapes),
                     device=cfg.devices[rank],
                     seed=seed,
                 )
-                for rank in range(cfg.n_stages)
+                for rank in range(cfg.world_size)
             ]
             self.group.ask_all(setups, timeout=max(cfg.timeout, STARTUP_TIMEOUT))
         except BaseException:
             self.group.close()
             raise
 
-    def _to(self, rank: int, holder: int, t: torch.Tensor) -> Any:
-        """A tensor as numpy for the rank that needs it; None for the others."""
-        return t.numpy() if rank == holder else None
+    def _rows_for(
+        self, rank: int, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None
+    ) -> tuple[Any, Any, Any, int]:
+        """What ``rank`` needs of a batch: its replica's share of the inputs where it holds the
+        first chunk, of the targets and weights where it holds the last; and the share's rows."""
+        cfg = self.config
+        rows = replica_shares(x.shape[0], cfg.n_replicas)[cfg.replica_of(rank)]
+        stage = cfg.stage_of(rank)
+        first, last = stage == self.first, stage == self.last
+
+        def part(t: torch.Tensor | None, needed: bool) -> Any:
+            return t[rows].numpy() if needed and t is not None else None
+
+        return part(x, first), part(y, last), part(w, last), rows.stop - rows.start
+
+    def _last_ranks(self) -> list[int]:
+        """The rank holding the last chunk in each replica, in replica order."""
+        return [r * self.config.n_stages + self.last for r in range(self.config.n_replicas)]
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
-        replies = self.group.ask_all(
-            [
-                P.Step(
-                    self._to(r, self.first, x),
-                    self._to(r, self.last, y),
-                    n,
-                    None if w is None else self._to(r, self.last, w),
-                )
-                for r in range(self.config.n_stages)
-            ]
-        )
-        loss, out = replies[self.last]
-        return torch.from_numpy(loss), torch.from_numpy(out)
+        total_weight = None if w is None else float(w.sum())
+        messages = []
+        for rank in range(self.config.world_size):
+            xs, ys, ws, n_share = self._rows_for(rank, x, y, w)
+            messages.append(P.Step(xs, ys, n_share, ws, n, total_weight))
+        replies = self.group.ask_all(messages)
+        parts = [replies[r] for r in self._last_ranks()]
+        loss = torch.stack([torch.from_numpy(loss) for loss, _ in parts]).sum()
+        return loss, torch.cat([torch.from_numpy(out) for _, out in parts])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        replies = self.group.ask_all(
-            [P.Forward(self._to(r, self.first, x), n) for r in range(self.config.n_stages)]
-        )
-        return torch.from_numpy(replies[self.last])
+        """Every replica forwards its share of the rows."""
+        messages = []
+        for rank in range(self.config.world_size):
+            xs, _, _, n_share = self._rows_for(rank, x, None, None)
+            messages.append(P.Forward(xs, n_share))
+        replies = self.group.ask_all(messages)
+        return torch.cat([torch.from_numpy(replies[r]) for r in self._last_ranks()])
 
     def record_timeline(self, steps: int) -> None:
         self.group.ask_all(P.RecordTimeline(steps))
@@ -87,12 +102,17 @@ class SpawnRunner(Runner):
         return list(self.group.ask_all(P.Stats()))
 
     def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        # the replicas hold the same weights and optimizer state: the first one's suffice
+        stages = range(self.config.n_stages)
         if optimizers:
-            return list(self.group.ask_all(P.GetState()))
-        return [(chunks, None) for chunks in self.group.ask_all(P.Collect())]
+            return list(self.group.ask(stages, P.GetState()))
+        return [(chunks, None) for chunks in self.group.ask(stages, P.Collect())]
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
-        self.group.ask_all([P.SetState(chunks, opt) for chunks, opt in states])
+        cfg = self.config
+        self.group.ask_all(
+            [P.SetState(*states[cfg.stage_of(rank)]) for rank in range(cfg.world_size)]
+        )
 
     def close(self, keep_warm: bool = False) -> None:
         """Healthy workers go back warm when asked; any other end stops them."""

@@ -7,6 +7,7 @@ chunks in a spawned worker, or one rank's chunks under ``torchrun``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,9 +94,16 @@ class StageHost:
         rank: int,
         device: str,
         group: dist.ProcessGroup,
+        replica: int = 0,
+        replica_group: dist.ProcessGroup | None = None,
     ) -> None:
+        """``rank``: this process's stage in its pipeline, whose processes form ``group``;
+        ``replica``: which copy of the pipeline it belongs to, and ``replica_group`` the same
+        stage of every replica (None with one replica), over which gradients are summed."""
         self.config = config
         self.rank = rank
+        self.replica = replica
+        self.replica_group = replica_group
         self.device = torch.device(device)
         self.group = group
         self.shapes = list(shapes)
@@ -119,7 +127,13 @@ class StageHost:
         self.optimizer = spec.optimizer(params, **spec.optimizer_kwargs)
         self._schedule = self._build_schedule()
         self.meter: ActivationMeter | None = None
-        self.recorder = Recorder(rank, config.owner, device)
+        # timeline rows are ranks of the whole (replica x stage) mesh
+        offset = replica * config.n_stages
+        self.recorder = Recorder(
+            offset + rank, lambda chunk: offset + config.owner(chunk), device
+        )
+        self.sync_seconds = 0.0  # time spent summing gradients over the replicas
+        self.sync_steps = 0
 
     def record_timeline(self, steps: int) -> None:
         """Record the spans of the next ``steps`` steps."""
@@ -135,7 +149,16 @@ class StageHost:
         )
 
     def stats(self) -> dict[str, float]:
-        return {"peak_activation_bytes": float(self.meter.peak) if self.meter else float("nan")}
+        return {
+            "peak_activation_bytes": float(self.meter.peak) if self.meter else float("nan"),
+            "gradient_sync_ms_per_step": (
+                1e3 * self.sync_seconds / self.sync_steps if self.sync_steps else float("nan")
+            ),
+            "gradient_bytes": float(
+                sum(p.numel() * p.element_size() for c in self.chunks.values()
+                    for p in c.parameters())
+            ),
+        }
 
     # -- building --------------------------------------------------------------------------
     def _stage(self, c: int) -> PipelineStage:
@@ -156,7 +179,9 @@ class StageHost:
     def _build_schedule(self) -> Any:  # torch's schedule base classes are private
         # with every stage in this one process, the schedule's local stand-in runs them
         local = self.world_size == 1 and self.config.n_stages > 1
-        cls = _schedules.SCHEDULES[self.config.schedule].schedule_class(local=local)
+        # one stage (a data-parallel replica of the whole network): nothing to interleave
+        name = self.config.schedule if self.config.n_stages > 1 else "gpipe"
+        cls = _schedules.SCHEDULES[name].schedule_class(local=local)
         stages = [self._stage(c) for c in self.chunk_ids]
         self.stages = dict(zip(self.chunk_ids, stages, strict=True))
         m = self.config.n_microbatches
@@ -175,12 +200,16 @@ class StageHost:
         y: torch.Tensor | None,
         n_real: int,
         w: torch.Tensor | None = None,
+        *,
+        total_rows: int | None = None,
+        total_weight: float | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One optimizer step over a batch of ``n_real`` rows.
 
         ``x`` is needed where the first chunk lives, ``y`` (and the rows' weights ``w``, if any)
-        where the last one lives. Returns the batch loss and the real rows' outputs on the
-        process holding the last chunk.
+        where the last one lives. With replicas these are this replica's share of a batch of
+        ``total_rows`` rows (of weight ``total_weight``). Returns the loss of these rows (their
+        part of the batch loss) and their outputs on the process holding the last chunk.
         """
         self.train(True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -199,6 +228,8 @@ class StageHost:
                 y.to(self.device, non_blocking=True),
                 n_real,
                 None if w is None else w.to(self.device, non_blocking=True),
+                total_rows=total_rows,
+                total_weight=total_weight,
             )
             target = row_targets(n_real, rows, self.device)
         uninstall = None
@@ -216,12 +247,38 @@ class StageHost:
                 uninstall()
                 self.recorder.steps_left -= 1
             self.recorder.step += 1
+        self.sum_replica_gradients()
         self.clip_gradients()
         self.optimizer.step()
         if not self.holds_last:
             return None, None
         total = torch.stack([loss.detach().float() for loss in losses]).sum()
         return total, out[:n_real].detach()
+
+    def sum_replica_gradients(self) -> None:
+        """Sum this stage's gradients over the replicas (each holds its rows' part of the
+        batch's gradient), in flat buckets, after the schedule has run every backward (so that
+        zero-bubble schedules, whose weight gradients come late, are summed complete too)."""
+        if self.replica_group is None:
+            return
+        t0 = time.perf_counter()
+        grads = [
+            p.grad
+            for c in self.chunk_ids
+            for p in self.chunks[c].parameters()
+            if p.grad is not None
+        ]
+        for bucket in _buckets(grads, BUCKET_BYTES):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=self.replica_group)
+            start = 0
+            for g in bucket:
+                g.copy_(flat[start : start + g.numel()].view_as(g))
+                start += g.numel()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.sync_seconds += time.perf_counter() - t0
+        self.sync_steps += 1
 
     def clip_gradients(self) -> None:
         """Clip by the global norm over every stage of the pipeline (all ranks agree)."""
@@ -254,8 +311,10 @@ class StageHost:
         adjacent stages share a rank). Returns the output where the last chunk lives.
         """
         self.train(False)
-        h: torch.Tensor | None = None
         n_chunks = self.config.n_chunks
+        if n_rows == 0:  # a replica given no rows of a small batch (its ranks all know it)
+            return torch.empty((0,) + self.shapes[-1]) if self.holds_last else None
+        h: torch.Tensor | None = None
         for c in range(n_chunks):
             if c not in self.chunks:
                 continue
@@ -293,6 +352,30 @@ class StageHost:
         self._schedule = None
         self.chunks.clear()
         self.optimizer = None  # type: ignore[assignment]
+
+
+# Gradients are summed over the replicas in flat buffers of at most this many bytes (one buffer
+# per parameter larger than that): few collectives, and a bounded extra copy.
+BUCKET_BYTES = 32 * 2**20
+
+
+def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """``tensors`` in order, grouped into runs of one dtype and device of at most ``limit``
+    bytes."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if (
+            not out
+            or size + nbytes > limit
+            or (t.dtype, t.device) != (out[-1][0].dtype, out[-1][0].device)
+        ):
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += nbytes
+    return out
 
 
 def _given(value: torch.Tensor | None, what: str) -> torch.Tensor:

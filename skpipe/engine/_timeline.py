@@ -104,12 +104,13 @@ class Timeline:
     n_microbatches: int
     chunks_per_stage: int
     schedule: str
+    n_replicas: int = 1  # rows are ranks of the (replica x stage) mesh: n_replicas x n_stages
 
     @classmethod
     def of(cls, spans: list[Span], config: Any) -> Timeline:
         """The timeline of spans recorded under ``config`` (a PipelineConfig)."""
         return cls(spans, config.n_stages, config.n_microbatches, config.chunks_per_stage,
-                   config.schedule)
+                   config.schedule, getattr(config, "n_replicas", 1))
 
     @property
     def theoretical_bubble(self) -> float:
@@ -130,7 +131,8 @@ class Timeline:
             end = max(s.end for s in spans)
             busy = sum(s.end - s.start for s in spans if s.kind in COMPUTE)
             if end > start:
-                fractions.append(1.0 - busy / (self.n_stages * (end - start)))
+                ranks = self.n_stages * self.n_replicas
+                fractions.append(1.0 - busy / (ranks * (end - start)))
         return sum(fractions) / len(fractions) if fractions else float("nan")
 
     def waits(self) -> list[Span]:

@@ -1,8 +1,10 @@
-"""Every rank of a torchrun (or cluster-launched) job holds its own stage; all ranks run the same
-loop over the same data, so each sees the same history and ends with the whole network."""
+"""Every rank of a torchrun (or cluster-launched) job holds one stage of one replica; all ranks
+run the same loop over the same data (each replica's ranks step on its share of every batch), so
+each sees the same history and ends with the whole network."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -12,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._config import TrainSpec
-from ._groups import broadcast_object, job_world
+from ._groups import broadcast_object, job_world, mesh_groups
+from ._microbatch import replica_shares
 from ._plan import Plan
 from ._runner import Runner
 from ._timeline import Span
@@ -25,27 +28,33 @@ class TorchrunRunner(Runner):
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         super().__init__(plan, module, spec, seed)
         cfg = self.config
-        group = job_world(cfg.devices[0], cfg.n_stages)
+        job_world(cfg.devices[0], cfg.n_stages, cfg.n_replicas)
         self.rank = dist.get_rank()
         device = cfg.devices[self.rank] if cfg.devices[0] != "cpu" else "cpu"
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
             torch.cuda.set_device(device)
         self.device = device
-        self.host = self._host(plan, module, spec, group)
+        self.stage = cfg.stage_of(self.rank)
+        self.replica = cfg.replica_of(self.rank)
+        self.host = self._host(plan, module, spec)
         self.last = cfg.owner(cfg.n_chunks - 1)
 
-    def _host(self, plan: Plan, module: nn.Module, spec: TrainSpec, group: Any) -> Any:
+    def _host(self, plan: Plan, module: nn.Module, spec: TrainSpec) -> Any:
         from ._stage import StageHost
 
+        cfg = self.config
+        pipeline, replicas = mesh_groups(cfg.n_replicas, cfg.n_stages, self.device)
         return StageHost(
-            plan.chunks(module, self.rank),
-            self.config,
+            plan.chunks(module, self.stage),
+            cfg,
             spec,
             plan.shapes,
-            rank=self.rank,
+            rank=self.stage,
             device=self.device,
-            group=group,
+            group=pipeline,
+            replica=self.replica,
+            replica_group=replicas,
         )
 
     @staticmethod
@@ -57,23 +66,52 @@ class TorchrunRunner(Runner):
     def optimizer(self) -> torch.optim.Optimizer:
         return self.host.optimizer
 
-    def _share(self, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
-        """Broadcast a tensor from the rank holding the last chunk to every rank."""
-        buf = t.contiguous() if t is not None else torch.empty(shape, device=self.device)
-        dist.broadcast(buf, group_src=self.last)
-        return buf.cpu()
+    def _gather_rows(
+        self, n: int, loss: torch.Tensor | None, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every replica's loss (summed) and output rows (in batch order), on every rank: the
+        rank holding a replica's last chunk fills that replica's slot, the others add zeros."""
+        cfg = self.config
+        shares = replica_shares(n, cfg.n_replicas)
+        widest = max(s.stop - s.start for s in shares)
+        width = math.prod(self.plan.shapes[-1])
+        buf = torch.zeros((cfg.n_replicas, 1 + widest * width), device=self.device)
+        if self.stage == self.last:
+            slot = buf[self.replica]
+            if loss is not None:
+                slot[0] = loss.reshape(())
+            if out is not None and out.numel():
+                slot[1 : 1 + out.numel()] = out.reshape(-1).to(buf.dtype)
+        dist.all_reduce(buf)
+        buf = buf.cpu()
+        outs = [
+            buf[r, 1 : 1 + (s.stop - s.start) * width].reshape(
+                (s.stop - s.start,) + self.plan.shapes[-1]
+            )
+            for r, s in enumerate(shares)
+        ]
+        return buf[:, 0].sum(), torch.cat(outs)
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
-        loss, out = self.host.train_step(x, y, n, w)
-        shared_loss = self._share(None if loss is None else loss.reshape(()).to(self.device), ())
-        return shared_loss, self._share(out, (n,) + self.plan.shapes[-1])
+        rows = replica_shares(n, self.config.n_replicas)[self.replica]
+        loss, out = self.host.train_step(
+            x[rows],
+            y[rows],
+            rows.stop - rows.start,
+            None if w is None else w[rows],
+            total_rows=n,
+            total_weight=None if w is None else float(w.sum()),
+        )
+        return self._gather_rows(n, loss, out)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        return self._share(self.host.forward(x, n), (n,) + self.plan.shapes[-1])
+        rows = replica_shares(n, self.config.n_replicas)[self.replica]
+        out = self.host.forward(x[rows], rows.stop - rows.start)
+        return self._gather_rows(n, None, out)[1]
 
     def _everyone(self, mine: Any) -> list[Any]:
         everyone: list[Any] = [None] * dist.get_world_size()
@@ -93,11 +131,14 @@ class TorchrunRunner(Runner):
         return self._everyone(self.host.stats())
 
     def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
-        mine = (self.host.state_dicts(), self.host.optimizer_state() if optimizers else None)
-        return self._everyone(mine)
+        # the replicas hold the same weights and optimizer state: the first one's travel
+        mine: tuple[dict[int, Any], dict[str, Any] | None] = ({}, None)
+        if self.replica == 0:
+            mine = (self.host.state_dicts(), self.host.optimizer_state() if optimizers else None)
+        return self._everyone(mine)[: self.config.n_stages]
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
-        chunks, optimizer = states[self.rank]
+        chunks, optimizer = states[self.stage]
         self.host.load_state(chunks, optimizer)
 
     def close(self, keep_warm: bool = False) -> None:

@@ -64,7 +64,7 @@ class Worker:
     def setup(self, m: P.Setup) -> None:
         import torch
 
-        from ._groups import worker_world
+        from ._groups import mesh_groups, worker_world
         from ._stage import StageHost
 
         if self.host is not None:
@@ -76,13 +76,30 @@ class Worker:
         if m.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(m.device))
         store = os.environ["SKPIPE_STORE_PATH"]
-        group = worker_world(store, self.rank, self.world, m.device, m.config.timeout)
+        worker_world(store, self.rank, self.world, m.device, m.config.timeout)
+        cfg = m.config
+        pipeline, replicas = mesh_groups(cfg.n_replicas, cfg.n_stages, m.device)
         self.host = StageHost(
-            m.chunks, m.config, m.spec, m.shapes, rank=self.rank, device=m.device, group=group
+            m.chunks,
+            cfg,
+            m.spec,
+            m.shapes,
+            rank=cfg.stage_of(self.rank),
+            device=m.device,
+            group=pipeline,
+            replica=cfg.replica_of(self.rank),
+            replica_group=replicas,
         )
 
     def step(self, m: P.Step) -> Any:
-        loss, out = self.stages().train_step(_tensor(m.x), _tensor(m.y), m.n_real, _tensor(m.w))
+        loss, out = self.stages().train_step(
+            _tensor(m.x),
+            _tensor(m.y),
+            m.n_real,
+            _tensor(m.w),
+            total_rows=m.total_rows,
+            total_weight=m.total_weight,
+        )
         return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
 
     def forward(self, m: P.Forward) -> Any:

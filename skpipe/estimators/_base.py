@@ -79,6 +79,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         "verbose": ["verbose"],
         "devices": [StrOptions({"auto"}), list, tuple, str],
         "n_stages": [Interval(Integral, 1, None, closed="left")],
+        "n_replicas": [Interval(Integral, 1, None, closed="left")],
         "n_microbatches": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES))],
         "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
@@ -120,6 +121,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         verbose: int = 0,
         devices: str | list[str] | tuple[str, ...] = "auto",
         n_stages: int = 1,
+        n_replicas: int = 1,
         n_microbatches: int | str = "auto",
         schedule: str = "1f1b",
         chunks_per_stage: int | str = "auto",
@@ -146,6 +148,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self.verbose = verbose
         self.devices = devices
         self.n_stages = n_stages
+        self.n_replicas = n_replicas
         self.n_microbatches = n_microbatches
         self.schedule = schedule
         self.chunks_per_stage = chunks_per_stage
@@ -271,7 +274,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 X, y, weights = X[keep], y[keep], weights[keep]
         y_enc, n_outputs = self._validate_targets(y, reset=not warm, classes=classes)
         weights = self._row_weights(y_enc, weights)
-        launcher = resolve_launcher(self.launcher, self.n_stages)
+        launcher = resolve_launcher(self.launcher, self.n_stages, self.n_replicas)
         runner = runner_class(launcher)
         self._check_callbacks_fit(runner.optimizer_in_driver, launcher)
         rng = check_random_state(self.random_state)
@@ -280,13 +283,14 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         batch = n_samples if self.batch_size == "all" else min(int(self.batch_size), n_samples)
         config = make_config(
             n_stages=self.n_stages,
+            n_replicas=self.n_replicas,
             n_microbatches=self.n_microbatches,
             schedule=self.schedule,
             chunks_per_stage=self.chunks_per_stage,
             balance=self.balance if isinstance(self.balance, str) else tuple(self.balance),
             checkpoint=self.checkpoint,
             launcher=launcher,
-            devices=resolve_devices(self.devices, self.n_stages, launcher),
+            devices=resolve_devices(self.devices, self.n_stages, launcher, self.n_replicas),
             batch_size=batch,
             precision=self.precision,
             max_grad_norm=self.max_grad_norm,

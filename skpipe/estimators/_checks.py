@@ -79,7 +79,7 @@ def check_batchnorm_rows(module: nn.Module, config: PipelineConfig, n_rows: int 
 
 def _smallest_microbatch(cfg: PipelineConfig, n_rows: int | None) -> int:
     """Rows of the smallest micro-batch a training step sees (over full and ragged batches)."""
-    if cfg.n_stages > 1:  # every batch is padded to a fixed micro-batch size
+    if cfg.world_size > 1:  # every batch is padded to a fixed micro-batch size
         return cfg.microbatch_rows
     batches = [cfg.batch_size]
     if n_rows is not None and n_rows % cfg.batch_size:
@@ -88,5 +88,5 @@ def _smallest_microbatch(cfg: PipelineConfig, n_rows: int | None) -> int:
 
 
 def _ragged_note(cfg: PipelineConfig, n_rows: int | None) -> str:
-    last = 0 if n_rows is None or cfg.n_stages > 1 else n_rows % cfg.batch_size
+    last = 0 if n_rows is None or cfg.world_size > 1 else n_rows % cfg.batch_size
     return f" (the last batch of the {n_rows} rows has {last})" if last else ""

@@ -28,9 +28,14 @@ PARAMETERS_DOC = """
     verbose : int, default=0
         1 prints skorch's epoch table.
     devices : 'auto' or list of str, default='auto'
-        One device per stage ('cpu', 'cuda:0', ...); with one stage the first is used.
+        One device per stage ('cpu', 'cuda:0', ...); with one stage the first is used. With
+        replicas, one per (replica, stage): replica 0's stages first, then replica 1's, ...
     n_stages : int, default=1
         Pipeline depth: the number of workers (devices) the network is split across.
+    n_replicas : int, default=1
+        Data-parallel copies of the pipeline (``n_replicas x n_stages`` workers). Each takes its
+        share of every batch and their gradients are summed: the fit equals one device's at the
+        same ``batch_size``. Needs ``launcher='spawn'``, ``'torchrun'`` or ``'auto'``.
     n_microbatches : int or 'auto', default='auto'
         Micro-batches per batch; 'auto' picks the largest of 4p, 2p, p the schedule accepts.
     schedule : str, default='1f1b'

@@ -91,7 +91,9 @@ class PredictMixin:
         # the user named them (to hold them again)
         config = dataclasses.replace(
             fitted,
-            devices=resolve_devices(self.devices, fitted.n_stages, fitted.launcher),
+            devices=resolve_devices(
+                self.devices, fitted.n_stages, fitted.launcher, fitted.n_replicas
+            ),
             balance=tuple(chunk.n_layers for chunk in self.plan_.chunks),
         )
         spec = TrainSpec(
