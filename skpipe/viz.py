@@ -40,8 +40,9 @@ def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) 
     """
     import matplotlib.pyplot as plt
 
+    n_rows = timeline.n_ranks  # one row per rank of the (replica x stage) mesh
     if ax is None:
-        _, ax = plt.subplots(figsize=(12, 1.0 + 0.7 * timeline.n_stages))
+        _, ax = plt.subplots(figsize=(12, 1.0 + 0.7 * n_rows))
     if not timeline.spans:
         raise ValueError(
             "the timeline has no spans: fit with timeline_steps > 0 and at least 2 steps"
@@ -51,7 +52,7 @@ def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) 
     for s in sorted(
         timeline.spans + timeline.waits(), key=lambda s: s.kind == "wait", reverse=True
     ):
-        y = timeline.n_stages - 1 - s.rank
+        y = n_rows - 1 - s.rank
         height = 0.3 if s.kind == "wait" else 0.8
         label = LABELS[s.kind] if s.kind not in seen else None
         seen.add(s.kind)
@@ -75,15 +76,16 @@ def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) 
                 color="white",
                 clip_on=True,
             )
-    ax.set_yticks(range(timeline.n_stages))
-    ax.set_yticklabels([f"stage {timeline.n_stages - 1 - i}" for i in range(timeline.n_stages)])
+    ax.set_yticks(range(n_rows))
+    ax.set_yticklabels([timeline.rank_label(n_rows - 1 - i) for i in range(n_rows)])
     ax.set_xlabel("time (ms)")
     measured = timeline.measured_bubble()
     ax.set_title(
         title
         or (
-            f"{timeline.schedule}: {timeline.n_stages} stages, "
-            f"{timeline.n_microbatches} micro-batches, "
+            f"{timeline.schedule}: {timeline.n_stages} stages"
+            + (f" x {timeline.n_replicas} replicas, " if timeline.n_replicas > 1 else ", ")
+            + f"{timeline.n_microbatches} micro-batches, "
             f"{len(timeline.steps())} step(s) - measured bubble {measured:.0%}, "
             f"theoretical {timeline.theoretical_bubble:.0%}"
         ),

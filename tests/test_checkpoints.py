@@ -42,6 +42,8 @@ CONFIGS = [
     dict(n_stages=2, n_microbatches=2, launcher="local"),
     pytest.param(dict(n_stages=2, n_microbatches=4, launcher="spawn", schedule="zbv"),
                  marks=pytest.mark.distributed),
+    pytest.param(dict(n_stages=2, n_replicas=2, n_microbatches=2, launcher="spawn"),
+                 marks=pytest.mark.distributed, id="replicas"),
 ]
 
 

@@ -16,20 +16,28 @@ from tests.test_examples import free_port
 pytestmark = pytest.mark.distributed
 
 TWO_NODES = """
-import os
+import os, sys
 import numpy as np, torch.distributed as dist
 from skpipe import PipeNetClassifier
+n_replicas = int(sys.argv[1])
 dist.init_process_group("gloo")
 rng = np.random.RandomState(0)
 X = rng.normal(size=(90, 6)).astype(np.float32); y = rng.randint(0, 3, size=90)
 kw = dict(module__hidden_layer_sizes=(16, 16, 16), module__activation="tanh", lr=0.01,
           max_epochs=3, batch_size=13, random_state=0)
-piped = PipeNetClassifier(n_stages=2, n_microbatches=4, **kw).fit(X, y)   # launcher 'auto'
 one = PipeNetClassifier(**kw).fit(X, y)
-diff = max(float((a - b).abs().max()) for a, b in zip(piped.module_.state_dict().values(),
-                                                       one.module_.state_dict().values()))
-print(f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} launcher {piped.config_.launcher}"
-      f" difference {diff:.3g}", flush=True)
+# with replicas, every schedule (with the micro-batch count it accepts for 7-row shares)
+cases = {"1f1b": 4} if n_replicas == 1 else {
+    "gpipe": 4, "1f1b": 2, "interleaved_1f1b": 2, "looped_bfs": 4,
+    "interleaved_zero_bubble": 2, "zbv": 2, "dualpipev": 4}
+for schedule, m in cases.items():
+    piped = PipeNetClassifier(n_stages=2, n_replicas=n_replicas, n_microbatches=m,
+                              schedule=schedule, **kw).fit(X, y)   # launcher 'auto'
+    diff = max(float((a - b).abs().max()) for a, b in zip(piped.module_.state_dict().values(),
+                                                           one.module_.state_dict().values()))
+    loss = abs(piped.history_[-1, "train_loss"] - one.history_[-1, "train_loss"])
+    print(f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} {schedule} launcher "
+          f"{piped.config_.launcher} difference {max(diff, loss):.3g}", flush=True)
 dist.destroy_process_group()
 """
 
@@ -44,27 +52,35 @@ def isolated_network() -> list[str]:
     return []
 
 
-def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path):
+@pytest.mark.parametrize("n_replicas", [1, 2], ids=["pipeline", "2-replicas"])
+def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path, n_replicas):
+    """Two nodes: one stage each (the pipeline spans them), or with two replicas of a
+    2-stage pipeline, one replica per node (rank = replica x 2 + stage), every schedule."""
     script = tmp_path / "two_nodes.py"
     script.write_text(TWO_NODES)
     port = free_port()
-    agent = (f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 "
-             f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id skpipe-two-nodes "
-             f"{script}")
+    agent = (f"{sys.executable} -m torch.distributed.run --nnodes 2 "
+             f"--nproc-per-node {n_replicas} --rdzv-backend c10d "
+             f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id skpipe-two-nodes {script} {n_replicas}")
     shell = textwrap.dedent(f"""
         {'ip link set lo up' if isolated_network() else 'true'}
-        export GLOO_SOCKET_IFNAME=lo
+        export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1
         {agent} > {tmp_path}/node_a.txt 2>&1 & a=$!
         {agent} > {tmp_path}/node_b.txt 2>&1 & b=$!
         wait $a; ra=$?; wait $b; rb=$?
         exit $((ra + rb))
     """)
     out = subprocess.run([*isolated_network(), "bash", "-c", shell], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=500)
     logs = [(tmp_path / f"node_{n}.txt").read_text() for n in "ab"]
     assert out.returncode == 0, "\n".join(log[-2000:] for log in logs)
     lines = [line for log in logs for line in log.splitlines() if line.startswith("node ")]
-    assert sorted(line.split()[1] for line in lines) == ["0", "1"]  # two nodes, one rank each
+    n_schedules = 1 if n_replicas == 1 else 7
+    ranks = {(line.split()[1], line.split()[3]) for line in lines}
+    # two nodes; each holds n_replicas ranks (with replicas: the ranks of one replica)
+    assert ranks == {(str(r // n_replicas), str(r)) for r in range(2 * n_replicas)}
+    assert len(lines) == 2 * n_replicas * n_schedules
+    assert len({line.split()[4] for line in lines}) == n_schedules
     assert all("launcher torchrun" in line for line in lines)
     assert max(float(line.rsplit(" ", 1)[1]) for line in lines) < 1e-5
 

@@ -113,6 +113,15 @@ class Timeline:
                    config.schedule, getattr(config, "n_replicas", 1))
 
     @property
+    def n_ranks(self) -> int:
+        return self.n_stages * self.n_replicas
+
+    def rank_label(self, rank: int) -> str:
+        """'stage s' (and its replica, with several) of a timeline row."""
+        stage, replica = rank % self.n_stages, rank // self.n_stages
+        return f"replica {replica} stage {stage}" if self.n_replicas > 1 else f"stage {stage}"
+
+    @property
     def theoretical_bubble(self) -> float:
         return bubble_fraction(
             self.schedule, self.n_stages, self.n_microbatches, self.chunks_per_stage
@@ -131,8 +140,7 @@ class Timeline:
             end = max(s.end for s in spans)
             busy = sum(s.end - s.start for s in spans if s.kind in COMPUTE)
             if end > start:
-                ranks = self.n_stages * self.n_replicas
-                fractions.append(1.0 - busy / (ranks * (end - start)))
+                fractions.append(1.0 - busy / (self.n_ranks * (end - start)))
         return sum(fractions) / len(fractions) if fractions else float("nan")
 
     def waits(self) -> list[Span]:

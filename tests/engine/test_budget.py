@@ -40,3 +40,17 @@ def test_an_impossible_budget_says_by_how_much():
     with pytest.raises(ValueError, match=r"stage_memory_budget \(0.0 MiB\) is too small: even with "
                                          r"one row per micro-batch, stage \d needs about [\d.]+ MiB"):
         fit_budget(plan_for(), 1000)
+
+
+def test_replicas_hold_the_activations_of_their_share_only():
+    net = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
+    # both step in micro-batches of 16 rows: 64 rows in 4, or each replica's 32 rows in 2
+    one = make_plan(net, pipeline_config(n_microbatches=4, batch_size=64), torch.randn(64, 8))
+    two = make_plan(net, pipeline_config(n_microbatches=2, batch_size=64, n_replicas=2,
+                                         launcher="spawn", devices=("cpu",) * 4), torch.randn(64, 8))
+    assert two.config.microbatch_rows == one.config.microbatch_rows == 16
+    assert two.stage_bytes() == pytest.approx(one.stage_bytes())  # 1F1B: 2 in flight of 16 rows
+    assert two.stage_bytes(4) < two.stage_bytes(2)  # 4 micro-batches of a replica's 32: 8 rows
+    budget = max(two.stage_bytes(4)) + 1
+    assert fit_budget(two, budget).config.n_microbatches == 4
+    assert fit_budget(two, budget).config.microbatch_rows == 8

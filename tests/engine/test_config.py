@@ -37,3 +37,20 @@ def test_numpy_integers_become_ints():
 def test_bad_counts_name_the_value(kw, match):
     with pytest.raises(ValueError, match=match):
         config(**kw)
+
+
+def test_replicas_step_on_their_share_of_the_batch():
+    cfg = config(n_replicas=3, batch_size=13, n_microbatches=2)
+    assert cfg.world_size == 6 and cfg.share_rows == 5  # 13 rows: 5, 4, 4
+    assert (cfg.batch_rows, cfg.microbatch_rows) == (6, 3)  # 5 padded to a multiple of 2
+    assert [(cfg.replica_of(r), cfg.stage_of(r)) for r in range(6)] == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    auto = config(n_replicas=2, batch_size=16, n_microbatches="auto", schedule="1f1b")
+    assert auto.n_microbatches == 8 and auto.microbatch_rows == 1  # 4p = 8 fits a share of 8
+
+
+def test_replicas_need_processes_of_their_own():
+    with pytest.raises(ValueError, match=r"n_replicas=2 needs one process per \(replica, stage\), but launcher='local'"):
+        config(n_replicas=2, launcher="local")
+    with pytest.raises(ValueError, match=r"n_replicas must be a positive int; got 0"):
+        config(n_replicas=0)

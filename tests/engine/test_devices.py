@@ -52,3 +52,14 @@ def test_auto_under_torchrun_uses_a_gpu_per_rank_when_the_node_has_fewer_than_th
     assert resolve_devices("auto", 4, "torchrun") == ("cuda:0",) * 4  # mapped to LOCAL_RANK
     assert resolve_devices("auto", 4, "spawn") == ("cpu",) * 4  # one machine: not enough GPUs
     assert resolve_devices("auto", 2, "spawn") == ("cuda:0", "cuda:1")
+
+
+def test_one_device_per_rank_of_the_replica_x_stage_mesh(monkeypatch):
+    assert resolve_devices(["cpu:0", "cpu:1", "cpu:2", "cpu:3"], 2, "spawn", n_replicas=2) == (
+        "cpu:0", "cpu:1", "cpu:2", "cpu:3")
+    assert resolve_devices("auto", 1, "spawn", n_replicas=3) == ("cpu",) * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_devices("auto", 2, "spawn", n_replicas=2) == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
+    with pytest.raises(ValueError, match=r"n_replicas \(2\) x n_stages \(2\) needs 4 devices"):
+        resolve_devices(["cuda:0", "cuda:1"], 2, "spawn", n_replicas=2)

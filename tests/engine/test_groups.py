@@ -23,3 +23,27 @@ def test_broadcast_outside_a_job_is_the_value_itself():
 def test_backends():
     assert _groups.backend_for("cuda:1") == "nccl"
     assert _groups.backend_for("cpu") == "gloo"
+
+
+@pytest.mark.parametrize("world,n_stages,n_replicas,message", [
+    (4, 2, 1, r"n_stages \(2\) must equal the torchrun world size \(4\) .*or n_replicas=2 to run that many pipelines"),
+    (6, 2, 2, r"n_replicas \(2\) x n_stages \(2\) = 4 processes, but the torchrun world size is 6.*: n_replicas=3 fits this job"),
+    (5, 2, 2, r"world size is 5.*5 processes cannot be split into pipelines of 2"),
+])
+def test_a_jobs_world_must_be_replicas_times_stages(monkeypatch, world, n_stages, n_replicas, message):
+    monkeypatch.setattr(_groups, "_made_local_world", False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    with pytest.raises(ValueError, match=message):
+        _groups.job_world("cpu", n_stages, n_replicas)
+
+
+def test_gradient_buckets_keep_order_dtype_and_size():
+    import torch
+
+    from skpipe.engine._stage import _buckets
+
+    ts = [torch.zeros(4), torch.zeros(4), torch.zeros(8), torch.zeros(2, dtype=torch.float64), torch.zeros(1)]
+    groups = _buckets(ts, limit=32)  # bytes: 16, 16 | 32 | float64 | float32
+    assert [[t.numel() for t in g] for g in groups] == [[4, 4], [8], [2], [1]]
+    assert [t for g in groups for t in g] == ts

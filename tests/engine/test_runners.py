@@ -21,6 +21,9 @@ def test_resolve_launcher():
     assert resolve_launcher("spawn", 1) == "single"
     assert resolve_launcher("auto", 2) == "spawn"  # no job here
     assert resolve_launcher("local", 3) == "local"
+    # replicas need a process each: one stage with replicas is not 'single'
+    assert resolve_launcher("auto", 1, n_replicas=2) == "spawn"
+    assert resolve_launcher("local", 1, n_replicas=2) == "local"  # refused by the config
 
 
 def config(launcher, devices):

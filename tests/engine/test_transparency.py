@@ -138,3 +138,46 @@ def test_bf16_autocast_on_cpu_trains(data):
     est.fit(*data)
     assert np.isfinite(est.history_[:, "train_loss"]).all()
     assert est.history_[-1, "train_loss"] < est.history_[0, "train_loss"]
+
+
+# Data x pipeline parallelism: every schedule with two replicas of a 2-stage pipeline (13-row
+# batches split 7 + 6, the ragged last one 6 + 6), plain data parallelism (one stage), and three
+# replicas (shares of 5, 4, 4 rows) with uneven micro-batches.
+REPLICA_CASES = [
+    ("gpipe", 2, 2, 4),
+    ("1f1b", 2, 2, 2),
+    ("interleaved_1f1b", 2, 2, 2),
+    ("looped_bfs", 2, 2, 4),
+    ("interleaved_zero_bubble", 2, 2, 2),
+    ("zbv", 2, 2, 2),
+    ("dualpipev", 2, 2, 4),
+    ("1f1b", 1, 2, 1),
+    ("1f1b", 2, 3, 3),
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("schedule,n_stages,n_replicas,n_microbatches", REPLICA_CASES)
+def test_replicas_train_like_one_device(data, reference, schedule, n_stages, n_replicas,
+                                        n_microbatches):
+    est = make(n_stages=n_stages, n_replicas=n_replicas, n_microbatches=n_microbatches,
+               schedule=schedule, launcher="spawn")
+    est.fit(*data)
+    assert_same_training(est, reference)
+    assert len(est.plan_.mesh) == n_stages * n_replicas
+
+
+@pytest.mark.distributed
+def test_replicas_keep_sample_weights_clipping_and_predictions_exact(data):
+    from tests.conftest import wait_no_workers
+
+    X, y = data
+    w = np.random.RandomState(1).uniform(0.1, 3.0, size=len(y))
+    ref = make(n_stages=1, max_grad_norm=0.05).fit(X, y, sample_weight=w)
+    est = make(n_stages=2, n_replicas=3, n_microbatches=2, launcher="spawn", max_grad_norm=0.05)
+    assert_same_training(est.fit(X, y, sample_weight=w), ref)
+    # forward through the stages: each replica takes its share of the rows (7 rows: 3, 2, 2)
+    np.testing.assert_allclose(est.forward_pipelined(X, batch_size=7),
+                               ref.module_(torch.as_tensor(X)).detach().numpy(), atol=1e-5)
+    skpipe.shutdown_workers()
+    assert wait_no_workers() == []
