@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -127,3 +128,77 @@ def test_grid_search_on_a_dask_cluster_equals_the_sequential_search(tmp_path):
     import skpipe
 
     skpipe.shutdown_workers()
+
+
+RAY_SEARCH = """
+import os, sys, numpy as np, joblib, ray
+from ray.util.joblib import register_ray
+from sklearn.model_selection import GridSearchCV
+from skorch.callbacks import Callback
+from skpipe import PipeNetClassifier
+
+log = sys.argv[1]
+
+class WhereItRan(Callback):  # travels to Ray's workers by value
+    def on_train_begin(self, net, **kw):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+
+rng = np.random.RandomState(0)
+X, y = rng.normal(size=(90, 6)), rng.randint(0, 3, 90)
+est = PipeNetClassifier(module__hidden_layer_sizes=(8, 8), max_epochs=2, batch_size=16,
+                        n_stages=2, n_microbatches=2, launcher="spawn", random_state=0,
+                        callbacks=[WhereItRan()])
+grid = {"lr": [0.01, 0.03], "n_replicas": [1, 2]}
+sequential = GridSearchCV(est, grid, cv=2).fit(X, y)
+os.remove(log)
+ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+register_ray()
+with joblib.parallel_config(backend="ray"):
+    spread = GridSearchCV(est, grid, cv=2, n_jobs=-1).fit(X, y)
+ray.shutdown()
+same = np.array_equal(spread.cv_results_["mean_test_score"],
+                      sequential.cv_results_["mean_test_score"])
+print(f"driver {os.getpid()} same-scores {same} best {spread.best_params_ == sequential.best_params_}")
+"""
+
+
+def test_grid_search_on_ray_equals_the_sequential_search(tmp_path):
+    """Ray's joblib backend, as a user sets it up (a local Ray instance on loopback, in a network
+    namespace of its own where the kernel allows): the candidates (with and without replicas)
+    run in Ray's worker processes, score as the sequential search, and leave no stage worker."""
+    pytest.importorskip("ray")
+    script, log = tmp_path / "ray_search.py", tmp_path / "fits"
+    script.write_text(RAY_SEARCH)
+    mark = f"skpipe-ray-{os.getpid()}"
+    shell = f"{'ip link set lo up' if isolated_network() else 'true'}; " \
+            f"SKPIPE_TEST_MARK={mark} RAY_AUTH_MODE=disabled {sys.executable} {script} {log}"
+    out = subprocess.run([*isolated_network(), "bash", "-c", shell], capture_output=True,
+                         text=True, timeout=500)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    line = [line for line in out.stdout.splitlines() if line.startswith("driver ")][-1]
+    assert "same-scores True best True" in line
+    driver = int(line.split()[1])
+    fit_pids = [int(p) for p in log.read_text().split()]
+    assert len(fit_pids) == 4 * 2 + 1  # 4 candidates x 2 folds, and the refit (in the driver)
+    assert fit_pids.count(driver) == 1 and len(set(fit_pids) - {driver}) >= 1  # on Ray workers
+    deadline = time.monotonic() + 10
+    while marked_workers(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marked_workers(mark) == []
+
+
+def marked_workers(mark: str) -> list[int]:
+    """Live skpipe stage workers whose environment carries ``mark``."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"skpipe.engine._worker_main" not in f.read():
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if f"SKPIPE_TEST_MARK={mark}".encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found

@@ -27,8 +27,9 @@ class PipeNetClassifier(ClassifierMixin, BasePipeNet):
     The network (``module``, by default :class:`skpipe.modules.MLP`) outputs one logit per
     class and is trained with cross-entropy (``nn.CrossEntropyLoss``, the default
     ``criterion``). With ``n_stages=1`` it trains in this process; with ``n_stages > 1`` it is
-    split into stages trained by torch's pipeline schedules, and the result is the same network
-    a single device would have trained.
+    split into stages trained by torch's pipeline schedules (and with ``n_replicas > 1`` into
+    that many data-parallel copies of the pipeline), and the result is the same network a
+    single device would have trained.
 """
         + PARAMETERS_DOC.replace(
             "    criterion :",

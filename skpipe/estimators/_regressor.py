@@ -19,7 +19,8 @@ class PipeNetRegressor(RegressorMixin, BasePipeNet):
     The network (``module``, by default :class:`skpipe.modules.MLP`) outputs one value per
     target column and is trained with the mean squared error (``nn.MSELoss``, the default
     ``criterion``). With ``n_stages > 1`` it is split into stages trained by torch's pipeline
-    schedules, and the result is the same network a single device would have trained.
+    schedules (and with ``n_replicas > 1`` into that many data-parallel copies of the
+    pipeline), and the result is the same network a single device would have trained.
 """
         + PARAMETERS_DOC
         + """

@@ -1,0 +1,154 @@
+"""Benchmark 7: data-parallel replicas of a pipeline (``n_replicas``).
+
+1. Weak scaling on sleep layers (CPU-independent): 2 replicas x 2 stages stepping on twice the
+   batch against 1 replica x 2 stages, the same rows per replica; throughput = 2 x t1 / t2.
+2. Real compute on this machine's cores: ``n_stages=1, n_replicas=2`` (one thread per worker)
+   against one process with one thread (ideal 2x) and with two threads, on a deep MLP.
+3. The gradient all-reduce per step (summing a stage's gradients over its replicas) against the
+   parameter bytes, so that a cluster user can predict it: ms per step and the bandwidth it
+   implies, for networks of growing size.
+
+Every ratio compares runs made side by side in this script, alternated ``--runs`` times;
+figures are medians.
+
+    python benchmarks/scaling.py [--quick] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import SleepLayer, emit, median  # noqa: E402
+
+from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
+from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
+from skpipe.engine._plan import make_plan  # noqa: E402
+from skpipe.engine._runners import make_runner  # noqa: E402
+
+
+def config(n_stages: int, n_replicas: int, m: int, batch: int, schedule: str = "1f1b") -> object:
+    return make_config(
+        n_stages=n_stages, n_replicas=n_replicas, n_microbatches=m, schedule=schedule,
+        chunks_per_stage="auto", balance="uniform", checkpoint="never", launcher="spawn",
+        devices=("cpu",) * (n_stages * n_replicas), batch_size=batch, precision="float32",
+        max_grad_norm=None, timeout=300.0,
+    )
+
+
+def step_times(net: nn.Module, cfg: object, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[
+    float, list[dict[str, float]]
+]:
+    """Median step time (after a first, warming step) and the ranks' stats."""
+    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
+                     criterion=nn.MSELoss())
+    with make_runner(make_plan(net, cfg, x[:2]), net, spec) as runner:
+        times = []
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            runner.train_step(x, y)
+            times.append(time.perf_counter() - t0)
+        stats = runner.stats()
+    return median(times[1:]), stats
+
+
+def weak_scaling(f: float, b: float, m: int, steps: int, runs: int) -> dict:
+    net = lambda: nn.Sequential(SleepLayer(f, b), SleepLayer(f, b))  # noqa: E731
+    rows = 4 * m  # per replica
+    one, two = [], []
+    for _ in range(runs):
+        x, y = torch.randn(rows, 8), torch.zeros(rows, 8)
+        one.append(step_times(net(), config(2, 1, m, rows), x, y, steps)[0])
+        x2, y2 = torch.randn(2 * rows, 8), torch.zeros(2 * rows, 8)
+        two.append(step_times(net(), config(2, 2, m, 2 * rows), x2, y2, steps)[0])
+    ratio = median([a / b for a, b in zip(one, two, strict=True)])
+    return {
+        "F_s": f, "B_s": b, "n_microbatches": m, "rows_per_replica": rows,
+        "one_replica_step_s": round(median(one), 4),
+        "two_replicas_step_s": round(median(two), 4),
+        "step_time_ratio": round(ratio, 3),  # goal >= 0.9
+        "throughput_x": round(2 * ratio, 3),  # goal >= 1.8
+    }
+
+
+def epoch_time(threads: int, data: tuple, **kw: object) -> float:
+    torch.set_num_threads(threads)
+    est = PipeNetClassifier(**kw).fit(*data)
+    return median([e["dur"] for e in est.history_][1:])
+
+
+def real_compute(quick: bool, runs: int) -> dict:
+    n, width, depth, epochs = (512, 64, 4, 3) if quick else (8192, 512, 8, 4)
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(n, width)).astype(np.float32)
+    data = (X, (X[:, 0] > 0).astype(np.int64))
+    common = dict(module__hidden_layer_sizes=(width,) * depth, max_epochs=epochs,
+                  batch_size=256, random_state=0)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    one, two_threads, replicas = [], [], []
+    for _ in range(runs):
+        one.append(epoch_time(1, data, devices=["cpu"], **common))
+        two_threads.append(epoch_time(2, data, devices=["cpu"], **common))
+        os.environ["OMP_NUM_THREADS"] = "2"  # two cores for the two workers: one thread each
+        replicas.append(epoch_time(1, data, n_replicas=2, launcher="spawn", **common))
+        shutdown_workers()
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    vs_one = median([a / b for a, b in zip(one, replicas, strict=True)])
+    vs_two = median([a / b for a, b in zip(two_threads, replicas, strict=True)])
+    return {
+        "rows": n, "width": width, "hidden_layers": depth, "batch_size": 256,
+        "one_process_1_thread_s_per_epoch": round(median(one), 4),
+        "one_process_2_threads_s_per_epoch": round(median(two_threads), 4),
+        "two_replicas_1_thread_each_s_per_epoch": round(median(replicas), 4),
+        "speedup_vs_1_thread": round(vs_one, 3),
+        "ideal_speedup": 2.0,
+        "speedup_vs_2_threads": round(vs_two, 3),
+    }
+
+
+def allreduce_cost(sizes_mib: list[float], steps: int) -> dict:
+    rows = []
+    for mib in sizes_mib:
+        width = 512
+        layers = max(1, round(mib * 2**20 / 4 / (width * width)))
+        net = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+        x, y = torch.randn(8, width), torch.zeros(8, width)
+        _, stats = step_times(net, config(1, 2, 1, 8), x, y, steps)
+        ms = median([s["gradient_sync_ms_per_step"] for s in stats])
+        nbytes = stats[0]["gradient_bytes"]
+        rows.append({"gradient_MiB": round(nbytes / 2**20, 1), "allreduce_ms": round(ms, 2),
+                     "GB_per_s": round(nbytes / (ms / 1e3) / 1e9, 2)})
+    shutdown_workers()
+    return {"replicas": 2, "backend": "gloo (loopback)", "sizes": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    runs = 1 if args.quick else args.runs
+    if args.quick:
+        weak = weak_scaling(0.002, 0.004, 2, 2, runs)
+    else:
+        weak = weak_scaling(0.010, 0.020, 8, 4, runs)
+    shutdown_workers()
+    real = real_compute(args.quick, runs)
+    sizes = [1.0, 4.0] if args.quick else [4.0, 16.0, 64.0, 256.0]
+    cost = allreduce_cost(sizes, 2 if args.quick else 5)
+    emit("scaling", {"runs": runs, "weak_scaling_sleep": weak, "real_compute": real,
+                     "gradient_allreduce": cost})
+
+
+if __name__ == "__main__":
+    main()
