@@ -7,7 +7,6 @@ chunks in a spawned worker, or one rank's chunks under ``torchrun``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from . import _schedules
 from ._config import PipelineConfig, TrainSpec
 from ._memory import ActivationMeter
 from ._microbatch import WeightedLoss, pad_rows, row_targets
+from ._replicas import ReplicaGradients
 from ._state import cpu_copy
 from ._timeline import Recorder, Span
 
@@ -132,8 +132,18 @@ class StageHost:
         self.recorder = Recorder(
             offset + rank, lambda chunk: offset + config.owner(chunk), device
         )
-        self.sync_seconds = 0.0  # time spent summing gradients over the replicas
-        self.sync_steps = 0
+        # summing the gradients over the replicas, overlapped with the backward where the
+        # schedule's backward lets autograd accumulate them (not the zero-bubble ones)
+        self.replica_grads = (
+            None
+            if replica_group is None
+            else ReplicaGradients(
+                params,
+                replica_group,
+                m,
+                overlap=not _schedules.SCHEDULES[self.schedule_name].zero_bubble,
+            )
+        )
 
     def record_timeline(self, steps: int) -> None:
         """Record the spans of the next ``steps`` steps."""
@@ -149,10 +159,12 @@ class StageHost:
         )
 
     def stats(self) -> dict[str, float]:
+        sums = self.replica_grads
         return {
             "peak_activation_bytes": float(self.meter.peak) if self.meter else float("nan"),
+            # the wait for the replicas' gradient sums after the backward (what overlap left)
             "gradient_sync_ms_per_step": (
-                1e3 * self.sync_seconds / self.sync_steps if self.sync_steps else float("nan")
+                1e3 * sums.exposed_seconds / sums.steps if sums and sums.steps else float("nan")
             ),
             "gradient_bytes": float(
                 sum(p.numel() * p.element_size() for c in self.chunks.values()
@@ -161,6 +173,12 @@ class StageHost:
         }
 
     # -- building --------------------------------------------------------------------------
+    @property
+    def schedule_name(self) -> str:
+        """The schedule that runs: the configured one, or with one stage (a data-parallel
+        replica of the whole network, nothing to interleave) GPipe's."""
+        return self.config.schedule if self.config.n_stages > 1 else "gpipe"
+
     def _stage(self, c: int) -> PipelineStage:
         mb = self.config.microbatch_rows
         n_chunks = self.config.n_chunks
@@ -179,9 +197,7 @@ class StageHost:
     def _build_schedule(self) -> Any:  # torch's schedule base classes are private
         # with every stage in this one process, the schedule's local stand-in runs them
         local = self.world_size == 1 and self.config.n_stages > 1
-        # one stage (a data-parallel replica of the whole network): nothing to interleave
-        name = self.config.schedule if self.config.n_stages > 1 else "gpipe"
-        cls = _schedules.SCHEDULES[name].schedule_class(local=local)
+        cls = _schedules.SCHEDULES[self.schedule_name].schedule_class(local=local)
         stages = [self._stage(c) for c in self.chunk_ids]
         self.stages = dict(zip(self.chunk_ids, stages, strict=True))
         m = self.config.n_microbatches
@@ -232,6 +248,8 @@ class StageHost:
                 total_weight=total_weight,
             )
             target = row_targets(n_real, rows, self.device)
+        if self.replica_grads is not None:
+            self.replica_grads.begin()
         uninstall = None
         if self.recorder.steps_left > 0:
             uninstall = self.recorder.install(self.stages)
@@ -247,38 +265,14 @@ class StageHost:
                 uninstall()
                 self.recorder.steps_left -= 1
             self.recorder.step += 1
-        self.sum_replica_gradients()
+        if self.replica_grads is not None:
+            self.replica_grads.finish()  # the batch's gradient: the replicas' parts summed
         self.clip_gradients()
         self.optimizer.step()
         if not self.holds_last:
             return None, None
         total = torch.stack([loss.detach().float() for loss in losses]).sum()
         return total, out[:n_real].detach()
-
-    def sum_replica_gradients(self) -> None:
-        """Sum this stage's gradients over the replicas (each holds its rows' part of the
-        batch's gradient), in flat buckets, after the schedule has run every backward (so that
-        zero-bubble schedules, whose weight gradients come late, are summed complete too)."""
-        if self.replica_group is None:
-            return
-        t0 = time.perf_counter()
-        grads = [
-            p.grad
-            for c in self.chunk_ids
-            for p in self.chunks[c].parameters()
-            if p.grad is not None
-        ]
-        for bucket in _buckets(grads, BUCKET_BYTES):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, group=self.replica_group)
-            start = 0
-            for g in bucket:
-                g.copy_(flat[start : start + g.numel()].view_as(g))
-                start += g.numel()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.sync_seconds += time.perf_counter() - t0
-        self.sync_steps += 1
 
     def clip_gradients(self) -> None:
         """Clip by the global norm over every stage of the pipeline (all ranks agree)."""
@@ -349,33 +343,11 @@ class StageHost:
         self.optimizer.load_state_dict(optimizer_state)
 
     def close(self) -> None:
+        if self.replica_grads is not None:
+            self.replica_grads.close()
         self._schedule = None
         self.chunks.clear()
         self.optimizer = None  # type: ignore[assignment]
-
-
-# Gradients are summed over the replicas in flat buffers of at most this many bytes (one buffer
-# per parameter larger than that): few collectives, and a bounded extra copy.
-BUCKET_BYTES = 32 * 2**20
-
-
-def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
-    """``tensors`` in order, grouped into runs of one dtype and device of at most ``limit``
-    bytes."""
-    out: list[list[torch.Tensor]] = []
-    size = 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if (
-            not out
-            or size + nbytes > limit
-            or (t.dtype, t.device) != (out[-1][0].dtype, out[-1][0].device)
-        ):
-            out.append([])
-            size = 0
-        out[-1].append(t)
-        size += nbytes
-    return out
 
 
 def _given(value: torch.Tensor | None, what: str) -> torch.Tensor:

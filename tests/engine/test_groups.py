@@ -36,14 +36,3 @@ def test_a_jobs_world_must_be_replicas_times_stages(monkeypatch, world, n_stages
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
     with pytest.raises(ValueError, match=message):
         _groups.job_world("cpu", n_stages, n_replicas)
-
-
-def test_gradient_buckets_keep_order_dtype_and_size():
-    import torch
-
-    from skpipe.engine._stage import _buckets
-
-    ts = [torch.zeros(4), torch.zeros(4), torch.zeros(8), torch.zeros(2, dtype=torch.float64), torch.zeros(1)]
-    groups = _buckets(ts, limit=32)  # bytes: 16, 16 | 32 | float64 | float32
-    assert [[t.numel() for t in g] for g in groups] == [[4, 4], [8], [2], [1]]
-    assert [t for g in groups for t in g] == ts

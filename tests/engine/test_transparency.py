@@ -181,3 +181,22 @@ def test_replicas_keep_sample_weights_clipping_and_predictions_exact(data):
                                ref.module_(torch.as_tensor(X)).detach().numpy(), atol=1e-5)
     skpipe.shutdown_workers()
     assert wait_no_workers() == []
+
+
+@pytest.mark.distributed
+def test_replicas_sum_several_gradient_buckets_while_the_backward_runs(data):
+    """A network of about 9 MiB of gradients: three 4 MiB buckets per replica, the first ones
+    started during the backward; plain data parallelism and a 2-stage pipeline (2 micro-batches,
+    so a gradient is final only after the second) both equal one device. (SGD: Adam turns the
+    float rounding of near-zero gradients of so many weights into steps of lr.)"""
+    wide = dict(module__hidden_layer_sizes=(1100, 1100, 1100), max_epochs=1,
+                optimizer=torch.optim.SGD, lr=0.1)
+    ref = make(n_stages=1, **wide).fit(*data)
+    for layout in (dict(n_stages=1, n_replicas=2), dict(n_stages=2, n_replicas=2, n_microbatches=2)):
+        assert_close_states(make(launcher="spawn", **layout, **wide).fit(*data), ref)
+
+
+def assert_close_states(est, ref):
+    for key, value in ref.module_.state_dict().items():
+        torch.testing.assert_close(est.module_.state_dict()[key], value, atol=1e-5, rtol=0, msg=key)
+    np.testing.assert_allclose(est.history_[:, "train_loss"], ref.history_[:, "train_loss"], atol=1e-5)
