@@ -5,8 +5,9 @@
 2. Real compute on this machine's cores: ``n_stages=1, n_replicas=2`` (one thread per worker)
    against one process with one thread (ideal 2x) and with two threads, on a deep MLP.
 3. The gradient all-reduce per step (summing a stage's gradients over its replicas) against the
-   parameter bytes, so that a cluster user can predict it: ms per step and the bandwidth it
-   implies, for networks of growing size.
+   parameter bytes, so that a cluster user can predict it: the raw all-reduce in skpipe's
+   buckets between two gloo processes (ms and the bandwidth it implies), and what a skpipe step
+   still waited for after its backward (the rest overlapped with it).
 
 Every ratio compares runs made side by side in this script, alternated ``--runs`` times;
 figures are medians.
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -31,6 +35,7 @@ from _common import SleepLayer, emit, median  # noqa: E402
 from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
 from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
 from skpipe.engine._plan import make_plan  # noqa: E402
+from skpipe.engine._replicas import BUCKET_BYTES  # noqa: E402
 from skpipe.engine._runners import make_runner  # noqa: E402
 
 
@@ -84,13 +89,13 @@ def epoch_time(threads: int, data: tuple, **kw: object) -> float:
     return median([e["dur"] for e in est.history_][1:])
 
 
-def real_compute(quick: bool, runs: int) -> dict:
+def real_compute(quick: bool, runs: int, batch: int) -> dict:
     n, width, depth, epochs = (512, 64, 4, 3) if quick else (8192, 512, 8, 4)
     rng = np.random.RandomState(0)
     X = rng.normal(size=(n, width)).astype(np.float32)
     data = (X, (X[:, 0] > 0).astype(np.int64))
     common = dict(module__hidden_layer_sizes=(width,) * depth, max_epochs=epochs,
-                  batch_size=256, random_state=0)
+                  batch_size=batch, random_state=0)
     saved = os.environ.get("OMP_NUM_THREADS")
     one, two_threads, replicas = [], [], []
     for _ in range(runs):
@@ -106,7 +111,7 @@ def real_compute(quick: bool, runs: int) -> dict:
     vs_one = median([a / b for a, b in zip(one, replicas, strict=True)])
     vs_two = median([a / b for a, b in zip(two_threads, replicas, strict=True)])
     return {
-        "rows": n, "width": width, "hidden_layers": depth, "batch_size": 256,
+        "rows": n, "width": width, "hidden_layers": depth, "batch_size": batch,
         "one_process_1_thread_s_per_epoch": round(median(one), 4),
         "one_process_2_threads_s_per_epoch": round(median(two_threads), 4),
         "two_replicas_1_thread_each_s_per_epoch": round(median(replicas), 4),
@@ -116,20 +121,59 @@ def real_compute(quick: bool, runs: int) -> dict:
     }
 
 
+def _raw_allreduce(rank: int, world: int, port: int, sizes: list[int], steps: int,
+                   queue: object) -> None:
+    """All-reduce ``sizes`` bytes in skpipe's buckets between ``world`` plain gloo processes."""
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    out = []
+    for nbytes in sizes:
+        flat = torch.ones(nbytes // 4)
+        chunk = BUCKET_BYTES // 4
+        times = []
+        for _ in range(steps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            works = [dist.all_reduce(flat[i : i + chunk], async_op=True)
+                     for i in range(0, flat.numel(), chunk)]
+            for work in works:
+                work.wait()
+            times.append(time.perf_counter() - t0)
+        out.append(median(times[1:]))
+    if rank == 0:
+        queue.put(out)  # type: ignore[attr-defined]
+    dist.destroy_process_group()
+
+
 def allreduce_cost(sizes_mib: list[float], steps: int) -> dict:
+    """Per size: the raw all-reduce between two processes (what a step pays without overlap),
+    and what a skpipe step with two one-stage replicas waited for after its backward."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    sizes = [int(mib * 2**20) for mib in sizes_mib]
+    mp.start_processes(_raw_allreduce, args=(2, port, sizes, steps, queue), nprocs=2,
+                       join=True, start_method="spawn")
+    raw = queue.get()
     rows = []
-    for mib in sizes_mib:
+    for mib, raw_s in zip(sizes_mib, raw, strict=True):
         width = 512
         layers = max(1, round(mib * 2**20 / 4 / (width * width)))
         net = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
         x, y = torch.randn(8, width), torch.zeros(8, width)
         _, stats = step_times(net, config(1, 2, 1, 8), x, y, steps)
-        ms = median([s["gradient_sync_ms_per_step"] for s in stats])
-        nbytes = stats[0]["gradient_bytes"]
-        rows.append({"gradient_MiB": round(nbytes / 2**20, 1), "allreduce_ms": round(ms, 2),
-                     "GB_per_s": round(nbytes / (ms / 1e3) / 1e9, 2)})
+        exposed = median([s["gradient_sync_ms_per_step"] for s in stats])
+        rows.append({
+            "gradient_MiB": round(mib, 1),
+            "raw_allreduce_ms": round(raw_s * 1e3, 2),
+            "raw_GB_per_s": round(mib * 2**20 / raw_s / 1e9, 2),
+            "skpipe_step_waited_ms": round(exposed, 2),  # after the backward (overlap)
+        })
     shutdown_workers()
-    return {"replicas": 2, "backend": "gloo (loopback)", "sizes": rows}
+    return {"replicas": 2, "backend": "gloo (loopback)", "bucket_MiB": BUCKET_BYTES / 2**20,
+            "sizes": rows}
 
 
 def main() -> None:
@@ -143,7 +187,8 @@ def main() -> None:
     else:
         weak = weak_scaling(0.010, 0.020, 8, 4, runs)
     shutdown_workers()
-    real = real_compute(args.quick, runs)
+    batches = [256] if args.quick else [256, 1024]
+    real = [real_compute(args.quick, runs, batch) for batch in batches]
     sizes = [1.0, 4.0] if args.quick else [4.0, 16.0, 64.0, 256.0]
     cost = allreduce_cost(sizes, 2 if args.quick else 5)
     emit("scaling", {"runs": runs, "weak_scaling_sleep": weak, "real_compute": real,

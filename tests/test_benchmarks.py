@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["schedule_efficiency", "overhead", "real_compute", "memory", "search_overhead", "channel"]
+SCRIPTS = ["schedule_efficiency", "overhead", "real_compute", "memory", "search_overhead", "channel",
+           "scaling"]
 
 
 @pytest.mark.distributed

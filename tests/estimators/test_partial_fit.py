@@ -38,11 +38,14 @@ def test_each_call_is_one_epoch_and_the_optimizer_continues():
     assert np.abs(fresh.predict_proba(X) - est.predict_proba(X)).max() > 1e-4
 
 
-@pytest.mark.parametrize("launcher", ["local", pytest.param("spawn", marks=pytest.mark.distributed)])
-def test_pipelined_partial_fits_equal_one_device(launcher):
+@pytest.mark.parametrize("launcher,n_replicas", [
+    ("local", 1), pytest.param("spawn", 1, marks=pytest.mark.distributed),
+    pytest.param("spawn", 2, marks=pytest.mark.distributed, id="spawn-replicas")])
+def test_pipelined_partial_fits_equal_one_device(launcher, n_replicas):
     ref = calls(make(), classes=[0, 1, 2])
     est = calls(make(n_stages=2, n_microbatches=2, launcher=launcher, schedule="zbv",
-                     module__hidden_layer_sizes=(16, 16, 16)), classes=[0, 1, 2])
+                     n_replicas=n_replicas, module__hidden_layer_sizes=(16, 16, 16)),
+                classes=[0, 1, 2])
     ref3 = calls(make(module__hidden_layer_sizes=(16, 16, 16)), classes=[0, 1, 2])
     for (k, a), b in zip(est.module_.state_dict().items(), ref3.module_.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=k)
