@@ -76,3 +76,33 @@ def cpu_config(
         devices=("cpu",) * n_stages, batch_size=batch_size, precision="float32",
         max_grad_norm=None, timeout=300.0,
     )
+
+
+class _SleepWeight(torch.autograd.Function):
+    """Identity on a weight whose backward (the weight gradient) takes ``w`` seconds."""
+
+    @staticmethod
+    def forward(ctx, p, w):  # noqa: ANN001, ANN205 - torch's Function protocol
+        ctx.w = w
+        return p * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205 - torch's Function protocol
+        time.sleep(ctx.w)
+        return grad * 1.0, None
+
+
+class SplitSleepLayer(nn.Module):
+    """A layer whose forward takes ``f`` s, input gradient ``i`` s and weight gradient ``w`` s
+    (a full backward both), whatever the CPU: what the zero-bubble schedules split."""
+
+    def __init__(self, f: float, i: float, w: float, width: int = 8) -> None:
+        super().__init__()
+        self.f, self.i, self.w = f, i, w
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def extra_repr(self) -> str:  # part of the network's signature for the planner's cache
+        return f"f={self.f}, i={self.i}, w={self.w}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Sleep.apply(x, self.f, self.i) * _SleepWeight.apply(self.scale, self.w)

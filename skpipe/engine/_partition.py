@@ -115,6 +115,61 @@ def time_costs(
     return costs
 
 
+def split_by_costs(costs: Sequence[float], n_chunks: int) -> list[int]:
+    """Layer counts per chunk that minimise the largest chunk's summed cost."""
+    return _split_min_max(list(costs), n_chunks)
+
+
+def split_time_costs(
+    layers: Sequence[nn.Module], sample: torch.Tensor, device: str = "cpu", repeats: int = 5
+) -> list[tuple[float, float, float]]:
+    """Each layer's measured seconds on ``sample`` (medians of ``repeats``, on ``device``):
+    forward, input gradient (what a zero-bubble schedule's 'I' runs) and weight gradient ('W');
+    a full backward is about the two. Measured on copies under a forked random generator, like
+    ``time_costs``."""
+    dev = torch.device(device)
+
+    def now() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    costs: list[tuple[float, float, float]] = []
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        x = sample.to(dev)
+        for layer in layers:
+            twin = deepcopy(layer).to(dev).train()
+            params = [p for p in twin.parameters() if p.requires_grad]
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            with torch.no_grad():
+                twin(inp)  # warm-up: first calls pay one-off costs that are not the layer's
+            times: list[list[float]] = [[], [], []]
+            out = inp
+            for _ in range(repeats):
+                t0 = now()
+                out = twin(inp)
+                t1 = now()
+                times[0].append(t1 - t0)
+                if not out.requires_grad:
+                    times[1].append(0.0)
+                    times[2].append(0.0)
+                    continue
+                grad = torch.ones_like(out)
+                if inp.requires_grad:
+                    torch.autograd.grad(out, inp, grad, retain_graph=True, allow_unused=True)
+                t2 = now()
+                if params:
+                    torch.autograd.grad(out, params, grad, allow_unused=True)
+                t3 = now()
+                times[1].append(t2 - t1)
+                times[2].append(t3 - t2)
+            f, i, w = (sorted(t)[len(t) // 2] for t in times)
+            costs.append((f, i, w))
+            x = out.detach()
+            del twin
+    return costs
+
+
 def balance_sizes(
     layers: Sequence[nn.Module],
     n_chunks: int,

@@ -1,0 +1,316 @@
+"""``schedule='auto'``: measure the network and the machine once, simulate every valid
+(schedule, micro-batches, chunks per stage) with torch's own orders, and choose the fastest
+plan whose stages fit the memory budget.
+
+Measured (``measure``; kept per network signature, device, threads and rows for the life of the
+process, so a grid search measures once): each layer's forward, input-gradient and
+weight-gradient seconds at two micro-batch sizes (a straight line in the rows between them), the
+activation bytes it holds per row, its output bytes per row and its parameter bytes; and the
+time of one stage-to-stage message between two processes as the launcher places them
+(``message_cost``: latency and bandwidth of gloo or NCCL between two fresh processes; nothing
+for stages that share a process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _schedules
+from ._config import PipelineConfig
+from ._microbatch import step_rows
+from ._partition import (
+    balance_sizes,
+    chunk_bounds,
+    named_layers,
+    split_by_costs,
+    split_time_costs,
+)
+from ._simulate import ChunkCost, action_order, simulate
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """What the planner knows of a network's layers (see the module's doc)."""
+
+    rows: tuple[int, int]  # the two micro-batch sizes measured
+    fiw: tuple[tuple[tuple[float, float, float], ...], ...]  # [size][layer] -> (F, I, W) s
+    activation_bytes_per_row: tuple[float, ...]
+    output_bytes_per_row: tuple[float, ...]
+    parameter_bytes: tuple[int, ...]
+    threads: int
+
+    def costs(self, rows: int) -> list[tuple[float, float, float]]:
+        """Each layer's (F, I, W) seconds for a micro-batch of ``rows`` rows."""
+        (r0, r1), (a, b) = self.rows, self.fiw
+        out = []
+        for la, lb in zip(a, b, strict=True):
+            if r1 == r0:
+                out.append(la)
+                continue
+            f, i, w = (
+                max(0.0, x0 + (x1 - x0) * (rows - r0) / (r1 - r0))
+                for x0, x1 in zip(la, lb, strict=True)
+            )
+            out.append((f, i, w))
+        return out
+
+
+_PROFILES: dict[tuple[Any, ...], LayerProfile] = {}
+_MESSAGES: dict[str, tuple[float, float]] = {}
+
+
+def signature(module: nn.Module) -> str:
+    """The network's structure and sizes (not its weights): what its costs depend on."""
+    text = repr(module) + repr([(n, tuple(p.shape)) for n, p in module.named_parameters()])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def measure(
+    module: nn.Module, sample: torch.Tensor, rows: tuple[int, int], device: str, threads: int
+) -> LayerProfile:
+    """The network's layer profile (kept for this process; see the module's doc)."""
+    key = (signature(module), tuple(sample.shape[1:]), rows, device, threads)
+    if key in _PROFILES:
+        return _PROFILES[key]
+    from ._plan import _activation_bytes, _microbatch
+
+    layers = [layer for _, layer in named_layers(module, 2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fiw = tuple(
+            tuple(split_time_costs(layers, _microbatch(sample, r), device)) for r in rows
+        )
+    finally:
+        torch.set_num_threads(before)
+    act, out_bytes = [], []
+    x = _microbatch(sample, rows[1])
+    for layer in layers:
+        held, x = _activation_bytes(layer, x)
+        act.append(held / x.shape[0])
+        out_bytes.append(float(x[0].numel() * x.element_size()))
+    profile = LayerProfile(
+        rows=rows,
+        fiw=fiw,
+        activation_bytes_per_row=tuple(act),
+        output_bytes_per_row=tuple(out_bytes),
+        parameter_bytes=tuple(
+            sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers
+        ),
+        threads=threads,
+    )
+    _PROFILES[key] = profile
+    return profile
+
+
+_PING = r"""
+import os, sys, time, torch, torch.distributed as dist
+rank, path, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                        store=dist.FileStore(path, 2), rank=rank, world_size=2)
+dev = torch.device(device if not device.startswith("cuda") else f"cuda:{rank}")
+out = []
+for nbytes in (64, 1 << 20):
+    t = torch.zeros(max(1, nbytes // 4), device=dev)
+    times = []
+    for i in range(21):
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(t, 1); dist.recv(t, 1)
+        else:
+            dist.recv(t, 0); dist.send(t, 0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append((time.perf_counter() - t0) / 2)
+    out.append(sorted(times[1:])[10])
+if rank == 0:
+    print(out[0], out[1])
+dist.destroy_process_group()
+"""
+
+
+def message_cost(device: str) -> tuple[float, float]:
+    """(latency in seconds, seconds per byte) of one message between two fresh processes on
+    ``device``'s kind, over loopback; measured once per process."""
+    kind = torch.device(device).type
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    with tempfile.TemporaryDirectory(prefix="skpipe-ping-") as folder:
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
+                   OMP_NUM_THREADS="1")
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        store = os.path.join(folder, "store")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _PING, str(r), store, device],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+            )
+            for r in (0, 1)
+        ]
+        try:
+            out, err = procs[0].communicate(timeout=120)
+            procs[1].wait(timeout=30)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    if procs[0].returncode != 0:
+        raise RuntimeError(f"measuring the stage-to-stage message cost failed:\n{err[-2000:]}")
+    small, large = (float(v) for v in out.split())
+    per_byte = max(0.0, (large - small) / (1 << 20))
+    _MESSAGES[kind] = (small, per_byte)
+    return _MESSAGES[kind]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan the planner considered."""
+
+    schedule: str
+    n_microbatches: int
+    chunks_per_stage: int
+    predicted_step_ms: float
+    bubble: float
+    peak_stage_MiB: float  # parameters, gradients, optimizer state and peak activations
+    fits: bool
+    chosen: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _chunk_options(schedule: str, n_stages: int, n_layers: int, fixed: int | None) -> list[int]:
+    spec = _schedules.SCHEDULES[schedule]
+    top = spec.max_chunks or 4
+    out = [v for v in range(spec.min_chunks, top + 1) if n_stages * v <= n_layers]
+    return [v for v in out if fixed is None or v == fixed]
+
+
+def _microbatch_options(n_stages: int, share: int, fixed: int | None) -> list[int]:
+    if fixed is not None:
+        return [fixed]
+    counts = {n_stages, 2 * n_stages, 4 * n_stages, 8 * n_stages, 16 * n_stages}
+    return sorted(m for m in counts if m <= share) or [min(share, n_stages)]
+
+
+def predict(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    schedule: str,
+    m: int,
+    v: int,
+    message: tuple[float, float],
+    local: bool,
+) -> tuple[float, float, list[float]]:
+    """(step seconds, bubble, peak bytes per stage) of one candidate."""
+    n_chunks = config.n_stages * v
+    n_layers = len(profile.parameter_bytes)
+    rows = step_rows(config.share_rows, m) // m
+    layer_costs = profile.costs(rows)
+    balance = config.balance
+    if not isinstance(balance, str) and len(balance) != n_chunks:
+        balance = "uniform"  # a list for another chunk count cannot apply
+    if balance == "time":  # the measured times, not measured again
+        sizes = split_by_costs([sum(c) for c in layer_costs], n_chunks)
+    elif balance == "parameters":
+        sizes = split_by_costs([float(b) + 1.0 for b in profile.parameter_bytes], n_chunks)
+    else:
+        sizes, _ = balance_sizes([nn.Identity()] * n_layers, n_chunks, balance)
+    bounds = chunk_bounds(sizes)
+    costs = []
+    for s, e in bounds:
+        f, i, w = (sum(c[k] for c in layer_costs[s:e]) for k in range(3))
+        costs.append(ChunkCost(f, i, w, rows * sum(profile.activation_bytes_per_row[s:e])))
+    latency, per_byte = message
+    messages = [
+        latency + per_byte * rows * profile.output_bytes_per_row[e - 1] for _, e in bounds[:-1]
+    ]
+    order = action_order(schedule, config.n_stages, m, v, local=local)
+    sim = simulate(order, costs, [] if local else messages)
+    placement = _schedules.SCHEDULES[schedule].placement
+    peaks = [0.0] * config.n_stages
+    for c, (s, e) in enumerate(bounds):
+        owner = _schedules.chunk_owner(c, config.n_stages, v, placement)
+        peaks[owner] += 4.0 * sum(profile.parameter_bytes[s:e])
+    if local:
+        activation = sim.peak_activation_bytes[0]
+        peaks = [p + activation / config.n_stages for p in peaks]
+    else:
+        peaks = [p + a for p, a in zip(peaks, sim.peak_activation_bytes, strict=True)]
+    return sim.step_seconds, sim.bubble, peaks
+
+
+def candidates(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    *,
+    message: tuple[float, float],
+    local: bool,
+    budget: float | None = None,
+    fixed_microbatches: int | None = None,
+    fixed_chunks: int | None = None,
+) -> list[Candidate]:
+    """Every (schedule, m, v) torch would accept, simulated; sorted fastest first, the fastest
+    one that fits marked chosen."""
+    n_layers = len(profile.parameter_bytes)
+    found = []
+    for schedule in _schedules.SCHEDULE_NAMES:
+        for v in _chunk_options(schedule, config.n_stages, n_layers, fixed_chunks):
+            for m in _microbatch_options(config.n_stages, config.share_rows, fixed_microbatches):
+                try:
+                    _schedules.check_microbatches(
+                        schedule, config.n_stages, m, v, config.share_rows
+                    )
+                    step, bubble, peaks = predict(profile, config, schedule, m, v, message, local)
+                except ValueError:
+                    continue
+                found.append(
+                    Candidate(
+                        schedule=schedule,
+                        n_microbatches=m,
+                        chunks_per_stage=v,
+                        predicted_step_ms=step * 1e3,
+                        bubble=bubble,
+                        peak_stage_MiB=max(peaks) / 2**20,
+                        fits=budget is None or max(peaks) <= budget,
+                    )
+                )
+    found.sort(key=lambda c: (not c.fits, c.predicted_step_ms))
+    if found and found[0].fits:
+        found[0] = Candidate(**{**found[0].to_dict(), "chosen": True})
+    return found
+
+
+def one_stage_ms(profile: LayerProfile, rows: int) -> float:
+    """Predicted step of the whole network on one device for ``rows`` rows (one micro-batch)."""
+    return 1e3 * sum(sum(c) for c in profile.costs(rows))
+
+
+def rows_to_measure(config: PipelineConfig) -> tuple[int, int]:
+    """The smallest and largest micro-batch the candidates can have."""
+    share = config.share_rows
+    most = max(1, math.ceil(share / config.n_stages))
+    least = max(1, math.ceil(share / (16 * config.n_stages)))
+    return (least, most)
+
+
+def total_parameter_bytes(profile: LayerProfile) -> float:
+    return float(sum(profile.parameter_bytes))
+
+
+def describe(candidates_: Sequence[Candidate]) -> list[dict[str, Any]]:
+    return [c.to_dict() for c in candidates_]
