@@ -13,13 +13,12 @@ for stages that share a process).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch import nn
 from . import _schedules
 from ._config import PipelineConfig
 from ._microbatch import step_rows
+from ._report import PlanReport
 from ._partition import (
     balance_sizes,
     chunk_bounds,
@@ -67,7 +67,7 @@ class LayerProfile:
 
 
 _PROFILES: dict[tuple[Any, ...], LayerProfile] = {}
-_MESSAGES: dict[str, tuple[float, float]] = {}
+_MESSAGES: dict[str, MessageCost] = {}
 
 
 def signature(module: nn.Module) -> str:
@@ -85,7 +85,7 @@ def measure(
         return _PROFILES[key]
     from ._plan import _activation_bytes, _microbatch
 
-    layers = [layer for _, layer in named_layers(module, 2)]
+    layers = layer_list(module)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -116,11 +116,14 @@ def measure(
 
 _PING = r"""
 import os, sys, time, torch, torch.distributed as dist
-rank, path, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+rank, path, device, m = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(1)
 dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                         store=dist.FileStore(path, 2), rank=rank, world_size=2)
 dev = torch.device(device if not device.startswith("cuda") else f"cuda:{rank}")
+sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 out = []
 for nbytes in (64, 1 << 20):
     t = torch.zeros(max(1, nbytes // 4), device=dev)
@@ -131,22 +134,48 @@ for nbytes in (64, 1 << 20):
             dist.send(t, 1); dist.recv(t, 1)
         else:
             dist.recv(t, 0); dist.send(t, 0)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync()
         times.append((time.perf_counter() - t0) / 2)
     out.append(sorted(times[1:])[10])
+# a 2-stage GPipe step of m tiny micro-batches: torch's cost per action, messages included
+stage = PipelineStage(nn.Linear(4, 4).to(dev), rank, 2, dev,
+                      input_args=(torch.empty(2, 4, device=dev, requires_grad=rank > 0),),
+                      output_args=(torch.empty(2, 4, device=dev, requires_grad=True),))
+schedule = ScheduleGPipe(stage, m, loss_fn=lambda o, t: o.sum())
+x, tgt = torch.randn(2 * m, 4, device=dev), torch.zeros(2 * m, 4, device=dev)
+steps = []
+for i in range(7):
+    dist.barrier(); sync()
+    t0 = time.perf_counter()
+    schedule.step(*((x,) if rank == 0 else ()), target=tgt if rank == 1 else None)
+    dist.barrier(); sync()
+    steps.append(time.perf_counter() - t0)
 if rank == 0:
-    print(out[0], out[1])
+    print(out[0], out[1], sorted(steps[1:])[3])
 dist.destroy_process_group()
 """
 
+_CALIBRATION_MICROBATCHES = 8
 
-def message_cost(device: str) -> tuple[float, float]:
-    """(latency in seconds, seconds per byte) of one message between two fresh processes on
-    ``device``'s kind, over loopback; measured once per process."""
+
+@dataclass(frozen=True)
+class MessageCost:
+    """Stage-to-stage costs between two processes: seconds per byte of a message, and torch's
+    own time per schedule action (its bookkeeping and the message's latency), calibrated by
+    replaying a measured 2-stage GPipe step of tiny micro-batches."""
+
+    latency: float
+    per_byte: float
+    per_action: float
+
+
+def message_cost(device: str) -> MessageCost:
+    """The message costs between two fresh processes on ``device``'s kind, over loopback;
+    measured once per process."""
     kind = torch.device(device).type
     if kind in _MESSAGES:
         return _MESSAGES[kind]
+    m = _CALIBRATION_MICROBATCHES
     with tempfile.TemporaryDirectory(prefix="skpipe-ping-") as folder:
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
                    OMP_NUM_THREADS="1")
@@ -155,7 +184,7 @@ def message_cost(device: str) -> tuple[float, float]:
         store = os.path.join(folder, "store")
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", _PING, str(r), store, device],
+                [sys.executable, "-c", _PING, str(r), store, device, str(m)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
             )
             for r in (0, 1)
@@ -170,9 +199,13 @@ def message_cost(device: str) -> tuple[float, float]:
                     p.wait()
     if procs[0].returncode != 0:
         raise RuntimeError(f"measuring the stage-to-stage message cost failed:\n{err[-2000:]}")
-    small, large = (float(v) for v in out.split())
-    per_byte = max(0.0, (large - small) / (1 << 20))
-    _MESSAGES[kind] = (small, per_byte)
+    small, large, step = (float(v) for v in out.split())
+    unit = simulate(action_order("gpipe", 2, m, 1), [ChunkCost(1.0, 1.0, 0.0)] * 2).step_seconds
+    _MESSAGES[kind] = MessageCost(
+        latency=small,
+        per_byte=max(0.0, (large - small) / (1 << 20)),
+        per_action=step / unit,
+    )
     return _MESSAGES[kind]
 
 
@@ -213,7 +246,7 @@ def predict(
     schedule: str,
     m: int,
     v: int,
-    message: tuple[float, float],
+    message: MessageCost,
     local: bool,
 ) -> tuple[float, float, list[float]]:
     """(step seconds, bubble, peak bytes per stage) of one candidate."""
@@ -232,12 +265,21 @@ def predict(
         sizes, _ = balance_sizes([nn.Identity()] * n_layers, n_chunks, balance)
     bounds = chunk_bounds(sizes)
     costs = []
+    spec = _schedules.SCHEDULES[schedule]
+    o = message.per_action  # torch's time per action, the messages' latency included
     for s, e in bounds:
         f, i, w = (sum(c[k] for c in layer_costs[s:e]) for k in range(3))
-        costs.append(ChunkCost(f, i, w, rows * sum(profile.activation_bytes_per_row[s:e])))
-    latency, per_byte = message
+        # a split backward is two actions, so 'I' and 'W' each pay the per-action time
+        costs.append(
+            ChunkCost(
+                f + o,
+                i + (o if spec.zero_bubble else o / 2),
+                w + (o if spec.zero_bubble else o / 2),
+                rows * sum(profile.activation_bytes_per_row[s:e]),
+            )
+        )
     messages = [
-        latency + per_byte * rows * profile.output_bytes_per_row[e - 1] for _, e in bounds[:-1]
+        message.per_byte * rows * profile.output_bytes_per_row[e - 1] for _, e in bounds[:-1]
     ]
     order = action_order(schedule, config.n_stages, m, v, local=local)
     sim = simulate(order, costs, [] if local else messages)
@@ -258,17 +300,18 @@ def candidates(
     profile: LayerProfile,
     config: PipelineConfig,
     *,
-    message: tuple[float, float],
+    message: MessageCost,
     local: bool,
     budget: float | None = None,
     fixed_microbatches: int | None = None,
     fixed_chunks: int | None = None,
+    schedules: tuple[str, ...] | None = None,
 ) -> list[Candidate]:
     """Every (schedule, m, v) torch would accept, simulated; sorted fastest first, the fastest
     one that fits marked chosen."""
     n_layers = len(profile.parameter_bytes)
     found = []
-    for schedule in _schedules.SCHEDULE_NAMES:
+    for schedule in schedules or _schedules.SCHEDULE_NAMES:
         for v in _chunk_options(schedule, config.n_stages, n_layers, fixed_chunks):
             for m in _microbatch_options(config.n_stages, config.share_rows, fixed_microbatches):
                 try:
@@ -300,17 +343,141 @@ def one_stage_ms(profile: LayerProfile, rows: int) -> float:
     return 1e3 * sum(sum(c) for c in profile.costs(rows))
 
 
-def rows_to_measure(config: PipelineConfig) -> tuple[int, int]:
-    """The smallest and largest micro-batch the candidates can have."""
+def one_stage_bytes(profile: LayerProfile, rows: int) -> float:
+    """Estimated peak of the whole network on one device: 4 x parameter bytes (weights,
+    gradients, two Adam moments) and the activations of ``rows`` rows."""
+    return 4.0 * sum(profile.parameter_bytes) + rows * sum(profile.activation_bytes_per_row)
+
+
+def layer_list(module: nn.Module) -> list[nn.Module]:
+    """The layers a split can cut between."""
+    return [layer for _, layer in named_layers(module, 2)]
+
+
+def fits_one_device(
+    module: nn.Module,
+    sample: torch.Tensor,
+    config: PipelineConfig,
+    budget: float | None,
+    threads: int,
+) -> bool:
+    """Whether the whole network's estimated peak on one device fits ``budget``."""
+    if budget is None:
+        return True
+    rows = rows_to_measure(config.share_rows)
+    profile = measure(module, sample, rows, config.devices[0], threads)
+    return one_stage_bytes(profile, config.share_rows) <= budget
+
+
+def rows_to_measure(share_rows: int) -> tuple[int, int]:
+    """Two micro-batch sizes spanning those the candidates step with."""
+    return (max(1, share_rows // 16), max(1, share_rows // 2))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the planner chose for a fit, and why."""
+
+    config: PipelineConfig
+    candidates: tuple[Candidate, ...]
+    one_stage_ms: float | None  # the whole network on one device, per step
+    one_stage_fits: bool
+    seconds: float  # planning time
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.chosen), None)
+
+    @property
+    def advice(self) -> str | None:
+        """Said when one stage is predicted faster and the network fits one device."""
+        best = self.chosen
+        if best is None or self.one_stage_ms is None or self.config.n_stages == 1:
+            return None
+        if self.one_stage_fits and self.one_stage_ms < best.predicted_step_ms:
+            return (
+                f"one stage would be faster here: {self.one_stage_ms:.2f} ms per step predicted "
+                f"on one device against {best.predicted_step_ms:.2f} ms for the best pipelined "
+                f"plan ({best.schedule}, n_microbatches={best.n_microbatches}), and the network "
+                "fits one device; consider n_stages=1."
+            )
+        return None
+
+
+def choose(
+    module: nn.Module,
+    config: PipelineConfig,
+    sample: torch.Tensor,
+    *,
+    threads: int,
+    one_stage_threads: int,
+    budget: float | None = None,
+    fixed_microbatches: int | None = None,
+    fixed_chunks: int | None = None,
+    schedules: tuple[str, ...] | None = None,
+) -> Choice:
+    """The fastest valid (schedule, m, chunks) for ``config``'s stages whose stages fit
+    ``budget``; ``config`` comes back with them. Raises ValueError when none fits."""
+    import time
+
+    t0 = time.perf_counter()
+    device = config.devices[0]
+    rows = rows_to_measure(config.share_rows)
+    profile = measure(module, sample, rows, device, threads)
+    local = config.launcher == "local"
+    message = (
+        MessageCost(0.0, 0.0, 0.0) if local or config.n_stages == 1 else message_cost(device)
+    )
+    found = candidates(
+        profile,
+        config,
+        message=message,
+        local=local,
+        budget=budget,
+        fixed_microbatches=fixed_microbatches,
+        fixed_chunks=fixed_chunks,
+        schedules=schedules,
+    )
+    single = profile if one_stage_threads == threads else measure(
+        module, sample, rows, device, one_stage_threads
+    )
     share = config.share_rows
-    most = max(1, math.ceil(share / config.n_stages))
-    least = max(1, math.ceil(share / (16 * config.n_stages)))
-    return (least, most)
+    choice = Choice(
+        config=config,
+        candidates=tuple(found),
+        one_stage_ms=one_stage_ms(single, share),
+        one_stage_fits=budget is None or one_stage_bytes(profile, share) <= budget,
+        seconds=time.perf_counter() - t0,
+    )
+    best = choice.chosen
+    if best is None:
+        least = min((c.peak_stage_MiB for c in found), default=float("nan"))
+        raise ValueError(
+            f"stage_memory_budget ({(budget or 0) / 2**20:.1f} MiB) is too small for every plan "
+            f"of n_stages={config.n_stages}: the smallest stage peak found is {least:.1f} MiB. "
+            "Raise the budget or add stages (n_stages='auto' takes the fewest that fit)."
+        )
+    chosen = dataclasses.replace(
+        config,
+        schedule=best.schedule,
+        n_microbatches=best.n_microbatches,
+        chunks_per_stage=best.chunks_per_stage,
+        batch_rows=step_rows(config.share_rows, best.n_microbatches),
+    )
+    return dataclasses.replace(choice, config=chosen)
 
 
-def total_parameter_bytes(profile: LayerProfile) -> float:
-    return float(sum(profile.parameter_bytes))
-
-
-def describe(candidates_: Sequence[Candidate]) -> list[dict[str, Any]]:
-    return [c.to_dict() for c in candidates_]
+def annotated(report: PlanReport, choice: Choice | None) -> PlanReport:
+    """The plan report with the planner's table, prediction and advice (as it was without)."""
+    if choice is None:
+        return report
+    best = choice.chosen
+    return dataclasses.replace(
+        report,
+        candidates=[c.to_dict() for c in choice.candidates],
+        predicted_step_ms=best.predicted_step_ms if best else report.predicted_step_ms,
+        bubble=best.bubble if best else report.bubble,
+        one_stage_step_ms=choice.one_stage_ms,
+        advice=choice.advice,
+        planning_seconds=choice.seconds,
+    )

@@ -44,6 +44,12 @@ class PlanReport:
     n_replicas: int = 1
     # one row per rank of the (replica x stage) mesh: {'rank', 'replica', 'stage', 'device'}
     mesh: list[dict[str, Any]] = field(default_factory=list)
+    # the planner's (schedule='auto' / n_stages='auto'): every plan considered, fastest first
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    one_stage_step_ms: float | None = None  # the whole network on one device, predicted
+    advice: str | None = None  # said when one stage is predicted faster and fits
+    planning_seconds: float | None = None
+    measured_step_ms: float | None = None  # after a fit with timeline_steps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +103,49 @@ class PlanReport:
         tail = f"expected bubble: {self.bubble:.1%}"
         if self.predicted_step_ms is not None:
             tail += f"; predicted step time: {self.predicted_step_ms:.2f} ms"
-        return "\n".join([head, *mesh, line(cols), *[line(r) for r in rows], tail])
+        if self.measured_step_ms is not None:
+            tail += f"; measured: {self.measured_step_ms:.2f} ms"
+        lines = [head, *mesh, line(cols), *[line(r) for r in rows], tail]
+        if self.candidates:
+            lines += ["", *self._candidate_lines()]
+        if self.advice:
+            lines.append(self.advice)
+        return "\n".join(lines)
+
+    def _candidate_lines(self, shown: int = 10) -> list[str]:
+        """The planner's table: the fastest plans considered, the choice marked with '*'."""
+        head = ["", "schedule", "m", "chunks", "step ms", "bubble", "peak MiB", "fits"]
+        picked = [c for c in self.candidates[:shown]]
+        picked += [c for c in self.candidates[shown:] if c["chosen"]]
+        rows = [
+            [
+                "*" if c["chosen"] else "",
+                c["schedule"],
+                str(c["n_microbatches"]),
+                str(c["chunks_per_stage"]),
+                f"{c['predicted_step_ms']:.2f}",
+                f"{c['bubble']:.1%}",
+                f"{c['peak_stage_MiB']:.2f}",
+                "yes" if c["fits"] else "no",
+            ]
+            for c in picked
+        ]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+
+        def line(r: list[str]) -> str:
+            return "  ".join(
+                v.ljust(w) if i < 2 else v.rjust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
+
+        title = f"planner: {len(self.candidates)} plans simulated"
+        if self.planning_seconds is not None:
+            title += f" in {self.planning_seconds:.2f} s"
+        if self.one_stage_step_ms is not None:
+            title += f"; one stage on one device: {self.one_stage_step_ms:.2f} ms per step"
+        more = len(self.candidates) - len(picked)
+        tail = [f"({more} more in to_dict()['candidates'])"] if more > 0 else []
+        return [title, line(head), *[line(r) for r in rows], *tail]
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's hook
         p.text(str(self))

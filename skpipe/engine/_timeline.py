@@ -130,6 +130,15 @@ class Timeline:
     def steps(self) -> list[int]:
         return sorted({s.step for s in self.spans})
 
+    def median_step_ms(self) -> float:
+        """Wall time of a recorded step (first span's start to last span's end), median."""
+        lengths = []
+        for step in self.steps():
+            spans = [s for s in self.spans if s.step == step]
+            lengths.append(max(s.end for s in spans) - min(s.start for s in spans))
+        lengths.sort()
+        return 1e3 * lengths[len(lengths) // 2] if lengths else float("nan")
+
     def measured_bubble(self) -> float:
         """Idle share of the recorded steps: 1 - busy compute time / (ranks x step wall time),
         averaged over steps."""

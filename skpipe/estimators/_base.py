@@ -8,6 +8,7 @@ runner the plan's launcher names, inside a skorch loop; store what comes back.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -36,11 +37,13 @@ from ..engine._config import (
 from ..engine._devices import resolve_devices
 from ..engine._microbatch import reduction_of
 from ..engine._plan import Plan, make_plan
+from ..engine._planner import Choice, annotated
 from ..engine._report import PlanReport
 from ..engine._runners import held_devices, make_runner, resolve_launcher, runner_class
 from ..engine._timeline import Timeline
 from ..modules import MLP
 from ._data import rows_to_tensor
+from ._layout import choose_layout, provisional_schedule
 from ._loop import ClassifierTrainingLoop, TrainingLoop
 from ._checks import check_batchnorm_rows, check_network_fits_data
 from ._params import PrefixedParamsMixin, build_criterion, build_module
@@ -78,10 +81,10 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "devices": [StrOptions({"auto"}), list, tuple, str],
-        "n_stages": [Interval(Integral, 1, None, closed="left")],
+        "n_stages": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "n_replicas": [Interval(Integral, 1, None, closed="left")],
         "n_microbatches": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES))],
+        "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES) | {"auto"})],
         "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "balance": [StrOptions({"uniform", "parameters", "time"}), list, tuple],
         "checkpoint": [StrOptions(set(CHECKPOINTS))],
@@ -224,14 +227,17 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(inputs.seed)
             module = copy.deepcopy(self.module_) if warm else self._build_module(inputs)
+            inputs, choice = self._choose_layout(module, inputs)
+            if choice is not None and choice.advice and self.verbose:
+                print(f"[skpipe] {choice.advice}", flush=True)
             # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
             with held_devices(inputs.config, self.devices) as config:
-                plan = self._make_plan(module, config, inputs)
+                plan = self._make_plan(module, config, inputs, planned=choice is not None)
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
                     resumed = getattr(self, "optimizer_state_", None) if partial and warm else None
                     if resumed is not None:  # the weights came with the stages; only this moves
                         runner.load_optimizer_state(resumed)
-                    report = plan.report()
+                    report = annotated(plan.report(), choice)
                     history = self._train(runner, inputs, plan, report, warm, progress, epochs)
                     spans = runner.spans() if self.timeline_steps else None
                     optimizer_state = None
@@ -247,6 +253,11 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self.config_ = plan.config
         self.plan_ = report
         self.timeline_ = None if spans is None else Timeline.of(spans, plan.config)
+        if self.timeline_ is not None and self.timeline_.spans:
+            # the measured step beside the prediction
+            self.plan_ = dataclasses.replace(
+                report, measured_step_ms=self.timeline_.median_step_ms()
+            )
         if partial:
             self.optimizer_state_ = optimizer_state
         else:
@@ -274,28 +285,19 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 X, y, weights = X[keep], y[keep], weights[keep]
         y_enc, n_outputs = self._validate_targets(y, reset=not warm, classes=classes)
         weights = self._row_weights(y_enc, weights)
-        launcher = resolve_launcher(self.launcher, self.n_stages, self.n_replicas)
-        runner = runner_class(launcher)
-        self._check_callbacks_fit(runner.optimizer_in_driver, launcher)
-        rng = check_random_state(self.random_state)
-        seed = runner.agree_seed(int(rng.randint(np.iinfo(np.int32).max)))
         n_samples = X.shape[0]
         batch = n_samples if self.batch_size == "all" else min(int(self.batch_size), n_samples)
-        config = make_config(
-            n_stages=self.n_stages,
-            n_replicas=self.n_replicas,
-            n_microbatches=self.n_microbatches,
-            schedule=self.schedule,
-            chunks_per_stage=self.chunks_per_stage,
-            balance=self.balance if isinstance(self.balance, str) else tuple(self.balance),
-            checkpoint=self.checkpoint,
-            launcher=launcher,
-            devices=resolve_devices(self.devices, self.n_stages, launcher, self.n_replicas),
-            batch_size=batch,
-            precision=self.precision,
-            max_grad_norm=self.max_grad_norm,
-            timeout=float(self.timeout),
+        # with 'auto' layouts, a provisional one validates the rest; the planner picks later
+        config = self._config(
+            1 if self.n_stages == "auto" else int(self.n_stages),
+            provisional_schedule(self.chunks_per_stage)
+            if self.schedule == "auto"
+            else self.schedule,
+            batch,
         )
+        runner = runner_class(config.launcher)
+        rng = check_random_state(self.random_state)
+        seed = runner.agree_seed(int(rng.randint(np.iinfo(np.int32).max)))
         criterion = build_criterion(
             type(self).__name__,
             self.criterion,
@@ -322,6 +324,41 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             sample_weight=weights,
         )
 
+    def _config(self, n_stages: int, schedule: str, batch: int) -> PipelineConfig:
+        """The validated configuration for ``n_stages`` stages and ``schedule``, refusing
+        callbacks its launcher cannot run."""
+        launcher = resolve_launcher(self.launcher, n_stages, self.n_replicas)
+        self._check_callbacks_fit(runner_class(launcher).optimizer_in_driver, launcher)
+        return make_config(
+            n_stages=n_stages,
+            n_replicas=self.n_replicas,
+            n_microbatches=self.n_microbatches,
+            schedule=schedule,
+            chunks_per_stage=self.chunks_per_stage,
+            balance=self.balance if isinstance(self.balance, str) else tuple(self.balance),
+            checkpoint=self.checkpoint,
+            launcher=launcher,
+            devices=resolve_devices(self.devices, n_stages, launcher, self.n_replicas),
+            batch_size=batch,
+            precision=self.precision,
+            max_grad_norm=self.max_grad_norm,
+            timeout=float(self.timeout),
+        )
+
+    def _choose_layout(
+        self, module: nn.Module, inputs: FitInputs
+    ) -> tuple[FitInputs, Choice | None]:
+        """The layout the fit runs with ('auto' parameters chosen by the planner)."""
+        batch = inputs.config.batch_size
+        measured_on = rows_to_tensor(inputs.X, slice(0, min(batch, inputs.X.shape[0])))
+        config, choice = choose_layout(
+            self, module, measured_on, lambda n, s: self._config(n, s, batch), inputs.config
+        )
+        if config is inputs.config:
+            return inputs, choice
+        sample = rows_to_tensor(inputs.X, slice(0, min(config.microbatch_rows, inputs.X.shape[0])))
+        return dataclasses.replace(inputs, config=config, sample=sample), choice
+
     def _row_weights(self, y_enc: np.ndarray, weights: np.ndarray | None) -> np.ndarray | None:
         """Per-row weights scaled to mean 1 (so a constant factor changes nothing, and all-equal
         weights are exactly the unweighted fit); None when every row weighs the same."""
@@ -338,14 +375,22 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             inputs.n_outputs,
         )
 
-    def _make_plan(self, module: nn.Module, config: PipelineConfig, inputs: FitInputs) -> Plan:
-        """The plan of the fit, with the micro-batch count chosen under the memory budget, and
-        the network checked against the data on the plan's sample (before any worker)."""
+    def _make_plan(
+        self, module: nn.Module, config: PipelineConfig, inputs: FitInputs, planned: bool = False
+    ) -> Plan:
+        """The plan of the fit, with the micro-batch count chosen under the memory budget
+        (unless the planner chose it), and the network checked against the data on the plan's
+        sample (before any worker)."""
         n_rows = len(inputs.y) if self.train_split is None else None
         check_batchnorm_rows(module, config, n_rows)  # measuring would run into it first
         plan = make_plan(module, config, inputs.sample)
         budget = self.stage_memory_budget
-        if budget is not None and self.n_microbatches == "auto" and self.n_stages > 1:
+        if (
+            budget is not None
+            and not planned
+            and self.n_microbatches == "auto"
+            and config.n_stages > 1
+        ):
             plan = fit_budget(plan, float(budget))
             check_batchnorm_rows(module, plan.config, n_rows)
         check_network_fits_data(
@@ -447,7 +492,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(inputs.seed)
             module = est._build_module(inputs)
-        return est._make_plan(module, inputs.config, inputs).report()
+        inputs, choice = est._choose_layout(module, inputs)
+        plan = est._make_plan(module, inputs.config, inputs, planned=choice is not None)
+        return annotated(plan.report(), choice)
 
     def __sklearn_tags__(self):  # noqa: ANN204 - sklearn's Tags type is private
         tags = super().__sklearn_tags__()

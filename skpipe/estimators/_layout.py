@@ -1,0 +1,102 @@
+"""The layout behind ``schedule='auto'`` and ``n_stages='auto'``: which stages, schedule,
+micro-batches and chunks a fit uses, chosen by the engine's planner from measurements.
+
+``schedule='auto'``: the fastest (schedule, n_microbatches, chunks_per_stage) predicted for the
+given ``n_stages`` whose stages fit ``stage_memory_budget``; an ``n_microbatches`` or
+``chunks_per_stage`` given as a number is kept. ``n_stages='auto'`` (needs
+``stage_memory_budget``): the fewest stages whose plan fits the budget, then the fastest plan for
+that count (with the given schedule, or any with ``schedule='auto'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from numbers import Integral
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine import _planner
+from ..engine._config import PipelineConfig
+from ..engine._groups import broadcast_object
+from ..engine._pool import threads_per_worker
+
+
+def provisional_schedule(chunks_per_stage: int | str) -> str:
+    """A schedule that accepts any micro-batch count and the chunks given, to validate the
+    rest of the configuration before the planner picks the real one."""
+    if isinstance(chunks_per_stage, Integral) and chunks_per_stage > 1:
+        return "looped_bfs"
+    return "gpipe"
+
+
+def _threads(config: PipelineConfig) -> int:
+    """CPU threads each stage's process will compute with."""
+    if config.launcher == "spawn" and config.devices[0] == "cpu":
+        return threads_per_worker(config.world_size)
+    return torch.get_num_threads()
+
+
+def choose_layout(
+    est: Any,
+    module: nn.Module,
+    sample: torch.Tensor,
+    config_for: Callable[[int, str], PipelineConfig],
+    first: PipelineConfig,
+) -> tuple[PipelineConfig, _planner.Choice | None]:
+    """The configuration a fit runs with, and the planner's choice behind it (None when nothing
+    was 'auto'). ``config_for(n_stages, schedule)`` makes a validated configuration."""
+    auto_schedule = est.schedule == "auto"
+    auto_stages = est.n_stages == "auto"
+    if not (auto_schedule or auto_stages):
+        return first, None
+    budget = None if est.stage_memory_budget is None else float(est.stage_memory_budget)
+    if auto_stages and budget is None:
+        raise ValueError(
+            "n_stages='auto' takes the fewest stages whose plan fits stage_memory_budget, but "
+            "stage_memory_budget is None; give a budget in bytes per stage, or set n_stages."
+        )
+    fixed_m = int(est.n_microbatches) if isinstance(est.n_microbatches, Integral) else None
+    fixed_v = int(est.chunks_per_stage) if isinstance(est.chunks_per_stage, Integral) else None
+    schedules = None if auto_schedule else (est.schedule,)
+    if first.launcher == "torchrun" or not auto_stages:
+        counts = [first.n_stages]  # a job's world fixes the stages
+    else:
+        n_layers = max(1, len(_planner.layer_list(module)))
+        counts = list(range(1, n_layers + 1))
+    last_error: ValueError | None = None
+    for n in counts:
+        config = first if n == first.n_stages else config_for(n, first.schedule)
+        if n == 1:
+            if not auto_stages:
+                return config, None  # one stage: nothing to plan
+            if _planner.fits_one_device(module, sample, config, budget, _threads(config)):
+                return config, None
+            continue
+        if not isinstance(est.balance, str) and len(est.balance) % n == 0:
+            fixed_v = len(est.balance) // n
+        try:
+            choice = _planner.choose(
+                module,
+                config,
+                sample,
+                threads=_threads(config),
+                one_stage_threads=torch.get_num_threads(),
+                budget=budget,
+                fixed_microbatches=fixed_m,
+                fixed_chunks=fixed_v,
+                schedules=schedules,
+            )
+        except ValueError as exc:
+            last_error = exc
+            if auto_stages:
+                continue
+            raise
+        if config.launcher == "torchrun":  # every rank runs rank 0's choice
+            choice = broadcast_object(choice)  # type: ignore[assignment]
+        return choice.config, choice
+    raise ValueError(
+        f"n_stages='auto': no number of stages up to {counts[-1]} fits stage_memory_budget "
+        f"({(budget or 0) / 2**20:.1f} MiB per stage). {last_error or ''}"
+    )
