@@ -66,6 +66,8 @@ CASES = [
     ("batch_size=0", dict(SPAWN, batch_size=0), X, Y, ValueError, r"The 'batch_size' parameter .*Got 0 instead"),
     ("max_epochs=0", dict(SPAWN, max_epochs=0), X, Y, ValueError, r"The 'max_epochs' parameter .*Got 0 instead"),
     ("n_stages=0", dict(SPAWN, n_stages=0), X, Y, ValueError, r"The 'n_stages' parameter .*Got 0 instead"),
+    ("auto-stages-no-budget", dict(SPAWN, n_stages="auto"), X, Y, ValueError, r"n_stages='auto' takes the fewest stages whose plan fits stage_memory_budget, but stage_memory_budget is None"),
+    ("n_stages-string", dict(SPAWN, n_stages="many"), X, Y, ValueError, r"The 'n_stages' parameter .*Got 'many' instead"),
     ("n_replicas=0", dict(SPAWN, n_replicas=0), X, Y, ValueError, r"The 'n_replicas' parameter .*Got 0 instead"),
     ("replicas-local", dict(SPAWN, n_replicas=2, launcher="local"), X, Y, ValueError, r"n_replicas=2 needs one process per \(replica, stage\), but launcher='local' runs everything in this process"),
     ("replicas>batch", dict(SPAWN, n_replicas=5, batch_size=4), X, Y, ValueError, r"n_replicas \(5\) must be <= batch_size \(4\)"),
