@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,7 +58,7 @@ def measured_step(net: nn.Module, cfg: object, steps: int) -> float:
 
 def predicted_step(net: nn.Module, cfg: object) -> float:
     x = torch.randn(cfg.batch_size, 8)  # type: ignore[attr-defined]
-    profile = PL.measure(net, x, PL.rows_to_measure(cfg), "cpu", 1)  # type: ignore[arg-type]
+    profile = PL.measure(net, x, PL.rows_to_measure(cfg.batch_size), "cpu", 1)  # type: ignore[attr-defined]
     step, _, _ = PL.predict(profile, cfg, cfg.schedule, cfg.n_microbatches,  # type: ignore[arg-type, attr-defined]
                             cfg.chunks_per_stage, PL.message_cost("cpu"), local=False)  # type: ignore[attr-defined]
     return step
@@ -88,13 +89,127 @@ def prediction(quick: bool, steps: int) -> dict:
     return {"F_s": f, "I_s": i, "W_s": w, "cases": rows, "max_abs_error": max(errors)}
 
 
+def real_compute(quick: bool, steps: int) -> dict:
+    """An MLP on two spawned CPU workers (one thread each): predicted against measured."""
+    width, depth, batch = (64, 4, 64) if quick else (512, 8, 256)
+    net = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())])
+    rows = {}
+    for schedule, m in ([("1f1b", 4)] if quick else
+                        [("gpipe", 4), ("1f1b", 8), ("interleaved_1f1b", 4),
+                         ("interleaved_zero_bubble", 4), ("zbv", 4)]):
+        v = S.resolve_chunks(schedule, "auto")
+        cfg = config(2, m, schedule, v, batch)
+        x = torch.randn(batch, width)
+        profile = PL.measure(net, x, PL.rows_to_measure(batch), "cpu", 1)
+        predicted, _, _ = PL.predict(profile, cfg, schedule, m, v, PL.message_cost("cpu"),
+                                     local=False)
+        spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
+                         criterion=nn.MSELoss())
+        y = torch.zeros(batch, width)
+        with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
+            times = []
+            for _ in range(steps + 2):
+                t0 = time.perf_counter()
+                runner.train_step(x, y)
+                times.append(time.perf_counter() - t0)
+        measured = median(times[2:])
+        rows[f"{schedule} m={m}"] = {"predicted_ms": round(predicted * 1e3, 2),
+                                     "measured_ms": round(measured * 1e3, 2),
+                                     "error": round(predicted / measured - 1, 3)}
+    shutdown_workers()
+    return {"width": width, "hidden_layers": depth, "batch": batch, "cases": rows,
+            "max_abs_error": max(abs(r["error"]) for r in rows.values())}
+
+
+PROFILES = {
+    # per layer (F, I, W) seconds: 8 layers
+    "uniform": [(0.002, 0.002, 0.002)] * 8,
+    "one_heavy_layer": [(0.002, 0.002, 0.002)] * 3 + [(0.008, 0.008, 0.008)]
+    + [(0.002, 0.002, 0.002)] * 4,
+    "heavy_weight_gradients": [(0.002, 0.001, 0.006)] * 8,
+}
+
+
+def choice(quick: bool, steps: int) -> dict:
+    """The planner's choice measured against every valid candidate measured."""
+    out = {}
+    batch = 16
+    for name, layers in PROFILES.items():
+        if quick and name != "uniform":
+            continue
+        net = nn.Sequential(*[SplitSleepLayer(f, i, w) for f, i, w in layers])
+        cfg = config(2, 2, "gpipe", 1, batch)
+        x = torch.randn(batch, 8)
+        profile = PL.measure(net, x, PL.rows_to_measure(batch), "cpu", 1)
+        found = PL.candidates(profile, cfg, message=PL.message_cost("cpu"), local=False)
+        if quick:
+            found = found[:3]
+        measured = {}
+        for c in found:
+            key = (c.schedule, c.n_microbatches, c.chunks_per_stage)
+            measured[key] = measured_step(net, config(2, c.n_microbatches, c.schedule,
+                                                      c.chunks_per_stage, batch), steps)
+        chosen = next(c for c in found if c.chosen)
+        pick = measured[(chosen.schedule, chosen.n_microbatches, chosen.chunks_per_stage)]
+        best_key = min(measured, key=measured.__getitem__)
+        out[name] = {
+            "candidates": len(found),
+            "chosen": f"{chosen.schedule} m={chosen.n_microbatches} v={chosen.chunks_per_stage}",
+            "chosen_measured_ms": round(pick * 1e3, 1),
+            "best_measured": f"{best_key[0]} m={best_key[1]} v={best_key[2]}",
+            "best_measured_ms": round(measured[best_key] * 1e3, 1),
+            "ratio": round(pick / measured[best_key], 3),  # goal <= 1.05
+        }
+        shutdown_workers()
+    return out
+
+
+def cost(quick: bool) -> dict:
+    """Planning time, cold (measuring) and cached, against one epoch of the network."""
+    width, depth, rows, batch = (64, 4, 512, 64) if quick else (512, 8, 8192, 256)
+    from skpipe import PipeNetClassifier
+
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(rows, width)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    est = PipeNetClassifier(module__hidden_layer_sizes=(width,) * depth, n_stages=2,
+                            schedule="auto", launcher="spawn", batch_size=batch, max_epochs=2,
+                            random_state=0)
+    PL._PROFILES.clear()
+    t0 = time.perf_counter()
+    report = est.plan(X, y)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    est.plan(X, y)
+    cached = time.perf_counter() - t0
+    est.fit(X, y)
+    epoch = median([e["dur"] for e in est.history_])
+    shutdown_workers()
+    return {"rows": rows, "width": width, "hidden_layers": depth, "batch": batch,
+            "candidates": len(report.candidates),
+            "planning_cold_s": round(cold, 3), "planning_cached_s": round(cached, 3),
+            "planner_inside_s": round(report.planning_seconds, 3),
+            "epoch_s": round(epoch, 3),
+            "cold_share_of_epoch": round(cold / epoch, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
     steps = 1 if args.quick else args.steps
-    emit("planner", {"prediction_sleep": prediction(args.quick, steps)})
+    message = PL.message_cost("cpu")
+    emit("planner", {
+        "message_cost": {"latency_us": round(message.latency * 1e6, 1),
+                         "GB_per_s": round(1e-9 / message.per_byte, 2)
+                         if message.per_byte else None,
+                         "per_action_us": round(message.per_action * 1e6, 1)},
+        "prediction_sleep": prediction(args.quick, steps),
+        "prediction_real": real_compute(args.quick, steps),
+        "choice": choice(args.quick, steps),
+        "cost": cost(args.quick),
+    })
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def test_engine_never_imports_the_estimators():
             assert not {m.split(".")[0] for m in outside} & {"sklearn", "skorch"}, name
 
 
-@pytest.mark.parametrize("name", ["_schedules", "_partition", "_microbatch", "_budget", "_report"])
+@pytest.mark.parametrize("name", ["_schedules", "_partition", "_microbatch", "_budget", "_report",
+                                  "_simulate"])
 def test_pure_modules_use_no_process_machinery(name):
     full = f"skpipe.engine.{name}"
     closure, todo = set(), [full]

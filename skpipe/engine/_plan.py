@@ -177,14 +177,14 @@ def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -
     # one stage: any module, whatever it does inside; its output shape is measured below
     shapes = boundary_shapes(layers, bounds, sample.shape[1]) if config.n_chunks > 1 else None
     names, counts, nbytes, act = [], [], [], []
-    x = _microbatch(sample, config.microbatch_rows)
+    x = microbatch_of(sample, config.microbatch_rows)
     for s, e in bounds:
         chunk = nn.Sequential(*layers[s:e])
         params = list(chunk.named_parameters())
         names.append(tuple(_qualified(named, s, local) for local, _ in params))
         counts.append(sum(p.numel() for _, p in params))
         nbytes.append(sum(p.numel() * p.element_size() for _, p in params))
-        held, x = _activation_bytes(chunk, x)
+        held, x = activation_bytes(chunk, x)
         act.append(held / x.shape[0])
     if shapes is None:
         shapes = [tuple(sample.shape[1:]), tuple(x.shape[1:])]
@@ -210,7 +210,7 @@ def _qualified(named: list[tuple[str, nn.Module]], start: int, local: str) -> st
     return f"{prefix}.{rest}" if prefix else rest
 
 
-def _microbatch(sample: torch.Tensor, rows: int) -> torch.Tensor:
+def microbatch_of(sample: torch.Tensor, rows: int) -> torch.Tensor:
     """A full micro-batch of ``rows`` rows from ``sample`` (its rows repeated when too few)."""
     x = sample[:rows]
     if x.shape[0] < rows:
@@ -219,7 +219,7 @@ def _microbatch(sample: torch.Tensor, rows: int) -> torch.Tensor:
     return x
 
 
-def _activation_bytes(chunk: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+def activation_bytes(chunk: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Bytes a chunk holds for backward on micro-batch ``x``, and its output; measured on a CPU
     copy in train mode under a forked random generator (the chunk itself is untouched)."""
     copy = deepcopy(chunk).cpu().train()

@@ -473,7 +473,11 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         Per stage and chunk: the layers, parameter count and memory, the activation memory
         held per micro-batch (measured on one micro-batch of X), the measured forward+backward
         time when ``balance='time'``; the schedule's expected bubble and predicted step time.
-        ``print`` it for a table; ``.to_frame()`` / ``.to_dict()`` for code.
+        With ``schedule='auto'`` or ``n_stages='auto'``, also every plan the planner simulated
+        (predicted step, bubble, peak memory per stage, whether it fits; the choice marked),
+        the predicted step of the whole network on one device, and a line saying so when one
+        stage would be faster and fits. ``print`` it for tables; ``.to_frame()`` /
+        ``.to_dict()`` for code.
 
         Parameters
         ----------

@@ -30,8 +30,9 @@ PARAMETERS_DOC = """
     devices : 'auto' or list of str, default='auto'
         One device per stage ('cpu', 'cuda:0', ...); with one stage the first is used. With
         replicas, one per (replica, stage): replica 0's stages first, then replica 1's, ...
-    n_stages : int, default=1
-        Pipeline depth: the number of workers (devices) the network is split across.
+    n_stages : int or 'auto', default=1
+        Pipeline depth: the number of workers (devices) the network is split across. 'auto'
+        (needs ``stage_memory_budget``): the fewest stages whose plan fits the budget.
     n_replicas : int, default=1
         Data-parallel copies of the pipeline (``n_replicas x n_stages`` workers). Each takes its
         share of every batch and their gradients are summed: the fit equals one device's at the
@@ -40,7 +41,8 @@ PARAMETERS_DOC = """
         Micro-batches per batch; 'auto' picks the largest of 4p, 2p, p the schedule accepts.
     schedule : str, default='1f1b'
         'gpipe', '1f1b', 'interleaved_1f1b', 'looped_bfs', 'interleaved_zero_bubble', 'zbv'
-        or 'dualpipev' (torch.distributed.pipelining's schedules).
+        or 'dualpipev' (torch.distributed.pipelining's schedules); 'auto' lets the planner
+        choose the schedule, micro-batch count and chunks from measurements (see :meth:`plan`).
     chunks_per_stage : int or 'auto', default='auto'
         Model chunks per worker for the looped/interleaved schedules (2 for the V schedules).
     balance : 'uniform', 'parameters', 'time' or list of int, default='uniform'
