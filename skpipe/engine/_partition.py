@@ -121,7 +121,7 @@ def split_by_costs(costs: Sequence[float], n_chunks: int) -> list[int]:
 
 
 def split_time_costs(
-    layers: Sequence[nn.Module], sample: torch.Tensor, device: str = "cpu", repeats: int = 5
+    layers: Sequence[nn.Module], sample: torch.Tensor, device: str = "cpu", repeats: int = 3
 ) -> list[tuple[float, float, float]]:
     """Each layer's measured seconds on ``sample`` (medians of ``repeats``, on ``device``):
     forward, input gradient (what a zero-bubble schedule's 'I' runs) and weight gradient ('W');
