@@ -223,6 +223,7 @@ class Candidate:
     peak_stage_MiB: float  # parameters, gradients, optimizer state and peak activations
     fits: bool
     chosen: bool = False
+    balance: str = "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -250,13 +251,15 @@ def predict(
     v: int,
     message: MessageCost,
     local: bool,
+    balance: str | tuple[int, ...] | None = None,
 ) -> tuple[float, float, list[float]]:
-    """(step seconds, bubble, peak bytes per stage) of one candidate."""
+    """(step seconds, bubble, peak bytes per stage) of one candidate (with ``balance``, or
+    the configuration's)."""
     n_chunks = config.n_stages * v
     n_layers = len(profile.parameter_bytes)
     rows = step_rows(config.share_rows, m) // m
     layer_costs = profile.costs(rows)
-    balance = config.balance
+    balance = config.balance if balance is None else balance
     if not isinstance(balance, str) and len(balance) != n_chunks:
         balance = "uniform"  # a list for another chunk count cannot apply
     if balance == "time":  # the measured times, not measured again
@@ -298,6 +301,9 @@ def predict(
     return sim.step_seconds, sim.bubble, peaks
 
 
+BALANCES = ("uniform", "parameters", "time")
+
+
 def candidates(
     profile: LayerProfile,
     config: PipelineConfig,
@@ -308,10 +314,13 @@ def candidates(
     fixed_microbatches: int | None = None,
     fixed_chunks: int | None = None,
     schedules: tuple[str, ...] | None = None,
+    balances: tuple[str, ...] | None = None,
 ) -> list[Candidate]:
-    """Every (schedule, m, v) torch would accept, simulated; sorted fastest first, the fastest
-    one that fits marked chosen."""
+    """Every (schedule, m, v, balance) torch would accept, simulated; sorted fastest first, the
+    fastest one that fits marked chosen. ``balances``: the rules to try (default: the
+    configuration's own)."""
     n_layers = len(profile.parameter_bytes)
+    own = config.balance if isinstance(config.balance, str) else "uniform"
     found = []
     for schedule in schedules or _schedules.SCHEDULE_NAMES:
         for v in _chunk_options(schedule, config.n_stages, n_layers, fixed_chunks):
@@ -320,20 +329,27 @@ def candidates(
                     _schedules.check_microbatches(
                         schedule, config.n_stages, m, v, config.share_rows
                     )
-                    step, bubble, peaks = predict(profile, config, schedule, m, v, message, local)
                 except ValueError:
                     continue
-                found.append(
-                    Candidate(
-                        schedule=schedule,
-                        n_microbatches=m,
-                        chunks_per_stage=v,
-                        predicted_step_ms=step * 1e3,
-                        bubble=bubble,
-                        peak_stage_MiB=max(peaks) / 2**20,
-                        fits=budget is None or max(peaks) <= budget,
+                for rule in balances or (None,):
+                    try:
+                        step, bubble, peaks = predict(
+                            profile, config, schedule, m, v, message, local, balance=rule
+                        )
+                    except ValueError:
+                        continue
+                    found.append(
+                        Candidate(
+                            schedule=schedule,
+                            n_microbatches=m,
+                            chunks_per_stage=v,
+                            predicted_step_ms=step * 1e3,
+                            bubble=bubble,
+                            peak_stage_MiB=max(peaks) / 2**20,
+                            fits=budget is None or max(peaks) <= budget,
+                            balance=rule or own,
+                        )
                     )
-                )
     found.sort(key=lambda c: (not c.fits, c.predicted_step_ms))
     if found and found[0].fits:
         found[0] = Candidate(**{**found[0].to_dict(), "chosen": True})
@@ -417,6 +433,7 @@ def choose(
     fixed_microbatches: int | None = None,
     fixed_chunks: int | None = None,
     schedules: tuple[str, ...] | None = None,
+    balances: tuple[str, ...] | None = None,
 ) -> Choice:
     """The fastest valid (schedule, m, chunks) for ``config``'s stages whose stages fit
     ``budget``; ``config`` comes back with them. Raises ValueError when none fits."""
@@ -439,6 +456,7 @@ def choose(
         fixed_microbatches=fixed_microbatches,
         fixed_chunks=fixed_chunks,
         schedules=schedules,
+        balances=balances,
     )
     single = profile if one_stage_threads == threads else measure(
         module, sample, rows, device, one_stage_threads
@@ -465,6 +483,7 @@ def choose(
         n_microbatches=best.n_microbatches,
         chunks_per_stage=best.chunks_per_stage,
         batch_rows=step_rows(config.share_rows, best.n_microbatches),
+        balance=best.balance if balances else config.balance,
     )
     return dataclasses.replace(choice, config=chosen)
 

@@ -114,7 +114,7 @@ class PlanReport:
 
     def _candidate_lines(self, shown: int = 10) -> list[str]:
         """The planner's table: the fastest plans considered, the choice marked with '*'."""
-        head = ["", "schedule", "m", "chunks", "step ms", "bubble", "peak MiB", "fits"]
+        head = ["", "schedule", "m", "chunks", "balance", "step ms", "bubble", "peak MiB", "fits"]
         picked = [c for c in self.candidates[:shown]]
         picked += [c for c in self.candidates[shown:] if c["chosen"]]
         rows = [
@@ -123,6 +123,7 @@ class PlanReport:
                 c["schedule"],
                 str(c["n_microbatches"]),
                 str(c["chunks_per_stage"]),
+                str(c.get("balance", "")),
                 f"{c['predicted_step_ms']:.2f}",
                 f"{c['bubble']:.1%}",
                 f"{c['peak_stage_MiB']:.2f}",
@@ -134,7 +135,7 @@ class PlanReport:
 
         def line(r: list[str]) -> str:
             return "  ".join(
-                v.ljust(w) if i < 2 else v.rjust(w)
+                v.ljust(w) if i < 2 or i == 4 else v.rjust(w)
                 for i, (v, w) in enumerate(zip(r, widths, strict=True))
             )
 

@@ -86,7 +86,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         "n_microbatches": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES) | {"auto"})],
         "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "balance": [StrOptions({"uniform", "parameters", "time"}), list, tuple],
+        "balance": [StrOptions({"uniform", "parameters", "time", "auto"}), list, tuple],
         "checkpoint": [StrOptions(set(CHECKPOINTS))],
         "launcher": [StrOptions(set(LAUNCHERS))],
         "precision": [StrOptions(set(PRECISIONS))],
@@ -335,7 +335,12 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             n_microbatches=self.n_microbatches,
             schedule=schedule,
             chunks_per_stage=self.chunks_per_stage,
-            balance=self.balance if isinstance(self.balance, str) else tuple(self.balance),
+            # 'auto' is the planner's to choose; 'uniform' validates the rest meanwhile
+            balance=(
+                ("uniform" if self.balance == "auto" else self.balance)
+                if isinstance(self.balance, str)
+                else tuple(self.balance)
+            ),
             checkpoint=self.checkpoint,
             launcher=launcher,
             devices=resolve_devices(self.devices, n_stages, launcher, self.n_replicas),

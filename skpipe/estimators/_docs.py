@@ -45,8 +45,9 @@ PARAMETERS_DOC = """
         choose the schedule, micro-batch count and chunks from measurements (see :meth:`plan`).
     chunks_per_stage : int or 'auto', default='auto'
         Model chunks per worker for the looped/interleaved schedules (2 for the V schedules).
-    balance : 'uniform', 'parameters', 'time' or list of int, default='uniform'
-        How layers are divided among chunks.
+    balance : 'uniform', 'parameters', 'time', 'auto' or list of int, default='uniform'
+        How layers are divided among chunks; 'auto' lets the planner try the three rules (see
+        ``schedule='auto'``).
     checkpoint : {'never', 'except_last', 'always'}, default='never'
         Activation recomputation per micro-batch, as torchgpipe defines the modes.
     launcher : {'auto', 'spawn', 'local', 'torchrun'}, default='auto'

@@ -3,9 +3,11 @@ micro-batches and chunks a fit uses, chosen by the engine's planner from measure
 
 ``schedule='auto'``: the fastest (schedule, n_microbatches, chunks_per_stage) predicted for the
 given ``n_stages`` whose stages fit ``stage_memory_budget``; an ``n_microbatches`` or
-``chunks_per_stage`` given as a number is kept. ``n_stages='auto'`` (needs
-``stage_memory_budget``): the fewest stages whose plan fits the budget, then the fastest plan for
-that count (with the given schedule, or any with ``schedule='auto'``).
+``chunks_per_stage`` given as a number is kept. ``balance='auto'``: the planner also tries
+'uniform', 'parameters' and 'time' (from its own measurements) for every candidate.
+``n_stages='auto'`` (needs ``stage_memory_budget``): the fewest stages whose plan fits the
+budget, then the fastest plan for that count (with the given schedule, or any with
+``schedule='auto'``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def choose_layout(
     was 'auto'). ``config_for(n_stages, schedule)`` makes a validated configuration."""
     auto_schedule = est.schedule == "auto"
     auto_stages = est.n_stages == "auto"
-    if not (auto_schedule or auto_stages):
+    auto_balance = isinstance(est.balance, str) and est.balance == "auto"
+    if not (auto_schedule or auto_stages or auto_balance):
         return first, None
     budget = None if est.stage_memory_budget is None else float(est.stage_memory_budget)
     if auto_stages and budget is None:
@@ -70,7 +73,7 @@ def choose_layout(
         config = first if n == first.n_stages else config_for(n, first.schedule)
         if n == 1:
             if not auto_stages:
-                return config, None  # one stage: nothing to plan
+                return config, None  # one stage: nothing to split or plan
             if _planner.fits_one_device(module, sample, config, budget, _threads(config)):
                 return config, None
             continue
@@ -87,6 +90,7 @@ def choose_layout(
                 fixed_microbatches=fixed_m,
                 fixed_chunks=fixed_v,
                 schedules=schedules,
+                balances=_planner.BALANCES if auto_balance else None,
             )
         except ValueError as exc:
             last_error = exc

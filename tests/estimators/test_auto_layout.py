@@ -75,3 +75,21 @@ def test_one_stage_is_named_when_faster_and_the_measured_step_is_set_beside(caps
     assert est.plan_.one_stage_step_ms < est.plan_.predicted_step_ms
     assert est.plan_.measured_step_ms > 0 and "measured:" in str(est.plan_)
     skpipe.shutdown_workers()
+
+
+def test_balance_auto_tries_every_rule_and_trains_like_one_device():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8),
+                              torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 3))
+    plain = dict(module=net, lr=0.01, max_epochs=2, batch_size=32, random_state=0)
+    ref = PipeNetClassifier(**plain).fit(X, Y)
+    est = PipeNetClassifier(**plain, n_stages=2, schedule="1f1b", balance="auto", launcher="local")
+    report = est.plan(X, Y)
+    assert {c["balance"] for c in report.candidates} == {"uniform", "parameters", "time"}
+    assert {c["schedule"] for c in report.candidates} == {"1f1b"}  # the schedule given is kept
+    chosen = next(c for c in report.candidates if c["chosen"])
+    assert f"  {chosen['balance']}" in str(report)
+    est.fit(X, Y)
+    assert est.config_.balance == chosen["balance"]
+    for k, v in ref.module_.state_dict().items():
+        torch.testing.assert_close(est.module_.state_dict()[k], v, atol=1e-5, rtol=0, msg=k)
