@@ -28,7 +28,7 @@ kw = dict(module__hidden_layer_sizes=(16, 16, 16), module__activation="tanh", lr
           max_epochs=3, batch_size=13, random_state=0)
 one = PipeNetClassifier(**kw).fit(X, y)
 # with replicas, every schedule (with the micro-batch count it accepts for 7-row shares)
-cases = {"1f1b": 4} if n_replicas == 1 else {
+cases = {"1f1b": 4, "auto": "auto"} if n_replicas == 1 else {
     "gpipe": 4, "1f1b": 2, "interleaved_1f1b": 2, "looped_bfs": 4,
     "interleaved_zero_bubble": 2, "zbv": 2, "dualpipev": 4}
 for schedule, m in cases.items():
@@ -38,7 +38,8 @@ for schedule, m in cases.items():
                                                            one.module_.state_dict().values()))
     loss = abs(piped.history_[-1, "train_loss"] - one.history_[-1, "train_loss"])
     # one write per line: the node's ranks share its log
-    os.write(1, (f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} {schedule} launcher "
+    name = schedule if schedule != "auto" else "auto:" + piped.config_.schedule  # rank 0's choice
+    os.write(1, (f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} {name} launcher "
                  f"{piped.config_.launcher} difference {max(diff, loss):.3g}\\n").encode())
 dist.destroy_process_group()
 """
@@ -77,7 +78,7 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path, n_repl
     logs = [(tmp_path / f"node_{n}.txt").read_text() for n in "ab"]
     assert out.returncode == 0, "\n".join(log[-2000:] for log in logs)
     lines = [line for log in logs for line in log.splitlines() if line.startswith("node ")]
-    n_schedules = 1 if n_replicas == 1 else 7
+    n_schedules = 2 if n_replicas == 1 else 7  # with one replica: 1f1b, and the planner's pick
     ranks = {(line.split()[1], line.split()[3]) for line in lines}
     shown = "\n".join(log[-3000:] for log in logs)
     # two nodes; each holds n_replicas ranks (with replicas: the ranks of one replica)

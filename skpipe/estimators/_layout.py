@@ -17,11 +17,12 @@ from numbers import Integral
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..engine import _planner
 from ..engine._config import PipelineConfig
-from ..engine._groups import broadcast_object
+from ..engine._groups import broadcast_object, job_world
 from ..engine._pool import threads_per_worker
 
 
@@ -79,6 +80,11 @@ def choose_layout(
             continue
         if not isinstance(est.balance, str) and len(est.balance) % n == 0:
             fixed_v = len(est.balance) // n
+        if config.launcher == "torchrun":
+            # rank 0 plans; every rank runs its choice (their measurements would differ)
+            job_world(config.devices[0], config.n_stages, config.n_replicas)
+            if dist.get_rank() != 0:
+                return _received(broadcast_object(None))
         try:
             choice = _planner.choose(
                 module,
@@ -94,13 +100,24 @@ def choose_layout(
             )
         except ValueError as exc:
             last_error = exc
-            if auto_stages:
+            if auto_stages and config.launcher != "torchrun":
                 continue
+            if config.launcher == "torchrun":
+                broadcast_object(str(exc))  # the other ranks raise it too
             raise
-        if config.launcher == "torchrun":  # every rank runs rank 0's choice
-            choice = broadcast_object(choice)  # type: ignore[assignment]
+        if config.launcher == "torchrun":
+            broadcast_object(choice)
         return choice.config, choice
     raise ValueError(
         f"n_stages='auto': no number of stages up to {counts[-1]} fits stage_memory_budget "
         f"({(budget or 0) / 2**20:.1f} MiB per stage). {last_error or ''}"
     )
+
+
+def _received(choice: object) -> tuple[PipelineConfig, _planner.Choice]:
+    """Rank 0's choice, as another rank of a torchrun job receives it (or its error)."""
+    if isinstance(choice, str):
+        raise ValueError(f"rank 0 of the torchrun job could not plan the fit: {choice}")
+    if not isinstance(choice, _planner.Choice):
+        raise RuntimeError(f"rank 0 of the torchrun job sent no plan (got {choice!r})")
+    return choice.config, choice
