@@ -201,6 +201,7 @@ def main() -> None:
     steps = 1 if args.quick else args.steps
     message = PL.message_cost("cpu")
     emit("planner", {
+        "steps": steps,
         "message_cost": {"latency_us": round(message.latency * 1e6, 1),
                          "GB_per_s": round(1e-9 / message.per_byte, 2)
                          if message.per_byte else None,
