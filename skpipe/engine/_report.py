@@ -28,6 +28,13 @@ class PlanReport:
     theoretical idle fraction and ``predicted_step_ms`` the step time it implies from the
     slowest stage's measured time (when measured). ``mesh`` says which rank holds which replica
     and stage, on which device (micro-batch and batch rows are per replica).
+
+    When the planner chose the layout (``schedule='auto'``, ``n_stages='auto'`` or
+    ``balance='auto'``): ``candidates`` lists every plan it simulated, fastest first (the choice
+    has ``chosen=True``), ``predicted_step_ms`` and ``bubble`` are the choice's simulation,
+    ``one_stage_step_ms`` the whole network's predicted step on one device, and ``advice`` says
+    when that is faster and the network fits one device. ``measured_step_ms`` (after a fit with
+    ``timeline_steps``) is the median recorded step, first compute span to last.
     """
 
     schedule: str
