@@ -10,6 +10,7 @@
 3. Cost: planning time (cold, and cached) against an epoch.
 
     python benchmarks/planner.py [--quick]
+    python benchmarks/planner.py --timeline   # the spans behind the real-compute misses
 """
 
 from __future__ import annotations
@@ -193,11 +194,45 @@ def cost(quick: bool) -> dict:
             "cold_share_of_epoch": round(cold / epoch, 3)}
 
 
+def timeline(target_width: int) -> dict:
+    """The recorded spans of a GPipe step of the real-compute MLP (2 spawned CPU workers, m=4),
+    with MSE targets ``target_width`` wide: when each rank started each action (ms from the
+    step's first span). What the misses of the real-compute prediction are read from."""
+    from skpipe.engine._timeline import Timeline
+
+    width, depth, batch = 512, 8, 256
+    layers = [m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())]
+    if target_width != width:
+        layers.append(nn.Linear(width, target_width))
+    net = nn.Sequential(*layers)
+    cfg = config(2, 4, "gpipe", 1, batch)
+    x, y = torch.randn(batch, width), torch.zeros(batch, target_width)
+    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
+                     criterion=nn.MSELoss())
+    with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
+        for _ in range(3):
+            runner.train_step(x, y)
+        runner.record_timeline(1)
+        runner.train_step(x, y)
+        spans = Timeline.of(runner.spans(), cfg).spans
+    shutdown_workers()
+    t0 = min(s.start for s in spans)
+    return {f"rank{s.rank} {s.kind}{s.microbatch}": [round((s.start - t0) * 1e3, 2),
+                                                      round((s.end - t0) * 1e3, 2)]
+            for s in sorted(spans, key=lambda s: s.start)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--timeline", action="store_true",
+                    help="print the spans of the real-compute GPipe step instead")
     args = ap.parse_args()
+    if args.timeline:
+        emit("planner_timeline", {"target_512_wide": timeline(512),
+                                  "target_8_wide": timeline(8)})
+        return
     steps = 1 if args.quick else args.steps
     message = PL.message_cost("cpu")
     emit("planner", {
