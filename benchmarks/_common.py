@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from skpipe.engine._config import PipelineConfig, make_config
+from skpipe.engine._config import PipelineConfig, TrainSpec, make_config
+from skpipe.engine._plan import make_plan
+from skpipe.engine._runners import make_runner
 
 
 def emit(name: str, figures: dict) -> None:
@@ -63,6 +65,25 @@ class SleepLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Sleep.apply(x, self.f, self.b) * self.scale
+
+
+def runner_step_times(
+    net: nn.Module, cfg: PipelineConfig, x: torch.Tensor, y: torch.Tensor, steps: int,
+    warm: int = 1,
+) -> tuple[float, list[dict[str, float]]]:
+    """Median seconds of ``steps`` training steps of ``net`` on ``cfg``'s runner (after
+    ``warm`` warming steps; SGD with lr 0 and MSE, so that every step does the same work), and
+    the ranks' stats."""
+    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
+                     criterion=nn.MSELoss())
+    with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
+        times = []
+        for _ in range(steps + warm):
+            t0 = time.perf_counter()
+            runner.train_step(x, y)
+            times.append(time.perf_counter() - t0)
+        stats = runner.stats()
+    return median(times[warm:]), stats
 
 
 def cpu_config(

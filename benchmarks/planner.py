@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SplitSleepLayer, emit, median  # noqa: E402
+from _common import SplitSleepLayer, emit, median, runner_step_times  # noqa: E402
 
 from skpipe import shutdown_workers  # noqa: E402
 from skpipe.engine import _planner as PL  # noqa: E402
@@ -47,15 +47,7 @@ def config(p: int, m: int, schedule: str, v: int, batch: int) -> object:
 def measured_step(net: nn.Module, cfg: object, steps: int) -> float:
     batch = cfg.batch_size  # type: ignore[attr-defined]
     x, y = torch.randn(batch, 8), torch.zeros(batch, 8)
-    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
-                     criterion=nn.MSELoss())
-    with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
-        times = []
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            runner.train_step(x, y)
-            times.append(time.perf_counter() - t0)
-    return median(times[1:])
+    return runner_step_times(net, cfg, x, y, steps)[0]  # type: ignore[arg-type]
 
 
 def predicted_step(net: nn.Module, cfg: object) -> float:
@@ -105,16 +97,8 @@ def real_compute(quick: bool, steps: int) -> dict:
         profile = PL.measure(net, x, PL.rows_to_measure(batch), "cpu", 1)
         predicted, _, _ = PL.predict(profile, cfg, schedule, m, v, PL.message_cost("cpu"),
                                      local=False)
-        spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
-                         criterion=nn.MSELoss())
         y = torch.zeros(batch, width)
-        with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
-            times = []
-            for _ in range(steps + 2):
-                t0 = time.perf_counter()
-                runner.train_step(x, y)
-                times.append(time.perf_counter() - t0)
-        measured = median(times[2:])
+        measured, _ = runner_step_times(net, cfg, x, y, steps, warm=2)  # type: ignore[arg-type]
         rows[f"{schedule} m={m}"] = {"predicted_ms": round(predicted * 1e3, 2),
                                      "measured_ms": round(measured * 1e3, 2),
                                      "error": round(predicted / measured - 1, 3)}

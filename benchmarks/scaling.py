@@ -30,13 +30,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SleepLayer, emit, median  # noqa: E402
+from _common import SleepLayer, emit, median, runner_step_times  # noqa: E402
 
 from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
-from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
-from skpipe.engine._plan import make_plan  # noqa: E402
+from skpipe.engine._config import make_config  # noqa: E402
 from skpipe.engine._replicas import BUCKET_BYTES  # noqa: E402
-from skpipe.engine._runners import make_runner  # noqa: E402
 
 
 def config(n_stages: int, n_replicas: int, m: int, batch: int, schedule: str = "1f1b") -> object:
@@ -48,20 +46,10 @@ def config(n_stages: int, n_replicas: int, m: int, batch: int, schedule: str = "
     )
 
 
-def step_times(net: nn.Module, cfg: object, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[
-    float, list[dict[str, float]]
-]:
+def step_times(net: nn.Module, cfg: object, x: torch.Tensor, y: torch.Tensor,
+               steps: int) -> tuple[float, list[dict[str, float]]]:
     """Median step time (after a first, warming step) and the ranks' stats."""
-    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
-                     criterion=nn.MSELoss())
-    with make_runner(make_plan(net, cfg, x[:2]), net, spec) as runner:
-        times = []
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            runner.train_step(x, y)
-            times.append(time.perf_counter() - t0)
-        stats = runner.stats()
-    return median(times[1:]), stats
+    return runner_step_times(net, cfg, x, y, steps)  # type: ignore[arg-type]
 
 
 def weak_scaling(f: float, b: float, m: int, steps: int, runs: int) -> dict:

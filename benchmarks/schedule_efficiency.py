@@ -22,12 +22,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SleepLayer, cpu_config, emit, median  # noqa: E402
+from _common import SleepLayer, cpu_config, emit, median, runner_step_times  # noqa: E402
 
 from skpipe.engine import _schedules as S  # noqa: E402
-from skpipe.engine._config import TrainSpec  # noqa: E402
-from skpipe.engine._plan import make_plan  # noqa: E402
-from skpipe.engine._runners import make_runner  # noqa: E402
 
 
 def network(p: int, v: int, f: float, b: float) -> nn.Sequential:
@@ -103,20 +100,12 @@ def skpipe_step_time(schedule, p, m, f, b, steps, batch) -> float:  # noqa: ANN0
     v = S.resolve_chunks(schedule, "auto")
     net = network(p, v, f, b)
     cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=batch)
-    spec = TrainSpec(
-        optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=nn.MSELoss()
-    )
     x, y = torch.randn(batch, 8), torch.zeros(batch, 8)
-    with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
-        times = []
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            runner.train_step(x, y)
-            times.append(time.perf_counter() - t0)
+    step, _ = runner_step_times(net, cfg, x, y, steps)
     from skpipe import shutdown_workers
 
     shutdown_workers()
-    return median(times[1:])
+    return step
 
 
 def main() -> None:

@@ -59,8 +59,7 @@ class MLP(nn.Sequential):
             raise ValueError(
                 f"activation must be one of {sorted(_ACTIVATIONS)}; got {activation!r}."
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
+        _check_dropout("dropout", dropout)
         layers: list[nn.Module] = []
         width = n_features_in
         for h in sizes:

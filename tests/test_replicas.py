@@ -1,12 +1,9 @@
 """Data-parallel replicas of a pipeline, as a user meets them: the mesh in the plan, one timeline
 row per rank, warm workers, searches over n_replicas, checkpoints and a dead replica."""
 
-import os
-import signal
 
 import numpy as np
 import pytest
-from skorch.callbacks import Callback
 from sklearn.model_selection import GridSearchCV
 
 import skpipe
@@ -14,6 +11,7 @@ from skpipe import PipeNetClassifier
 from skpipe.engine._pool import WorkerError
 from skpipe.viz import plot_timeline
 from tests.conftest import wait_no_workers, worker_pids
+from tests.engine.test_faults import KillWorker
 
 pytestmark = pytest.mark.distributed
 
@@ -64,16 +62,6 @@ def test_grid_search_over_replicas_scores_as_one_device(classification_data):
     np.testing.assert_allclose(scores, scores[0], atol=1e-12)  # every layout trains the same
     assert search.best_estimator_.config_.world_size == 1  # the first of equal scores
     skpipe.shutdown_workers()
-
-
-class KillWorker(Callback):
-    def __init__(self, rank, at_batch):
-        self.rank, self.at_batch, self.seen = rank, at_batch, 0
-
-    def on_batch_end(self, net, **kwargs):
-        self.seen += 1
-        if self.seen == self.at_batch:
-            os.kill(net.runner.group.procs[self.rank].pid, signal.SIGKILL)
 
 
 def test_a_dead_replica_stops_the_fit_and_leaves_no_process(classification_data):

@@ -112,10 +112,9 @@ def predict(
     ]
     order = action_order(schedule, config.n_stages, m, v, local=local)
     sim = simulate(order, costs, [] if local else messages)
-    placement = _schedules.SCHEDULES[schedule].placement
     peaks = [0.0] * config.n_stages
     for c, (s, e) in enumerate(bounds):
-        owner = _schedules.chunk_owner(c, config.n_stages, v, placement)
+        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
         peaks[owner] += 4.0 * sum(profile.parameter_bytes[s:e])
     if local:
         activation = sim.peak_activation_bytes[0]
@@ -176,7 +175,7 @@ def candidates(
                     )
     found.sort(key=lambda c: (not c.fits, c.predicted_step_ms))
     if found and found[0].fits:
-        found[0] = Candidate(**{**found[0].to_dict(), "chosen": True})
+        found[0] = dataclasses.replace(found[0], chosen=True)
     return found
 
 

@@ -48,12 +48,17 @@ class SpawnRunner(Runner):
             raise
 
     def _rows_for(
-        self, rank: int, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None
+        self,
+        rank: int,
+        shares: list[slice],
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        w: torch.Tensor | None,
     ) -> tuple[Any, Any, Any, int]:
         """What ``rank`` needs of a batch: its replica's share of the inputs where it holds the
         first chunk, of the targets and weights where it holds the last; and the share's rows."""
         cfg = self.config
-        rows = replica_shares(x.shape[0], cfg.n_replicas)[cfg.replica_of(rank)]
+        rows = shares[cfg.replica_of(rank)]
         stage = cfg.stage_of(rank)
         first, last = stage == self.first, stage == self.last
 
@@ -71,9 +76,10 @@ class SpawnRunner(Runner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         total_weight = None if w is None else float(w.sum())
+        shares = replica_shares(n, self.config.n_replicas)
         messages = []
         for rank in range(self.config.world_size):
-            xs, ys, ws, n_share = self._rows_for(rank, x, y, w)
+            xs, ys, ws, n_share = self._rows_for(rank, shares, x, y, w)
             messages.append(P.Step(xs, ys, n_share, ws, n, total_weight))
         replies = self.group.ask_all(messages)
         parts = [replies[r] for r in self._last_ranks()]
@@ -82,9 +88,10 @@ class SpawnRunner(Runner):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Every replica forwards its share of the rows."""
+        shares = replica_shares(x.shape[0], self.config.n_replicas)
         messages = []
         for rank in range(self.config.world_size):
-            xs, _, _, n_share = self._rows_for(rank, x, None, None)
+            xs, _, _, n_share = self._rows_for(rank, shares, x, None, None)
             messages.append(P.Forward(xs, n_share))
         replies = self.group.ask_all(messages)
         return torch.cat([torch.from_numpy(replies[r]) for r in self._last_ranks()])
