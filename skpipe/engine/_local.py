@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._construct import materialize
 from ._config import TrainSpec
 from ._groups import local_world
 from ._plan import Plan
@@ -20,6 +21,7 @@ class LocalRunner(InProcessState, Runner):
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         super().__init__(plan, module, spec, seed)
         device = self.config.devices[0]
+        materialize(module)  # built on meta (planned for other homes): its values, here
         self.host = StageHost(
             plan.chunks(module),
             self.config,

@@ -9,6 +9,8 @@ from copy import deepcopy
 import torch
 from torch import nn
 
+from ._construct import real_copy
+
 
 def flatten_layers(module: nn.Module, n_chunks: int) -> list[nn.Module]:
     """The layers of an ``nn.Sequential``, nested Sequentials flattened, in order."""
@@ -95,7 +97,7 @@ def time_costs(
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         x = sample.to(dev)
         for layer in layers:
-            copy = deepcopy(layer).to(dev).train()
+            copy = real_copy(layer).to(dev).train()
             inp = x.detach().requires_grad_(x.is_floating_point())
             with torch.no_grad():  # warm-up: first calls pay one-off costs that are not the layer's
                 copy(inp)
@@ -138,7 +140,7 @@ def split_time_costs(
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         x = sample.to(dev)
         for layer in layers:
-            twin = deepcopy(layer).to(dev).train()
+            twin = real_copy(layer).to(dev).train()
             params = [p for p in twin.parameters() if p.requires_grad]
             inp = x.detach().requires_grad_(x.is_floating_point())
             with torch.no_grad():
@@ -234,7 +236,7 @@ def boundary_shapes(
         except Exception:  # noqa: BLE001 - meta unsupported by some layer: measure for real
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 real = torch.zeros((2,) + tuple(x.shape[1:]))
-                out = deepcopy(chunk).eval()(real)
+                out = real_copy(chunk).eval()(real)
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"pipeline chunk {k} (layers {s}..{e - 1}) returns {type(out).__name__}, not a "

@@ -11,7 +11,6 @@ user sees (``plan_``) is ``plan.report()``.
 from __future__ import annotations
 
 import dataclasses
-from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from . import _schedules
 from ._config import PipelineConfig
+from ._construct import real_copy
 from ._memory import ActivationMeter
 from ._partition import balance_sizes, boundary_shapes, chunk_bounds, named_layers
 from ._report import ChunkReport, PlanReport
@@ -149,6 +149,7 @@ class Plan:
             ),
             predicted_step_ms=predicted,
             n_replicas=cfg.n_replicas,
+            stage_MiB=[b / 2**20 for b in self.stage_bytes()],
             mesh=[
                 {
                     "rank": rank,
@@ -222,7 +223,7 @@ def microbatch_of(sample: torch.Tensor, rows: int) -> torch.Tensor:
 def activation_bytes(chunk: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Bytes a chunk holds for backward on micro-batch ``x``, and its output; measured on a CPU
     copy in train mode under a forked random generator (the chunk itself is untouched)."""
-    copy = deepcopy(chunk).cpu().train()
+    copy = real_copy(chunk).cpu().train()
     meter = ActivationMeter(copy.parameters())
     inp = x.detach().requires_grad_(x.is_floating_point())
     with torch.random.fork_rng(devices=[]), meter.track():

@@ -35,6 +35,7 @@ class Setup(Message):
     shapes: list[tuple[int, ...]]
     device: str
     seed: int
+    program: Any = None  # _construct.Program giving meta chunks their values, or None
 
 
 @dataclass(frozen=True)

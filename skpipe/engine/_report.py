@@ -35,6 +35,11 @@ class PlanReport:
     ``one_stage_step_ms`` the whole network's predicted step on one device, and ``advice`` says
     when that is faster and the network fits one device. ``measured_step_ms`` (after a fit with
     ``timeline_steps``) is the median recorded step, first compute span to last.
+
+    ``stage_MiB`` estimates each stage process's peak training memory (4 x its parameter bytes
+    — weights, gradients, two Adam moments — plus the activations its schedule holds at once);
+    ``construction`` says where the layers' values were made (each stage's own process, or this
+    one and sent, and why).
     """
 
     schedule: str
@@ -57,6 +62,9 @@ class PlanReport:
     advice: str | None = None  # said when one stage is predicted faster and fits
     planning_seconds: float | None = None
     measured_step_ms: float | None = None  # after a fit with timeline_steps
+    # per stage: weights, gradients, two Adam moments and the activations held at its peak
+    stage_MiB: list[float] = field(default_factory=list)
+    construction: str | None = None  # where the layers' values were made
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +121,14 @@ class PlanReport:
         if self.measured_step_ms is not None:
             tail += f"; measured: {self.measured_step_ms:.2f} ms"
         lines = [head, *mesh, line(cols), *[line(r) for r in rows], tail]
+        if len(self.stage_MiB) > 1:
+            lines.append(
+                "peak memory per stage (estimated): "
+                + ", ".join(f"{mib:,.1f}" if mib >= 10 else f"{mib:.3f}" for mib in self.stage_MiB)
+                + " MiB"
+            )
+        if self.construction:
+            lines.append(f"network: {self.construction}")
         if self.candidates:
             lines += ["", *self._candidate_lines()]
         if self.advice:

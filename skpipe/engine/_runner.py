@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._config import TrainSpec
+from ._construct import is_deferred, materialize
 from ._plan import Plan
 from ._state import cpu_copy, merge_by_name, state_by_name, state_for
 from ._timeline import Span
@@ -108,7 +109,9 @@ class Runner(ABC):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Put a ``get_state`` result back, whatever split it was taken from."""
-        self.module.load_state_dict(state["module"])
+        # a network whose layers live elsewhere may still be on meta here: take the tensors
+        # as they are; one trained in this process keeps its parameters (its optimizer's)
+        self.module.load_state_dict(state["module"], assign=is_deferred(self.module))
         self._send_states(state["optimizer"], with_chunks=True)
 
     def load_optimizer_state(self, named: dict[str, Any]) -> None:
@@ -121,7 +124,9 @@ class Runner(ABC):
         chunks = self.plan.chunks(self.module)
         for states, _ in ranks:
             for c, state in states.items():
-                chunks[c].load_state_dict(state)
+                # the received tensors become the layers' own: no second copy in this process
+                chunks[c].load_state_dict(state, assign=True)
+        materialize(self.module)  # what state dicts leave out (non-persistent buffers)
 
     def _named(self, ranks: Sequence[tuple[Any, dict[str, Any] | None]]) -> dict[str, Any]:
         """The ranks' optimizer states merged into one, keyed by parameter name."""

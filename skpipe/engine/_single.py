@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._config import TrainSpec
+from ._construct import materialize
 from ._memory import ActivationMeter
 from ._microbatch import WeightedLoss
 from ._plan import Plan
@@ -19,7 +20,7 @@ class SingleRunner(InProcessState, Runner):
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         super().__init__(plan, module, spec, seed)
         self.device = torch.device(self.config.devices[0])
-        self.module = module.to(self.device)
+        self.module = materialize(module).to(self.device)
         self.loss = WeightedLoss(spec.criterion.to(self.device))
         self._optimizer = spec.optimizer(self.module.parameters(), **spec.optimizer_kwargs)
         self._bf16 = self.config.precision == "bf16"

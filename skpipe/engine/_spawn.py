@@ -11,6 +11,7 @@ from torch import nn
 
 from . import _protocol as P
 from ._config import TrainSpec
+from ._construct import program_for
 from ._microbatch import replica_shares
 from ._plan import Plan
 from ._pool import STARTUP_TIMEOUT, acquire_group, release_group
@@ -31,14 +32,19 @@ class SpawnRunner(Runner):
         self.last = cfg.owner(cfg.n_chunks - 1)
         self.group = acquire_group(cfg.world_size, cfg.devices, cfg.timeout)
         try:
+            # a network built on meta travels as its layers' shapes and the recipe of their
+            # values (each worker makes its own); a built one travels with its weights
+            stages = [plan.chunks(module, s) for s in range(cfg.n_stages)]
+            programs = [program_for(chunks) for chunks in stages]
             setups = [
                 P.Setup(
-                    chunks=plan.chunks(module, cfg.stage_of(rank)),
+                    chunks=stages[cfg.stage_of(rank)],
                     config=cfg,
                     spec=spec,
                     shapes=list(plan.shapes),
                     device=cfg.devices[rank],
                     seed=seed,
+                    program=programs[cfg.stage_of(rank)],
                 )
                 for rank in range(cfg.world_size)
             ]

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._construct import materialize_all
 from ._config import TrainSpec
 from ._groups import broadcast_object, job_world, mesh_groups
 from ._microbatch import replica_shares
@@ -45,8 +46,10 @@ class TorchrunRunner(Runner):
 
         cfg = self.config
         pipeline, replicas = mesh_groups(cfg.n_replicas, cfg.n_stages, self.device)
+        chunks = plan.chunks(module, self.stage)
+        materialize_all(chunks)  # this rank's layers only, where the network was built on meta
         return StageHost(
-            plan.chunks(module, self.stage),
+            chunks,
             cfg,
             spec,
             plan.shapes,

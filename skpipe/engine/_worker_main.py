@@ -70,6 +70,8 @@ class Worker:
         if self.host is not None:
             self.host.close()
             self.host = None
+        if m.program is not None:  # this stage's layers, built here (see _construct)
+            m.program.apply(m.chunks)
         self.device = m.device
         # same seed warm or cold, so that a fit does not depend on what ran before
         torch.manual_seed(m.seed + self.rank)

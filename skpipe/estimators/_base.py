@@ -26,6 +26,7 @@ from torch import nn
 from ..callbacks import Checkpoint, CheckpointKey, LoadInitState, params_hash
 from ..engine import _schedules
 from ..engine._budget import fit_budget
+from ..engine._construct import DeferralError, build_deferred
 from ..engine._config import (
     CHECKPOINTS,
     LAUNCHERS,
@@ -63,6 +64,10 @@ class FitInputs:
     sample: torch.Tensor  # the first rows of X, to measure the chunks on
     checkpoint_digest: str | None  # the parameters' hash, when the fit uses checkpoints
     sample_weight: np.ndarray | None  # per row of X, mean 1; None when every row weighs the same
+
+
+# the start of the construction note when the network could not be built where it runs
+_NOT_DEFERRED = "Note:"
 
 
 class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
@@ -226,7 +231,12 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         progress.call_on_fit_task_begin(estimator=self, X=inputs.X, y=y)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(inputs.seed)
-            module = copy.deepcopy(self.module_) if warm else self._build_module(inputs)
+            if warm:
+                module, built = copy.deepcopy(self.module_), "the fitted network, continued"
+            else:
+                module, built = self._build_module(inputs)
+                if self.verbose and built.startswith(_NOT_DEFERRED):
+                    print(f"[skpipe] {built}", flush=True)
             inputs, choice = self._choose_layout(module, inputs)
             if choice is not None and choice.advice and self.verbose:
                 print(f"[skpipe] {choice.advice}", flush=True)
@@ -237,7 +247,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                     resumed = getattr(self, "optimizer_state_", None) if partial and warm else None
                     if resumed is not None:  # the weights came with the stages; only this moves
                         runner.load_optimizer_state(resumed)
-                    report = annotated(plan.report(), choice)
+                    report = dataclasses.replace(
+                        annotated(plan.report(), choice), construction=built
+                    )
                     history = self._train(runner, inputs, plan, report, warm, progress, epochs)
                     spans = runner.spans() if self.timeline_steps else None
                     optimizer_state = None
@@ -371,14 +383,42 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             return None
         return weights / weights.mean()
 
-    def _build_module(self, inputs: FitInputs) -> nn.Module:
-        return build_module(
-            type(self).__name__,
-            self.module,
-            self._params_for("module"),
-            inputs.X.shape[1],
-            inputs.n_outputs,
-        )
+    def _build_module(self, inputs: FitInputs) -> tuple[nn.Module, str]:
+        """The network, under the fit's seed, and where its values are made (for the report).
+
+        Where its layers will live in other processes (spawned workers, torchrun ranks), or
+        where the planner chooses, it is built on the meta device with its construction
+        recorded, and each process makes only its own layers' values — the values eager
+        construction gives (``engine/_construct.py``). A constructor that cannot run that way
+        is built here, and the text says why."""
+
+        def build() -> nn.Module:
+            return build_module(
+                type(self).__name__,
+                self.module,
+                self._params_for("module"),
+                inputs.X.shape[1],
+                inputs.n_outputs,
+            )
+
+        if isinstance(self.module, nn.Module):
+            return build(), "the module instance given, copied to where its layers run"
+        elsewhere = inputs.config.launcher in ("spawn", "torchrun") or self.n_stages == "auto"
+        if not elsewhere:
+            return build(), "built in this process"
+        state = torch.get_rng_state()
+        try:
+            return build_deferred(build), (
+                "built on the meta device; each process made its own layers' values"
+            )
+        except DeferralError as exc:
+            torch.set_rng_state(state)  # the eager build starts where the recording started
+            name = getattr(self.module, "__name__", repr(self.module))
+            return build(), (
+                f"{_NOT_DEFERRED} {name} is built whole in this process and its layers are "
+                f"sent to the stages: it cannot be built on the meta device ({exc}). See "
+                "'Training a network larger than one device' in the docs."
+            )
 
     def _make_plan(
         self, module: nn.Module, config: PipelineConfig, inputs: FitInputs, planned: bool = False
@@ -500,10 +540,10 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         inputs = est._prepare(X, y, warm=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(inputs.seed)
-            module = est._build_module(inputs)
+            module, built = est._build_module(inputs)
         inputs, choice = est._choose_layout(module, inputs)
         plan = est._make_plan(module, inputs.config, inputs, planned=choice is not None)
-        return annotated(plan.report(), choice)
+        return dataclasses.replace(annotated(plan.report(), choice), construction=built)
 
     def __sklearn_tags__(self):  # noqa: ANN204 - sklearn's Tags type is private
         tags = super().__sklearn_tags__()
