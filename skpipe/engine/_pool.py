@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from typing import Any
 
-from ._protocol import Close, Failed, Message, Reset, decode, encode
+from ._protocol import Close, Failed, Message, Ok, Reset, Streamed, decode, encode
+from ._state import join_tensors, read_tensors, slots
 
 # Starting a worker (importing torch, joining the group) is not bounded by the step timeout.
 STARTUP_TIMEOUT = 120.0
@@ -235,6 +236,8 @@ class WorkerGroup:
                 rank = pending.pop(conn)
                 try:
                     reply = decode(conn.recv_bytes())  # type: ignore[union-attr]
+                    if isinstance(reply, Ok) and isinstance(reply.payload, Streamed):
+                        reply = Ok(self._streamed(rank, reply.payload, deadline, timeout))
                 except (EOFError, ConnectionError, OSError):
                     raise self._dead(rank) from None
                 if isinstance(reply, Failed):
@@ -245,6 +248,24 @@ class WorkerGroup:
                 if self.procs[rank].poll() is not None and not conn.poll():
                     raise self._dead(rank)
         return replies
+
+    def _streamed(self, rank: int, reply: Streamed, deadline: float, timeout: float) -> Any:
+        """The payload of a streamed reply: its tensors read from the channel into their own
+        memory, one at a time (``_state.read_tensors``)."""
+        conn = self.conns[rank]
+
+        def ready() -> None:
+            while not wait([conn], timeout=0.5):
+                if self.procs[rank].poll() is not None:
+                    raise EOFError("the worker died while sending its state")
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"stage worker {rank} did not finish sending its state within "
+                        f"timeout={timeout:g} s."
+                    )
+
+        tensors = read_tensors(conn.fileno(), slots(reply.skeleton), ready)
+        return join_tensors(reply.skeleton, tensors)
 
     def close(self) -> None:
         """Ask workers to exit, then terminate and kill what is left. Idempotent."""

@@ -113,6 +113,16 @@ class Ok:
 
 
 @dataclass(frozen=True)
+class Streamed:
+    """The payload of a reply whose tensors follow it on the channel as raw bytes, one tensor
+    after another (``_state.write_tensors``): ``skeleton`` is the payload with a
+    ``_state.TensorSlot`` in each tensor's place. Big states (the trained weights, optimizer
+    moments) travel this way: no pickled copy on either side."""
+
+    skeleton: Any
+
+
+@dataclass(frozen=True)
 class Failed:
     traceback: str
 

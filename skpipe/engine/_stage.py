@@ -330,9 +330,11 @@ class StageHost:
             for c in self.chunk_ids
         }
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """This host's optimizer state dict, on the CPU."""
-        return cpu_copy(self.optimizer.state_dict())
+    def optimizer_state(self, copy: bool = True) -> dict[str, Any]:
+        """This host's optimizer state dict: a copy on the CPU, or (``copy=False``, for
+        streaming it away tensor by tensor) the live tensors themselves."""
+        state = self.optimizer.state_dict()
+        return cpu_copy(state) if copy else state
 
     def load_state(
         self, chunk_states: dict[int, dict[str, torch.Tensor]], optimizer_state: dict[str, Any]

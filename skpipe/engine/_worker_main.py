@@ -41,6 +41,24 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="skpipe-parent-watch").start()
 
 
+class _Stream:
+    """A handler's reply whose tensors go as raw bytes after the message (``P.Streamed``)."""
+
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+
+def _reply(conn: Any, result: Any) -> None:
+    if not isinstance(result, _Stream):
+        conn.send_bytes(P.encode(P.Ok(result)))
+        return
+    from ._state import split_tensors, write_tensors
+
+    skeleton, tensors = split_tensors(result.payload)
+    conn.send_bytes(P.encode(P.Ok(P.Streamed(skeleton))))
+    write_tensors(conn.fileno(), tensors)
+
+
 def _tensor(a: Any) -> Any:
     import torch
 
@@ -122,13 +140,13 @@ class Worker:
 
     def get_state(self, m: P.GetState) -> Any:
         host = self.stages()
-        return host.state_dicts(), host.optimizer_state()
+        return _Stream((host.state_dicts(), host.optimizer_state(copy=False)))
 
     def set_state(self, m: P.SetState) -> None:
         self.stages().load_state(m.chunks, m.optimizer)
 
     def collect(self, m: P.Collect) -> Any:
-        return self.stages().state_dicts()
+        return _Stream(self.stages().state_dicts())
 
     def record_timeline(self, m: P.RecordTimeline) -> None:
         self.stages().record_timeline(m.steps)
@@ -188,7 +206,7 @@ def main() -> None:
             handler = HANDLERS.get(type(message))
             if handler is None:
                 raise ValueError(f"unknown message {type(message).__name__}")
-            conn.send_bytes(P.encode(P.Ok(handler(worker, message))))
+            _reply(conn, handler(worker, message))
         except BaseException:  # noqa: BLE001 - everything goes back to the driver
             text = traceback.format_exc()
             try:
