@@ -1,7 +1,9 @@
 """Checkpoints that work with any number of stages, and resume a fit exactly.
 
-``Checkpoint`` saves, every ``every`` epochs, the whole network (gathered from the stages),
-every stage's optimizer state, the history and the position of the shuffling generator.
+``Checkpoint`` saves, every ``every`` epochs, the network and every stage's optimizer state —
+each stage writes its own part where it lives (a spawned worker, a torchrun rank), nothing is
+gathered to save — and the history and the position of the shuffling generator.
+``read_checkpoint`` turns the parts into one state dict.
 ``LoadInitState`` resumes from it: the fit continues at the next epoch and ends with the
 parameters an uninterrupted fit with the same seed would have.
 
@@ -32,7 +34,10 @@ import torch
 from skorch.callbacks import Callback
 from skorch.history import History
 
+from .engine._state import read_state_files
+
 _FILE = "checkpoint.pt"
+_FORMAT = 3  # 2: one file holding everything; 3: this file names the stages' parts
 
 
 def params_hash(params: dict[str, Any]) -> str:
@@ -107,18 +112,19 @@ class Checkpoint(Callback):
         key = net.checkpoint_key
         if key is None:  # pragma: no cover - the estimator always gives one
             return
-        state = net.runner.get_state()
+        path = self.path_for(key.fingerprint)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        # each stage writes its own part where it lives; this file, written last, names them
+        parts = net.runner.save_state_files(folder, f"epoch{epoch}")
         payload = {
-            "format": 2,
+            "format": _FORMAT,
             "epoch": epoch,
             "layout": key.layout,
-            "module": state["module"],
-            "optimizer": state["optimizer"],
+            "parts": parts,
             "history": _plain(net.history.to_list()),
         }
-        path = self.path_for(key.fingerprint)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         os.close(fd)
         try:
             torch.save(payload, tmp)
@@ -128,6 +134,12 @@ class Checkpoint(Callback):
                 os.remove(tmp)
             raise
         self.path_ = path
+        for name in os.listdir(folder):  # the parts of earlier epochs
+            if name.endswith(".pt") and name != _FILE and name not in parts:
+                try:
+                    os.remove(os.path.join(folder, name))
+                except FileNotFoundError:  # another rank of a torchrun job removed it first
+                    pass
 
 
 class LoadInitState(Callback):
@@ -148,7 +160,8 @@ class LoadInitState(Callback):
         payload = self.load(key.fingerprint, key.layout)
         if payload is None:
             return
-        net.runner.set_state({"module": payload["module"], "optimizer": payload["optimizer"]})
+        folder = os.path.dirname(self.checkpoint.path_for(key.fingerprint))
+        net.runner.load_state_files(folder, payload["parts"])
         net.history_ = History(payload["history"])
         net.skip_epochs = payload["epoch"]
 
@@ -157,7 +170,7 @@ class LoadInitState(Callback):
         if not os.path.exists(path):
             return None
         payload = torch.load(path, weights_only=True)
-        if payload.get("format") != 2:
+        if payload.get("format") != _FORMAT:
             raise ValueError(
                 f"checkpoint {path} was written by an older skpipe (format "
                 f"{payload.get('format')}); delete it to start the fit afresh."
@@ -169,6 +182,28 @@ class LoadInitState(Callback):
                 f"fit uses {layout}; resume with the same n_stages and schedule."
             )
         return payload
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint as one network: ``{'module': the whole network's state dict, 'optimizer':
+    the optimizer state keyed by parameter name, 'epoch': ..., 'history': ...}``.
+
+    ``path`` is a checkpoint's ``checkpoint.pt`` (``Checkpoint.path_``) or its folder. The
+    stages' parts are merged by parameter name (memory-mapped: a tensor is read when used), so
+    ``module.load_state_dict(read_checkpoint(path)['module'])`` gives a network of the same
+    architecture the checkpointed weights, on any machine, whatever split wrote them.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, _FILE)
+    payload = torch.load(path, weights_only=True)
+    if payload.get("format") != _FORMAT:
+        raise ValueError(
+            f"checkpoint {path} has format {payload.get('format')}; this skpipe reads format "
+            f"{_FORMAT}."
+        )
+    folder = os.path.dirname(path)
+    state = read_state_files([os.path.join(folder, n) for n in payload["parts"]])
+    return {**state, "epoch": payload["epoch"], "history": payload["history"]}
 
 
 def _plain(obj: Any) -> Any:

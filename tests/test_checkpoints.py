@@ -64,10 +64,47 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, classification_data, 
 
 def test_checkpoint_files_load_with_weights_only(tmp_path, classification_data):
     est = make(tmp_path, max_epochs=2).fit(*classification_data)
-    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
-    assert len(files) == 1 and files[0].endswith("checkpoint.pt")
-    payload = torch.load(files[0], weights_only=True)
-    assert payload["epoch"] == 2 and set(payload["module"]) == set(est.module_.state_dict())
+    files = sorted(os.path.basename(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path)
+                   for f in fs)
+    assert files == ["checkpoint.pt", "state-epoch2.pt"]  # the last epoch's part only
+    folder = os.path.dirname(est.callbacks[0].path_)
+    payload = torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
+    assert payload["epoch"] == 2 and payload["parts"] == ["state-epoch2.pt"]
+    part = torch.load(os.path.join(folder, "state-epoch2.pt"), weights_only=True)
+    assert set(part["module"]) == set(est.module_.state_dict())
+
+
+@pytest.mark.distributed
+def test_each_stage_writes_its_own_part_and_they_make_one_network(tmp_path, classification_data):
+    X, y = classification_data
+    est = make(tmp_path, max_epochs=3, n_stages=2, n_microbatches=2, launcher="spawn")
+    est.fit(X, y)
+    folder = os.path.dirname(est.callbacks[0].path_)
+    assert sorted(os.listdir(folder)) == ["checkpoint.pt", "stage0-epoch3.pt", "stage1-epoch3.pt"]
+    whole = est.module_.state_dict()
+    seen = set()
+    for stage in (0, 1):
+        part = torch.load(os.path.join(folder, f"stage{stage}-epoch3.pt"), weights_only=True)
+        # a part holds its stage's tensors only, with the trained values
+        assert part["module"] and not set(part["module"]) & seen
+        seen |= set(part["module"])
+        for name, value in part["module"].items():
+            torch.testing.assert_close(value, whole[name], rtol=0, atol=0)
+        assert set(part["optimizer"]["state"]) == {
+            n for n in part["module"] if n in dict(est.module_.named_parameters())
+        }
+    assert seen == set(whole)
+    # turned into one network, anywhere
+    saved = skpipe.callbacks.read_checkpoint(folder)
+    assert saved["epoch"] == 3 and len(saved["history"]) == 3
+    fresh = type(est.module_)(n_features_in=X.shape[1], n_outputs=len(est.classes_),
+                              hidden_layer_sizes=(12, 12),
+                              activation="tanh")
+    fresh.load_state_dict(saved["module"])
+    with torch.no_grad():
+        np.testing.assert_allclose(fresh.eval()(torch.from_numpy(X.astype(np.float32))).numpy(),
+                                   est.forward_pipelined(X), atol=1e-5)
+    skpipe.shutdown_workers()
 
 
 def test_layout_mismatch_is_refused(tmp_path, classification_data):

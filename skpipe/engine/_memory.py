@@ -1,6 +1,7 @@
 """Measure the activation memory autograd holds for backward (saved tensors), per process.
 
-Parameters are excluded (they are held anyway); tensors sharing storage count once.
+Parameters are excluded (they are held anyway); tensors sharing storage count once. Works on
+the meta device too (sizes without memory): a network built on meta is measured without values.
 """
 
 from __future__ import annotations
@@ -19,11 +20,18 @@ class _Box:
         self.tensor = tensor
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """What tells storages apart: the address of their memory, or on the meta device (no
+    memory) the storage object itself (torch keeps one per storage)."""
+    storage = t.untyped_storage()
+    return id(storage) if t.is_meta else storage.data_ptr()
+
+
 class ActivationMeter:
     """Live and peak bytes of the tensors saved for backward while ``track()`` is active."""
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        self._params = {p.untyped_storage().data_ptr() for p in params}
+        self._params = {_storage_key(p) for p in params}
         self._refs: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self.live = 0
@@ -31,7 +39,7 @@ class ActivationMeter:
 
     def _pack(self, t: torch.Tensor) -> object:
         storage = t.untyped_storage()
-        key = storage.data_ptr()
+        key = _storage_key(t)
         if key in self._params or key == 0:
             return t
         if key not in self._refs:

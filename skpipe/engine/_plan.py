@@ -11,6 +11,7 @@ user sees (``plan_``) is ``plan.report()``.
 from __future__ import annotations
 
 import dataclasses
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import _schedules
 from ._config import PipelineConfig
-from ._construct import real_copy
+from ._construct import is_deferred, real_copy
 from ._memory import ActivationMeter
 from ._partition import balance_sizes, boundary_shapes, chunk_bounds, named_layers
 from ._report import ChunkReport, PlanReport
@@ -69,6 +70,18 @@ class Plan:
         """Parameter names in the order the optimizer of ``rank`` (or of every chunk) holds them."""
         ids = range(self.n_chunks) if rank is None else self.config.chunks_of(rank)
         return [name for c in sorted(ids) for name in self.parameter_names[c]]
+
+    def state_names(self, module: nn.Module, rank: int) -> dict[int, dict[str, str]]:
+        """Per chunk of ``rank``: each key of the chunk's state dict -> its name in the whole
+        network's state dict (parameters and persistent buffers)."""
+        named = named_layers(module, self.n_chunks)
+        return {
+            c: {
+                key: _qualified(named, self.bounds[c][0], key)
+                for key in chunk.state_dict(keep_vars=True)
+            }
+            for c, chunk in self.chunks(module, rank).items()
+        }
 
     def with_microbatches(self, n_microbatches: int) -> Plan:
         """The same split, stepping with another micro-batch count."""
@@ -222,8 +235,20 @@ def microbatch_of(sample: torch.Tensor, rows: int) -> torch.Tensor:
 
 def activation_bytes(chunk: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Bytes a chunk holds for backward on micro-batch ``x``, and its output; measured on a CPU
-    copy in train mode under a forked random generator (the chunk itself is untouched)."""
-    copy = real_copy(chunk).cpu().train()
+    copy in train mode under a forked random generator (the chunk itself is untouched). A
+    chunk still on the meta device is measured there (sizes only: nothing is allocated), and
+    gives a meta output; where meta cannot run it, on a real copy."""
+    if is_deferred(chunk):
+        try:
+            return _measure_held(deepcopy(chunk).train(), x.to("meta"))
+        except (NotImplementedError, RuntimeError):
+            pass  # a layer meta cannot run: measured for real below
+    if x.is_meta:  # the chunk before was measured on meta: sizes are all there is
+        x = torch.zeros(x.shape, dtype=x.dtype)
+    return _measure_held(real_copy(chunk).cpu().train(), x)
+
+
+def _measure_held(copy: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     meter = ActivationMeter(copy.parameters())
     inp = x.detach().requires_grad_(x.is_floating_point())
     with torch.random.fork_rng(devices=[]), meter.track():

@@ -78,6 +78,32 @@ class SetState(Message):
 
 
 @dataclass(frozen=True)
+class SaveStage(Message):
+    """Write this rank's checkpoint part to ``path``: its tensors under their names in the
+    whole network (``names``: per chunk, state-dict key -> name) and its optimizer's state
+    keyed by ``parameter_names``."""
+
+    path: str
+    names: dict[int, dict[str, str]]
+    parameter_names: list[str]
+
+
+@dataclass(frozen=True)
+class LoadStage(Message):
+    """Take this rank's tensors and optimizer state from the checkpoint parts ``paths``."""
+
+    paths: list[str]
+    names: dict[int, dict[str, str]]
+    parameter_names: list[str]
+
+
+@dataclass(frozen=True)
+class DropTrainingState(Message):
+    """Free the gradients and the optimizer's state: the fit is over, only weights will be
+    asked for."""
+
+
+@dataclass(frozen=True)
 class Collect(Message):
     """Reply: this rank's chunk state dicts (the trained weights), on the CPU."""
 

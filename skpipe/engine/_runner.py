@@ -7,6 +7,7 @@ block normally keeps spawned workers warm for the next fit, leaving it by an exc
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -17,7 +18,14 @@ from torch import nn
 from ._config import TrainSpec
 from ._construct import is_deferred, materialize
 from ._plan import Plan
-from ._state import cpu_copy, merge_by_name, state_by_name, state_for
+from ._state import (
+    cpu_copy,
+    merge_by_name,
+    read_state_files,
+    state_by_name,
+    state_for,
+    write_state_file,
+)
 from ._timeline import Span
 
 
@@ -79,8 +87,11 @@ class Runner(ABC):
         """Per rank: ``{'peak_activation_bytes': ...}`` (after ``track_memory``)."""
 
     @abstractmethod
-    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
-        """Per rank: (its chunks' state dicts, its optimizer's state dict or None), on the CPU."""
+    def _rank_states(
+        self, optimizers: bool, last: bool = False
+    ) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        """Per rank: (its chunks' state dicts, its optimizer's state dict or None), on the CPU
+        (``last``: see ``collect``)."""
 
     @abstractmethod
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
@@ -90,9 +101,12 @@ class Runner(ABC):
         """Release workers and devices; ``keep_warm`` lets healthy workers wait for the next fit."""
 
     # -- derived from the above ------------------------------------------------------------
-    def collect(self) -> nn.Module:
-        """The whole trained network, on the CPU (the same object that was handed in)."""
-        self._load_chunks(self._rank_states(optimizers=False))
+    def collect(self, last: bool = False) -> nn.Module:
+        """The whole trained network, on the CPU (the same object that was handed in).
+        ``last``: the runner will not train again, so stages may drop their gradients and
+        optimizer state before sending their weights (the fit's peak memory is then training's,
+        not training's plus the gathered copy)."""
+        self._load_chunks(self._rank_states(optimizers=False, last=last))
         return self.module.to("cpu")
 
     def collect_with_optimizer(self) -> tuple[nn.Module, dict[str, Any]]:
@@ -113,6 +127,19 @@ class Runner(ABC):
         # as they are; one trained in this process keeps its parameters (its optimizer's)
         self.module.load_state_dict(state["module"], assign=is_deferred(self.module))
         self._send_states(state["optimizer"], with_chunks=True)
+
+    def save_state_files(self, folder: str, tag: str) -> list[str]:
+        """Write the network and optimizer state under ``folder`` as checkpoint parts (see
+        ``_state.write_state_file``); their file names. Here: one part, from this process;
+        runners whose stages live elsewhere write one part per stage, where it lives."""
+        name = f"state-{tag}.pt"
+        state = self.get_state()
+        write_state_file(os.path.join(folder, name), state["module"], state["optimizer"])
+        return [name]
+
+    def load_state_files(self, folder: str, names: Sequence[str]) -> None:
+        """Put the checkpoint parts ``names`` back, whatever split wrote them."""
+        self.set_state(read_state_files([os.path.join(folder, n) for n in names]))
 
     def load_optimizer_state(self, named: dict[str, Any]) -> None:
         """Give every rank its share of an optimizer state keyed by parameter name (the weights
@@ -169,7 +196,9 @@ class InProcessState:
     def _ranks_parameter_names(self) -> list[list[str]]:
         return [self.plan.rank_parameter_names()]
 
-    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+    def _rank_states(
+        self, optimizers: bool, last: bool = False
+    ) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         return [({}, cpu_copy(self.optimizer.state_dict()) if optimizers else None)]
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:

@@ -7,6 +7,7 @@ chunks in a spawned worker, or one rank's chunks under ``torchrun``.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -124,7 +125,10 @@ class StageHost:
         self.holds_last = (config.n_chunks - 1) in self.chunks
         self.loss = WeightedLoss(spec.criterion.to(self.device))
         params = [p for c in self.chunk_ids for p in self.chunks[c].parameters()]
-        self.optimizer = spec.optimizer(params, **spec.optimizer_kwargs)
+        # a stage of parameter-free layers (an activation alone) has nothing to step
+        self.optimizer = (
+            spec.optimizer(params, **spec.optimizer_kwargs) if params else _NoParameters()
+        )
         self._schedule = self._build_schedule()
         self.meter: ActivationMeter | None = None
         # timeline rows are ranks of the whole (replica x stage) mesh
@@ -344,12 +348,42 @@ class StageHost:
             self.chunks[c].layers.load_state_dict(state)
         self.optimizer.load_state_dict(optimizer_state)
 
+    def drop_training_state(self) -> None:
+        """Free gradients, optimizer state and gradient buckets (the host trains no more)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        if self.replica_grads is not None:
+            self.replica_grads.close()
+            self.replica_grads = None
+
     def close(self) -> None:
         if self.replica_grads is not None:
             self.replica_grads.close()
         self._schedule = None
         self.chunks.clear()
         self.optimizer = None  # type: ignore[assignment]
+
+
+class _NoParameters(torch.optim.Optimizer):
+    """The optimizer of a stage without parameters: nothing to step, an empty state (torch's
+    optimizers refuse an empty parameter list)."""
+
+    def __init__(self) -> None:  # noqa: D107 - torch's __init__ refuses no parameters
+        self.state = defaultdict(dict)
+        self.param_groups: list[dict[str, Any]] = []
+        self.defaults: dict[str, Any] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self, closure: Any = None) -> Any:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": {}, "param_groups": [{"params": []}]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def _given(value: torch.Tensor | None, what: str) -> torch.Tensor:

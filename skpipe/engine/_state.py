@@ -117,7 +117,7 @@ def slots(obj: Any) -> list[TensorSlot]:
 
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def write_tensors(fd: int, tensors: Iterable[torch.Tensor]) -> None:
@@ -149,3 +149,40 @@ def read_tensors(
                 view = view[n:]
         out.append(t)
     return out
+
+
+# -- checkpoints written where the state lives -----------------------------------------------------
+def write_state_file(path: str, module: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+    """A checkpoint part, written atomically: tensors by their names in the whole network, and
+    the optimizer's state keyed by parameter name (``state_by_name``)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save({"module": module, "optimizer": optimizer}, tmp)
+        os.replace(tmp, path)  # a reader sees the old file or the new one, whole
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_state_files(paths: Sequence[str]) -> dict[str, Any]:
+    """The parts of a checkpoint merged: ``{'module': state dict of the whole network,
+    'optimizer': state keyed by parameter name}``. Tensors are memory-mapped from the files
+    (read when used)."""
+    parts = [torch.load(p, mmap=True, weights_only=True) for p in paths]
+    module: dict[str, torch.Tensor] = {}
+    for part in parts:
+        module.update(part["module"])
+    return {"module": module, "optimizer": merge_by_name(part["optimizer"] for part in parts)}
+
+
+def stage_state(
+    saved: dict[str, Any], names: dict[int, dict[str, str]], parameter_names: Sequence[str]
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
+    """One stage's chunk state dicts and optimizer state dict, taken by name from a merged
+    checkpoint (``names``: per chunk, each state-dict key -> its name in the whole network)."""
+    missing = [q for m in names.values() for q in m.values() if q not in saved["module"]]
+    if missing:
+        raise ValueError(f"the checkpoint has no tensors for {missing[:5]}")
+    chunks = {c: {k: saved["module"][q] for k, q in m.items()} for c, m in names.items()}
+    return chunks, state_for(saved["optimizer"], parameter_names)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._construct import materialize_all
+from ._state import read_state_files, stage_state, state_by_name, write_state_file
 from ._config import TrainSpec
 from ._groups import broadcast_object, job_world, mesh_groups
 from ._microbatch import replica_shares
@@ -133,12 +134,40 @@ class TorchrunRunner(Runner):
     def stats(self) -> list[dict[str, float]]:
         return self._everyone(self.host.stats())
 
-    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+    def _rank_states(
+        self, optimizers: bool, last: bool = False
+    ) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         # the replicas hold the same weights and optimizer state: the first one's travel
         mine: tuple[dict[int, Any], dict[str, Any] | None] = ({}, None)
         if self.replica == 0:
             mine = (self.host.state_dicts(), self.host.optimizer_state() if optimizers else None)
         return self._everyone(mine)[: self.config.n_stages]
+
+    def save_state_files(self, folder: str, tag: str) -> list[str]:
+        """One part per stage, written by replica 0's rank of that stage; every rank returns
+        once all parts are written."""
+        cfg = self.config
+        names = [f"stage{s}-{tag}.pt" for s in range(cfg.n_stages)]
+        if self.replica == 0:
+            chunks = self.host.state_dicts()
+            keys = self.plan.state_names(self.module, self.stage)
+            module = {keys[c][k]: v for c, state in chunks.items() for k, v in state.items()}
+            optimizer = state_by_name(
+                self.host.optimizer_state(copy=False), self.plan.rank_parameter_names(self.stage)
+            )
+            write_state_file(os.path.join(folder, names[self.stage]), module, optimizer)
+        dist.barrier()
+        return names
+
+    def load_state_files(self, folder: str, names: Sequence[str]) -> None:
+        saved = read_state_files([os.path.join(folder, n) for n in names])
+        self.host.load_state(
+            *stage_state(
+                saved,
+                self.plan.state_names(self.module, self.stage),
+                self.plan.rank_parameter_names(self.stage),
+            )
+        )
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
         chunks, optimizer = states[self.stage]

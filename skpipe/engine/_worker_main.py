@@ -145,6 +145,24 @@ class Worker:
     def set_state(self, m: P.SetState) -> None:
         self.stages().load_state(m.chunks, m.optimizer)
 
+    def save_stage(self, m: P.SaveStage) -> None:
+        from ._state import state_by_name, write_state_file
+
+        host = self.stages()
+        chunks = host.state_dicts()
+        module = {m.names[c][k]: v for c, state in chunks.items() for k, v in state.items()}
+        optimizer = state_by_name(host.optimizer_state(copy=False), m.parameter_names)
+        write_state_file(m.path, module, optimizer)
+
+    def load_stage(self, m: P.LoadStage) -> None:
+        from ._state import read_state_files, stage_state
+
+        chunks, optimizer = stage_state(read_state_files(m.paths), m.names, m.parameter_names)
+        self.stages().load_state(chunks, optimizer)
+
+    def drop_training_state(self, m: P.DropTrainingState) -> None:
+        self.stages().drop_training_state()
+
     def collect(self, m: P.Collect) -> Any:
         return _Stream(self.stages().state_dicts())
 
@@ -169,6 +187,9 @@ HANDLERS: dict[type[P.Message], Callable[[Worker, Any], Any]] = {
     P.GetState: Worker.get_state,
     P.SetState: Worker.set_state,
     P.Collect: Worker.collect,
+    P.DropTrainingState: Worker.drop_training_state,
+    P.SaveStage: Worker.save_stage,
+    P.LoadStage: Worker.load_stage,
     P.RecordTimeline: Worker.record_timeline,
     P.Spans: Worker.spans,
     P.TrackMemory: Worker.track_memory,

@@ -256,7 +256,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                     if partial:  # one gathering brings the weights and the optimizer's state
                         module, optimizer_state = runner.collect_with_optimizer()
                     else:
-                        module = runner.collect()
+                        module = runner.collect(last=True)
         module.eval()
         self.module_ = module
         self.criterion_ = inputs.criterion
