@@ -280,7 +280,7 @@ class Program:
                         storages[ref.key] = t.untyped_storage()
         done: dict[int, torch.Tensor] = {}
         for (mk, name), ref in self.targets.items():
-            _put(modules[mk], name, _view(storages[ref.key], ref), done)
+            put_tensor(modules[mk], name, _view(storages[ref.key], ref), done)
         for mk, module in modules.items():
             left = [name for name, t in _tensors(module) if t.is_meta]
             if left:  # pragma: no cover - every meta tensor was a target
@@ -313,7 +313,7 @@ def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     )
 
 
-def _put(module: nn.Module, name: str, value: torch.Tensor, done: dict[int, torch.Tensor]) -> None:
+def put_tensor(module: nn.Module, name: str, value: torch.Tensor, done: dict[int, torch.Tensor]) -> None:
     """Replace the tensor ``name`` of ``module`` by ``value`` (a parameter stays a parameter;
     a tensor shared by two names stays shared)."""
     path, _, leaf = name.rpartition(".")

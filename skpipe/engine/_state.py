@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,3 +187,66 @@ def stage_state(
         raise ValueError(f"the checkpoint has no tensors for {missing[:5]}")
     chunks = {c: {k: saved["module"][q] for k, q in m.items()} for c, m in names.items()}
     return chunks, state_for(saved["optimizer"], parameter_names)
+
+
+# -- pickling a big network ------------------------------------------------------------------------
+class PortableModule:
+    """Pickles a network as its structure (on the meta device) and one numpy array per tensor.
+
+    Pickling an ``nn.Module`` directly keeps a bytes copy of every tensor in the pickler's memo
+    until the end (peak memory: twice the weights); numpy arrays go with pickle protocol 5
+    straight from the tensors' memory, and joblib writes them to its files as they are. Tied
+    tensors stay tied.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        memo: dict[int, Any] = {}
+        arrays: dict[str, Any] = {}
+        by_id: dict[int, Any] = {}
+        for name, t in _named_tensors(self.module):
+            if id(t) not in memo:
+                meta = torch.empty_like(t, device="meta")
+                memo[id(t)] = (
+                    torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+                    if isinstance(t, torch.nn.Parameter)
+                    else meta
+                )
+                by_id[id(t)] = _to_numpy(t)
+            arrays[name] = by_id[id(t)]  # the same array object: pickled once
+        skeleton = deepcopy(self.module, memo)
+        return _rebuild_module, (skeleton, arrays)
+
+
+_VIEWED = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _to_numpy(t: torch.Tensor) -> tuple[Any, str]:
+    t = t.detach()
+    if t.dtype in _VIEWED:  # numpy has no bfloat16: its bits travel as int16
+        return t.view(_VIEWED[t.dtype]).numpy(), str(t.dtype)
+    return t.numpy(), ""
+
+
+def _from_numpy(value: tuple[Any, str]) -> torch.Tensor:
+    array, dtype = value
+    t = torch.from_numpy(array)
+    return t.view(getattr(torch, dtype.removeprefix("torch."))) if dtype else t
+
+
+def _named_tensors(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _rebuild_module(skeleton: torch.nn.Module, arrays: dict[str, Any]) -> torch.nn.Module:
+    from ._construct import put_tensor
+
+    done: dict[int, torch.Tensor] = {}
+    made: dict[int, torch.Tensor] = {}
+    for name, value in arrays.items():
+        tensor = made.setdefault(id(value), _from_numpy(value))
+        put_tensor(skeleton, name, tensor, done)
+    return skeleton

@@ -27,6 +27,7 @@ from ..callbacks import Checkpoint, CheckpointKey, LoadInitState, params_hash
 from ..engine import _schedules
 from ..engine._budget import fit_budget
 from ..engine._construct import DeferralError, build_deferred
+from ..engine._state import PortableModule
 from ..engine._config import (
     CHECKPOINTS,
     LAUNCHERS,
@@ -544,6 +545,15 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         inputs, choice = est._choose_layout(module, inputs)
         plan = est._make_plan(module, inputs.config, inputs, planned=choice is not None)
         return dataclasses.replace(annotated(plan.report(), choice), construction=built)
+
+    # -- pickling --------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """The fitted network travels as numpy arrays (``engine._state.PortableModule``): a
+        pickle of a network of several GiB then needs no second copy of it in memory."""
+        state = super().__getstate__()
+        if isinstance(state.get("module_"), nn.Module):
+            state = {**state, "module_": PortableModule(state["module_"])}
+        return state
 
     def __sklearn_tags__(self):  # noqa: ANN204 - sklearn's Tags type is private
         tags = super().__sklearn_tags__()
