@@ -313,7 +313,9 @@ def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     )
 
 
-def put_tensor(module: nn.Module, name: str, value: torch.Tensor, done: dict[int, torch.Tensor]) -> None:
+def put_tensor(
+    module: nn.Module, name: str, value: torch.Tensor, done: dict[int, torch.Tensor]
+) -> None:
     """Replace the tensor ``name`` of ``module`` by ``value`` (a parameter stays a parameter;
     a tensor shared by two names stays shared)."""
     path, _, leaf = name.rpartition(".")
