@@ -38,6 +38,32 @@ class PredictMixin:
     _X_CHECKS: dict[str, Any]
 
     def _forward(self, X: Any) -> np.ndarray:
+        """Network outputs for validated X, where they are fastest (``predicts_on_stages``):
+        through the stages on their GPUs, or with ``module_`` on the CPU."""
+        if self.predicts_on_stages():
+            return self.forward_pipelined(X)
+        return self._forward_here(X)
+
+    def predicts_on_stages(self) -> bool:
+        """Whether ``predict``, ``predict_proba`` and ``score`` run through the pipeline's
+        stages (``forward_pipelined``) rather than ``module_`` in this process.
+
+        Through the stages when the network was trained split over GPUs and those GPUs are
+        here: the whole network may not fit one of them, and a large network on the CPU is
+        slow. Otherwise (trained on CPUs, or unpickled on a machine without the GPUs) with
+        ``module_`` on the CPU: sending the weights back to CPU workers would cost a copy of
+        them and a socket hop per stage for every row, for no faster arithmetic.
+        """
+        fitted = self.config_
+        if fitted.n_stages == 1:
+            return False
+        gpus = [d for d in fitted.devices if d.startswith("cuda")]
+        if not gpus or not torch.cuda.is_available():
+            return False
+        count = torch.cuda.device_count()
+        return all(int(d.partition(":")[2] or 0) < count for d in gpus)
+
+    def _forward_here(self, X: Any) -> np.ndarray:
         """Network outputs for validated X, on the CPU, in blocks of ``PREDICT_ROWS`` rows.
 
         Every block has the same number of rows (the last one padded with zeros): the matrix
@@ -85,7 +111,7 @@ class PredictMixin:
             )
         fitted = self.config_
         if fitted.n_stages == 1:
-            return self._forward(X)
+            return self._forward_here(X)
         n = X.shape[0]
         # the fit's configuration and split (nothing is profiled again), on devices named as
         # the user named them (to hold them again)
