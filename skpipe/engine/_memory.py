@@ -66,3 +66,31 @@ class ActivationMeter:
     def track(self) -> Iterator[None]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
+
+
+def out_of_memory(
+    exc: BaseException, where: str, device: str, held_bytes: float, n_stages: int
+) -> torch.OutOfMemoryError:
+    """torch's out-of-memory error, with what the fit holds there and what to change.
+
+    ``where``: 'the network' (n_stages=1) or 'stage s'; ``held_bytes``: its weights,
+    gradients and optimizer state (and activations, where known)."""
+    more = 2 if n_stages == 1 else n_stages * 2
+    return torch.OutOfMemoryError(
+        f"{where} ran out of memory on {device}: its training state (weights, gradients, "
+        f"optimizer state) comes to about {held_bytes / 2**30:.2f} GiB before activations. "
+        f"Split the network over more stages (n_stages={more}: each stage holds about "
+        "1/n_stages of it; devices= one per stage, or stages sharing a GPU), or hold fewer "
+        "activations (checkpoint='always', a smaller batch_size, more n_microbatches). "
+        f"torch said: {exc}"
+    )
+
+
+def out_of_memory_in(exc: BaseException) -> BaseException | None:
+    """The out-of-memory error behind ``exc`` (itself, or what it was raised from), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, torch.OutOfMemoryError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

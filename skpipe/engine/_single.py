@@ -9,7 +9,7 @@ from torch import nn
 
 from ._config import TrainSpec
 from ._construct import materialize
-from ._memory import ActivationMeter
+from ._memory import ActivationMeter, out_of_memory
 from ._microbatch import WeightedLoss
 from ._plan import Plan
 from ._runner import InProcessState, Runner
@@ -62,10 +62,16 @@ class SingleRunner(InProcessState, Runner):
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._meter is not None:
-            with self._meter.track():
-                return self._train_step(x, y, w)
-        return self._train_step(x, y, w)
+        try:
+            if self._meter is not None:
+                with self._meter.track():
+                    return self._train_step(x, y, w)
+            return self._train_step(x, y, w)
+        except torch.OutOfMemoryError as exc:
+            params = sum(p.numel() * p.element_size() for p in self.module.parameters())
+            raise out_of_memory(
+                exc, "the network", str(self.device), 4 * params, self.config.n_stages
+            ) from None
 
     def _train_step(
         self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None

@@ -112,14 +112,26 @@ class Worker:
         )
 
     def step(self, m: P.Step) -> Any:
-        loss, out = self.stages().train_step(
-            _tensor(m.x),
-            _tensor(m.y),
-            m.n_real,
-            _tensor(m.w),
-            total_rows=m.total_rows,
-            total_weight=m.total_weight,
-        )
+        from ._memory import out_of_memory, out_of_memory_in
+
+        try:
+            loss, out = self.stages().train_step(
+                _tensor(m.x),
+                _tensor(m.y),
+                m.n_real,
+                _tensor(m.w),
+                total_rows=m.total_rows,
+                total_weight=m.total_weight,
+            )
+        except Exception as exc:
+            oom = out_of_memory_in(exc)  # torch's schedule wraps what a stage raised
+            if oom is None:
+                raise
+            host = self.stages()
+            held = 4 * host.stats()["gradient_bytes"]  # weights, gradients, two Adam moments
+            raise out_of_memory(
+                oom, f"stage {host.rank}", self.device, held, host.config.n_stages
+            ) from None
         return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
 
     def forward(self, m: P.Forward) -> Any:
