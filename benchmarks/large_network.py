@@ -138,6 +138,7 @@ def run(width: int, depth: int, stages: int, steps: int, batch: int, folder: str
     result = next(m for m in lines if "fit_s" in m)
     per, total = sampler.peaks(marks["fit"], marks["fitted"])  # the fit only
     workers = sorted((b for pid, b in per.items() if pid != proc.pid), reverse=True)
+    whole, _ = sampler.peaks()
     pickle_per, _ = sampler.peaks(marks["pickle"] - 0.05, marks["pickled"] + 0.05)
     return {
         "n_stages": stages,
@@ -146,6 +147,7 @@ def run(width: int, depth: int, stages: int, steps: int, batch: int, folder: str
         "worker_peak_GiB": [round(b / GiB, 3) for b in workers],
         "all_processes_peak_GiB": round(total / GiB, 3),
         "pickle_driver_peak_GiB": round(pickle_per.get(proc.pid, 0) / GiB, 3),
+        "process_peak_GiB": round(whole.get(proc.pid, 0) / GiB, 3),  # the whole job
         "params": result["params"],
         "weight_GiB": round(result["weight_GiB"], 3),
         "weights": np.load(sample),
@@ -181,7 +183,7 @@ def main() -> None:
     fixed_gib = fixed / GiB
     for row in rows:
         p = row["n_stages"]
-        row["tiny_network_driver_GiB"] = tiny[p]["driver_peak_GiB"]
+        row["tiny_network_driver_GiB"] = tiny[p]["process_peak_GiB"]
         row["tiny_network_worker_GiB"] = max(tiny[p]["worker_peak_GiB"], default=None)
         if base is None or row is base:
             continue
@@ -218,7 +220,7 @@ def main() -> None:
             ),
         }
     for row in rows:
-        del row["weights"]
+        del row["weights"], row["process_peak_GiB"]
     largest = rows[-1]
     emit(
         "large_network",

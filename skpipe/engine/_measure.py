@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._partition import named_layers, split_time_costs
+from ._partition import (
+    as_boundary,
+    boundary_bytes_per_row,
+    leaves,
+    named_layers,
+    split_time_costs,
+)
 from ._plan import activation_bytes, microbatch_of
 from ._simulate import ChunkCost, action_order, simulate
 
@@ -82,8 +88,8 @@ def measure(
     x = microbatch_of(sample, rows[1])
     for layer in layers:
         held, x = activation_bytes(layer, x)
-        act.append(held / x.shape[0])
-        out_bytes.append(float(x[0].numel() * x.element_size()))
+        act.append(held / leaves(x)[0].shape[0])
+        out_bytes.append(boundary_bytes_per_row(as_boundary(x)))
     profile = LayerProfile(
         rows=rows,
         fiw=fiw,

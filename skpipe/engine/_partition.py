@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from copy import deepcopy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,10 +98,10 @@ def time_costs(
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
     costs = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        x = sample.to(dev)
+        x: Any = sample.to(dev)
         for layer in layers:
             copy = real_copy(layer).to(dev).train()
-            inp = x.detach().requires_grad_(x.is_floating_point())
+            inp = fresh_inputs(x)
             with torch.no_grad():  # warm-up: first calls pay one-off costs that are not the layer's
                 copy(inp)
             times = []
@@ -107,12 +110,13 @@ def time_costs(
                 sync(dev)
                 t0 = time.perf_counter()
                 out = copy(inp)
-                if out.requires_grad:
-                    out.float().sum().backward()
+                graded = [t.float().sum() for t in leaves(out) if t.requires_grad]
+                if graded:
+                    torch.stack(graded).sum().backward()
                 sync(dev)
                 times.append(time.perf_counter() - t0)
             costs.append(sorted(times)[len(times) // 2])
-            x = out.detach()
+            x = _detached(out)
             del copy
     return costs
 
@@ -138,11 +142,12 @@ def split_time_costs(
 
     costs: list[tuple[float, float, float]] = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        x = sample.to(dev)
+        x: Any = sample.to(dev)
         for layer in layers:
             twin = real_copy(layer).to(dev).train()
             params = [p for p in twin.parameters() if p.requires_grad]
-            inp = x.detach().requires_grad_(x.is_floating_point())
+            inp = fresh_inputs(x)
+            inputs = [t for t in leaves(inp) if t.requires_grad]
             with torch.no_grad():
                 twin(inp)  # warm-up: first calls pay one-off costs that are not the layer's
             times: list[list[float]] = [[], [], []]
@@ -152,24 +157,31 @@ def split_time_costs(
                 out = twin(inp)
                 t1 = now()
                 times[0].append(t1 - t0)
-                if not out.requires_grad:
+                outs = [t for t in leaves(out) if t.requires_grad]
+                if not outs:
                     times[1].append(0.0)
                     times[2].append(0.0)
                     continue
-                grad = torch.ones_like(out)
-                if inp.requires_grad:
-                    torch.autograd.grad(out, inp, grad, retain_graph=True, allow_unused=True)
+                grads = [torch.ones_like(t) for t in outs]
+                if inputs:
+                    torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
                 t2 = now()
                 if params:
-                    torch.autograd.grad(out, params, grad, allow_unused=True)
+                    torch.autograd.grad(outs, params, grads, allow_unused=True)
                 t3 = now()
                 times[1].append(t2 - t1)
                 times[2].append(t3 - t2)
             f, i, w = (sorted(t)[len(t) // 2] for t in times)
             costs.append((f, i, w))
-            x = out.detach()
+            x = _detached(out)
             del twin
     return costs
+
+
+def _detached(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    return tuple(t.detach() for t in out)
 
 
 def balance_sizes(
@@ -220,14 +232,103 @@ def chunk_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return bounds
 
 
+@dataclass(frozen=True)
+class TensorTuple:
+    """A chunk boundary that carries several tensors (the layer before it returned a tuple, which
+    the next layer receives as one argument, as in ``nn.Sequential``): their per-row shapes."""
+
+    shapes: tuple[tuple[int, ...], ...]
+
+
+# what crosses a chunk boundary: one tensor's per-row shape, or several
+Boundary = tuple[int, ...] | TensorTuple
+
+
+def boundary_tensors(
+    boundary: Boundary, rows: int, device: torch.device | str, requires_grad: bool
+) -> tuple[torch.Tensor, ...]:
+    """Empty float32 tensors of a boundary for ``rows`` rows (stage templates, receive buffers)."""
+    shapes = boundary.shapes if isinstance(boundary, TensorTuple) else (boundary,)
+    return tuple(
+        torch.empty((rows,) + shape, device=device, requires_grad=requires_grad)
+        for shape in shapes
+    )
+
+
+def boundary_bytes_per_row(boundary: Boundary) -> float:
+    shapes = boundary.shapes if isinstance(boundary, TensorTuple) else (boundary,)
+    return float(sum(4 * math.prod(shape) for shape in shapes))
+
+
+def as_boundary(x: torch.Tensor | tuple[torch.Tensor, ...]) -> Boundary:
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape[1:])
+    return TensorTuple(tuple(tuple(t.shape[1:]) for t in x))
+
+
+def leaves(x: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors of what crosses a boundary."""
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def fresh_inputs(x: Any) -> Any:
+    """``x`` (a tensor or a tuple of them) detached, as leaves that take gradients when
+    floating: a layer's input for measuring it alone."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_(x.is_floating_point())
+    return tuple(t.detach().requires_grad_(t.is_floating_point()) for t in x)
+
+
+def check_boundary(out: Any, rows: int, where: str, last: bool) -> None:
+    """Refuse what a chunk cannot hand to the next one (or to the loss), naming the chunk."""
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows:
+        return
+    if last:
+        raise TypeError(
+            f"{where} is the network's output and returns {_describe(out)}: the output must be "
+            "one tensor with a row per sample (the loss is computed on it). Make the last "
+            "layer return one tensor."
+        )
+    if isinstance(out, tuple) and out and all(isinstance(t, torch.Tensor) for t in out):
+        bad = [i for i, t in enumerate(out) if not t.is_floating_point()]
+        if bad:
+            raise TypeError(
+                f"{where} returns a tuple whose tensors {bad} are not floating point: tensors "
+                "crossing a stage boundary carry gradients, so they must be float. Recompute "
+                "integer or boolean tensors (masks, indices) in the next layer, or cast them."
+            )
+        rowless = [i for i, t in enumerate(out) if t.dim() == 0 or t.shape[0] != rows]
+        if not rowless:
+            return
+        raise TypeError(
+            f"{where} returns a tuple whose tensors {rowless} have no row per sample (first "
+            f"dimension {rows}): every tensor crossing a stage boundary is cut into "
+            "micro-batches by rows. Broadcast them over the rows, or keep them inside a layer."
+        )
+    raise TypeError(
+        f"{where} returns {_describe(out)}, which cannot cross a stage boundary: return one "
+        "tensor, or a tuple of float tensors with a row per sample (the next layer receives "
+        "the tuple as its one argument). Wrap layers that return dicts or other objects in a "
+        "block that returns tensors, or change the balance."
+    )
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, tuple):
+        return f"a tuple of {len(out)} ({', '.join(type(t).__name__ for t in out)})"
+    return f"a {type(out).__name__}"
+
+
 def boundary_shapes(
     layers: Sequence[nn.Module], bounds: Sequence[tuple[int, int]], n_features: int
-) -> list[tuple[int, ...]]:
-    """Per-row shape at every chunk boundary (len = n_chunks + 1), found on the meta device so
-    that no real compute runs; falls back to a real two-row forward (on a copy) for layers meta
-    cannot run."""
-    shapes: list[tuple[int, ...]] = [(n_features,)]
-    x = torch.zeros((2, n_features), device="meta")
+) -> list[Boundary]:
+    """What crosses every chunk boundary, per row (len = n_chunks + 1): one tensor's shape or a
+    ``TensorTuple``. Found on the meta device so that no real compute runs; falls back to a
+    real two-row forward (on a copy) for layers meta cannot run."""
+    shapes: list[Boundary] = [(n_features,)]
+    x: Any = torch.zeros((2, n_features), device="meta")
     for k, (s, e) in enumerate(bounds):
         chunk = nn.Sequential(*layers[s:e])
         try:
@@ -235,14 +336,19 @@ def boundary_shapes(
                 out = deepcopy(chunk).to_empty(device="meta")(x)
         except Exception:  # noqa: BLE001 - meta unsupported by some layer: measure for real
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                real = torch.zeros((2,) + tuple(x.shape[1:]))
+                real = (
+                    torch.zeros(x.shape, dtype=x.dtype)
+                    if isinstance(x, torch.Tensor)
+                    else tuple(torch.zeros(t.shape, dtype=t.dtype) for t in x)
+                )
                 out = real_copy(chunk).eval()(real)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"pipeline chunk {k} (layers {s}..{e - 1}) returns {type(out).__name__}, not a "
-                "tensor: stage outputs must be tensors. Wrap layers that return tuples or dicts "
-                "in a block whose forward returns one tensor, or change the balance."
-            )
-        shapes.append(tuple(out.shape[1:]))
-        x = torch.zeros(out.shape, device="meta", dtype=out.dtype)
+        check_boundary(
+            out, 2, f"pipeline chunk {k} (layers {s}..{e - 1})", last=k == len(bounds) - 1
+        )
+        shapes.append(as_boundary(out))
+        x = (
+            torch.zeros(out.shape, device="meta", dtype=out.dtype)
+            if isinstance(out, torch.Tensor)
+            else tuple(torch.zeros(t.shape, device="meta", dtype=t.dtype) for t in out)
+        )
     return shapes

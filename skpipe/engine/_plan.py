@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,16 @@ from . import _schedules
 from ._config import PipelineConfig
 from ._construct import is_deferred, real_copy
 from ._memory import ActivationMeter
-from ._partition import balance_sizes, boundary_shapes, chunk_bounds, named_layers
+from ._partition import (
+    Boundary,
+    as_boundary,
+    balance_sizes,
+    boundary_shapes,
+    chunk_bounds,
+    fresh_inputs,
+    leaves,
+    named_layers,
+)
 from ._report import ChunkReport, PlanReport
 
 
@@ -29,16 +39,17 @@ from ._report import ChunkReport, PlanReport
 class Plan:
     """Where every layer goes, and what every chunk holds.
 
-    ``bounds[c]`` is the half-open layer range of chunk c; ``shapes[c]`` the per-row shape
-    entering chunk c (``shapes[-1]`` the output); ``owners[c]`` the pipeline rank holding chunk
-    c; ``parameter_names[c]`` the names in the whole network of chunk c's parameters, in the
-    order its optimizer sees them. With one stage the whole network is the one layer.
+    ``bounds[c]`` is the half-open layer range of chunk c; ``shapes[c]`` what enters chunk c
+    per row: one tensor's shape, or a ``TensorTuple`` (``shapes[-1]`` the output, one tensor);
+    ``owners[c]`` the pipeline rank holding chunk c; ``parameter_names[c]`` the names in the
+    whole network of chunk c's parameters, in the order its optimizer sees them. With one
+    stage the whole network is the one layer.
     """
 
     config: PipelineConfig
     n_layers: int
     bounds: tuple[tuple[int, int], ...]
-    shapes: tuple[tuple[int, ...], ...]
+    shapes: tuple[Boundary, ...]
     owners: tuple[int, ...]
     parameters: tuple[int, ...]
     parameter_bytes: tuple[int, ...]
@@ -46,6 +57,13 @@ class Plan:
     activation_bytes_per_row: tuple[float, ...]
     layer_names: tuple[str, ...]
     layer_costs: tuple[float, ...] | None = None
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The network's output per row (one tensor: the plan refuses anything else)."""
+        out = self.shapes[-1]
+        assert isinstance(out, tuple), "the network's output is one tensor"
+        return out
 
     @property
     def n_chunks(self) -> int:
@@ -199,9 +217,9 @@ def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -
         counts.append(sum(p.numel() for _, p in params))
         nbytes.append(sum(p.numel() * p.element_size() for _, p in params))
         held, x = activation_bytes(chunk, x)
-        act.append(held / x.shape[0])
+        act.append(held / leaves(x)[0].shape[0])
     if shapes is None:
-        shapes = [tuple(sample.shape[1:]), tuple(x.shape[1:])]
+        shapes = [tuple(sample.shape[1:]), as_boundary(x)]
     return Plan(
         config=config,
         n_layers=len(layers),
@@ -233,29 +251,32 @@ def microbatch_of(sample: torch.Tensor, rows: int) -> torch.Tensor:
     return x
 
 
-def activation_bytes(chunk: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+def activation_bytes(chunk: nn.Module, x: Any) -> tuple[float, Any]:
     """Bytes a chunk holds for backward on micro-batch ``x``, and its output; measured on a CPU
     copy in train mode under a forked random generator (the chunk itself is untouched). A
     chunk still on the meta device is measured there (sizes only: nothing is allocated), and
     gives a meta output; where meta cannot run it, on a real copy."""
     if is_deferred(chunk):
         try:
-            return _measure_held(deepcopy(chunk).train(), x.to("meta"))
+            return _measure_held(deepcopy(chunk).train(), _map_tensors(x, lambda t: t.to("meta")))
         except (NotImplementedError, RuntimeError):
             pass  # a layer meta cannot run: measured for real below
-    if x.is_meta:  # the chunk before was measured on meta: sizes are all there is
-        x = torch.zeros(x.shape, dtype=x.dtype)
+    # a chunk before measured on meta left sizes only: zeros of those sizes
+    x = _map_tensors(x, lambda t: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t)
     return _measure_held(real_copy(chunk).cpu().train(), x)
 
 
-def _measure_held(copy: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _map_tensors(x: Any, fn: Any) -> Any:
+    return fn(x) if isinstance(x, torch.Tensor) else tuple(fn(t) for t in x)
+
+
+def _measure_held(copy: nn.Module, x: Any) -> tuple[float, Any]:
     meter = ActivationMeter(copy.parameters())
-    inp = x.detach().requires_grad_(x.is_floating_point())
+    inp = fresh_inputs(x)
     with torch.random.fork_rng(devices=[]), meter.track():
         out = copy(inp)
-    if not isinstance(out, torch.Tensor):  # pragma: no cover - boundary_shapes refused it
-        raise TypeError(f"a pipeline chunk returned {type(out).__name__}, not a tensor")
-    if out.requires_grad:
-        out.float().sum().backward()
+    graded = [t.float().sum() for t in leaves(out) if t.requires_grad]
+    if graded:
+        torch.stack(graded).sum().backward()
     del copy
-    return float(meter.peak), out.detach()
+    return float(meter.peak), _map_tensors(out, lambda t: t.detach())

@@ -32,7 +32,7 @@ class Setup(Message):
     chunks: dict[int, Any]  # chunk index -> nn.Sequential of its layers
     config: Any  # PipelineConfig
     spec: Any  # TrainSpec
-    shapes: list[tuple[int, ...]]
+    shapes: list[Any]  # per boundary: one tensor's per-row shape, or a _partition.TensorTuple
     device: str
     seed: int
     program: Any = None  # _construct.Program giving meta chunks their values, or None

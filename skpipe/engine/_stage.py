@@ -22,6 +22,7 @@ from . import _schedules
 from ._config import PipelineConfig, TrainSpec
 from ._memory import ActivationMeter
 from ._microbatch import WeightedLoss, pad_rows, row_targets
+from ._partition import Boundary, boundary_tensors, leaves
 from ._replicas import ReplicaGradients
 from ._state import cpu_copy
 from ._timeline import Recorder, Span
@@ -52,21 +53,25 @@ class ChunkModule(nn.Module):
         self.precision = precision
         self.calls = 0
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, *args: torch.Tensor) -> Any:
+        # a boundary carrying several tensors reaches the first layer as one tuple, as in
+        # nn.Sequential
+        x: Any = args[0] if len(args) == 1 else args
         if self.precision == "bf16":
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            with torch.autocast(device_type=args[0].device.type, dtype=torch.bfloat16):
                 out = self.layers(x)
         else:
             out = self.layers(x)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"pipeline chunk {self.index} returned {type(out).__name__}, not a tensor: every "
-                "layer at a chunk boundary must return one tensor (wrap layers that return "
-                "tuples or dicts in a block that returns a tensor)."
-            )
-        return out.float() if out.dtype != torch.float32 and out.is_floating_point() else out
+        if isinstance(out, torch.Tensor):
+            return _float32(out)
+        if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
+            return tuple(_float32(t) for t in out)
+        raise TypeError(  # the plan refused it already, but a layer may change its mind
+            f"pipeline chunk {self.index} returned {type(out).__name__}: a stage boundary "
+            "carries one tensor or a tuple of tensors."
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> Any:
         mb = self.calls % self.n_microbatches
         self.calls += 1
         recompute = (
@@ -78,8 +83,8 @@ class ChunkModule(nn.Module):
             )
         )
         if recompute:
-            return activation_checkpoint(self._run, x, use_reentrant=False)
-        return self._run(x)
+            return activation_checkpoint(self._run, *args, use_reentrant=False)
+        return self._run(*args)
 
 
 class StageHost:
@@ -90,7 +95,7 @@ class StageHost:
         chunks: dict[int, nn.Sequential],
         config: PipelineConfig,
         spec: TrainSpec,
-        shapes: Sequence[tuple[int, ...]],
+        shapes: Sequence[Boundary],
         *,
         rank: int,
         device: str,
@@ -186,15 +191,13 @@ class StageHost:
     def _stage(self, c: int) -> PipelineStage:
         mb = self.config.microbatch_rows
         n_chunks = self.config.n_chunks
-        inp = torch.empty((mb,) + self.shapes[c], device=self.device, requires_grad=c > 0)
-        out = torch.empty((mb,) + self.shapes[c + 1], device=self.device, requires_grad=True)
         return PipelineStage(
             self.chunks[c],
             c,
             n_chunks,
             self.device,
-            input_args=(inp,),
-            output_args=(out,),
+            input_args=boundary_tensors(self.shapes[c], mb, self.device, requires_grad=c > 0),
+            output_args=boundary_tensors(self.shapes[c + 1], mb, self.device, True),
             group=self.group,
         )
 
@@ -311,21 +314,26 @@ class StageHost:
         self.train(False)
         n_chunks = self.config.n_chunks
         if n_rows == 0:  # a replica given no rows of a small batch (its ranks all know it)
-            return torch.empty((0,) + self.shapes[-1]) if self.holds_last else None
-        h: torch.Tensor | None = None
+            if not self.holds_last:
+                return None
+            return boundary_tensors(self.shapes[-1], 0, "cpu", False)[0]
+        h: Any = None
         for c in range(n_chunks):
             if c not in self.chunks:
                 continue
             if c == 0:
                 h = _given(x, f"the rows to predict (rank {self.rank} holds the first chunk)")
-                h = h.to(self.device)
+                h = (h.to(self.device),)
             elif c - 1 not in self.chunks:
-                h = torch.empty((n_rows,) + self.shapes[c], device=self.device)
-                dist.recv(h, group_src=self.config.owner(c - 1), group=self.group)
-            h = self.chunks[c](_given(h, f"chunk {c - 1}'s output"))
+                h = boundary_tensors(self.shapes[c], n_rows, self.device, False)
+                for t in h:
+                    dist.recv(t, group_src=self.config.owner(c - 1), group=self.group)
+            out = self.chunks[c](*_given(h, f"chunk {c - 1}'s output"))
+            h = leaves(out)
             if c + 1 < n_chunks and c + 1 not in self.chunks:
-                dist.send(h.contiguous(), group_dst=self.config.owner(c + 1), group=self.group)
-        return h if self.holds_last else None
+                for t in h:
+                    dist.send(t.contiguous(), group_dst=self.config.owner(c + 1), group=self.group)
+        return h[0] if self.holds_last else None
 
     def state_dicts(self) -> dict[int, dict[str, torch.Tensor]]:
         """Each chunk's layer parameters and buffers, on the CPU."""
@@ -386,7 +394,11 @@ class _NoParameters(torch.optim.Optimizer):
         pass
 
 
-def _given(value: torch.Tensor | None, what: str) -> torch.Tensor:
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype != torch.float32 and t.is_floating_point() else t
+
+
+def _given(value: Any, what: str) -> Any:
     """``value``, which the caller had to pass; a clear error where it did not."""
     if value is None:
         raise RuntimeError(f"StageHost needs {what}, and was given None")

@@ -78,7 +78,7 @@ class TorchrunRunner(Runner):
         cfg = self.config
         shares = replica_shares(n, cfg.n_replicas)
         widest = max(s.stop - s.start for s in shares)
-        width = math.prod(self.plan.shapes[-1])
+        width = math.prod(self.plan.output_shape)
         buf = torch.zeros((cfg.n_replicas, 1 + widest * width), device=self.device)
         if self.stage == self.last:
             slot = buf[self.replica]
@@ -90,7 +90,7 @@ class TorchrunRunner(Runner):
         buf = buf.cpu()
         outs = [
             buf[r, 1 : 1 + (s.stop - s.start) * width].reshape(
-                (s.stop - s.start,) + self.plan.shapes[-1]
+                (s.stop - s.start,) + self.plan.output_shape
             )
             for r, s in enumerate(shares)
         ]

@@ -26,7 +26,7 @@ def check_network_fits_data(
     n_outputs: int,
 ) -> None:
     """Raise ValueError when the network's output width or the criterion does not fit y."""
-    out_shape = tuple(plan.shapes[-1])
+    out_shape = plan.output_shape
     if out_shape != (n_outputs,):
         what = "classes" if owner.endswith("Classifier") else "target columns"
         raise ValueError(
