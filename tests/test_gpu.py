@@ -74,3 +74,31 @@ def test_gpu_trained_model_loads_without_gpu(tmp_path):
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(est.predict(X[:5]).tolist())
+
+
+def test_out_of_memory_under_a_cap_suggests_stages():
+    """A network whose training state (about 2 GiB with Adam) does not fit a 1 GiB cap: the
+    error names what it holds and suggests n_stages."""
+    X = np.zeros((64, 4096), dtype=np.float32)
+    y = np.arange(64) % 3
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(2**30 / total, 0)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match=r"the network ran out of memory on "
+                           r"cuda(.|\n)*n_stages=2"):
+            PipeNetClassifier(module__hidden_layer_sizes=(4096,) * 8, devices=["cuda:0"],
+                              max_epochs=1, batch_size=32).fit(X, y)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_network_split_over_gpus_predicts_on_them():
+    X, y = data()
+    est = make(n_stages=2, n_microbatches=4, launcher="spawn", devices=["cuda:0", "cuda:1"])
+    est.fit(X, y)
+    assert est.predicts_on_stages()
+    with torch.no_grad():
+        on_cpu = torch.softmax(est.module_(torch.from_numpy(X)), dim=1).numpy()
+    np.testing.assert_allclose(est.predict_proba(X), on_cpu, atol=1e-4)
