@@ -21,6 +21,16 @@ class Pair(nn.Module):
         return x, x
 
 
+class WithMask(nn.Module):
+    def forward(self, x):
+        return x, x > 0
+
+
+class TakeFirst(nn.Module):
+    def forward(self, pair):
+        return pair[0]
+
+
 class NotSequential(nn.Module):
     def __init__(self, n_features_in, n_outputs):
         super().__init__()
@@ -61,7 +71,8 @@ CASES = [
     ("balance-sum", dict(SPAWN, balance=[1, 1]), X, Y, ValueError, r"balance \[1, 1\] must list 2 positive layer counts .*\(3\); got 2 counts summing to 2"),
     ("balance-length", dict(SPAWN, balance=[1, 1, 1]), X, Y, ValueError, r"balance \[1, 1, 1\] has 3 entries but the pipeline has 2 chunks"),
     ("unsplittable", dict(SPAWN, module=NotSequential), X, Y, TypeError, r"module NotSequential cannot be split into 2 pipeline chunks"),
-    ("stage-output-tuple", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), Pair(), nn.Identity())), X, Y, TypeError, r"pipeline chunk 0 \(layers 0..1\) returns tuple, not a tensor"),
+    ("stage-output-tuple", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), Pair(), nn.Identity())), X, Y, TypeError, r"pipeline chunk 1 \(layers 2..2\) is the network's output and returns a tuple of 2"),
+    ("stage-output-int", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), WithMask(), TakeFirst())), X, Y, TypeError, r"pipeline chunk 0 \(layers 0..1\) returns a tuple whose tensors \[1\] are not floating point"),
     ("lr<=0", dict(SPAWN, lr=-0.5), X, Y, ValueError, r"The 'lr' parameter of PipeNetClassifier must be a float in the range \(0.0, inf\). Got -0.5 instead"),
     ("batch_size=0", dict(SPAWN, batch_size=0), X, Y, ValueError, r"The 'batch_size' parameter .*Got 0 instead"),
     ("max_epochs=0", dict(SPAWN, max_epochs=0), X, Y, ValueError, r"The 'max_epochs' parameter .*Got 0 instead"),

@@ -125,7 +125,9 @@ class PredictMixin:
         spec = TrainSpec(
             optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0}, criterion=self.criterion_
         )
-        module = copy.deepcopy(self.module_)
+        # spawned workers are sent copies of the layers; stages in this process (local, a
+        # torchrun rank) would move module_'s own layers to their devices: they get a copy
+        module = self.module_ if fitted.launcher == "spawn" else copy.deepcopy(self.module_)
         with held_devices(config, self.devices) as held:
             plan = make_plan(
                 module, held, rows_to_tensor(X, slice(0, min(held.microbatch_rows, n)))

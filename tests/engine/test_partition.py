@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from skpipe.engine._partition import balance_sizes, flatten_layers, uniform_sizes
-from skpipe.engine._partition import boundary_shapes
+from skpipe.engine._partition import TensorTuple, boundary_shapes
 
 
 def test_nested_sequentials_are_flattened():
@@ -68,5 +68,21 @@ def test_boundary_shapes_and_tuple_outputs():
         def forward(self, x):
             return x, x
 
-    with pytest.raises(TypeError, match=r"pipeline chunk 0 \(layers 0..0\) returns tuple, not a tensor"):
+    # a tuple crosses a boundary (the next layer takes it as one argument) ...
+    first = Lambda(lambda pair: pair[0] + pair[1])
+    assert boundary_shapes([Pair(), first], [(0, 1), (1, 2)], 3) == [
+        (3,), TensorTuple(((3,), (3,))), (3,)
+    ]
+    # ... but the network's output is one tensor
+    with pytest.raises(TypeError, match=r"pipeline chunk 1 \(layers 1..1\) is the network's "
+                       r"output and returns a tuple of 2 \(Tensor, Tensor\)"):
         boundary_shapes([Pair(), nn.Identity()], [(0, 1), (1, 2)], 3)
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

@@ -49,7 +49,16 @@ def test_bf16_chunks_hand_on_float32_and_non_tensors_are_refused():
 
     class Pair(nn.Module):
         def forward(self, x):
-            return x, x
+            return x, x.to(torch.bfloat16)
 
-    with pytest.raises(TypeError, match=r"pipeline chunk 3 returned tuple, not a tensor"):
-        ChunkModule([Pair()], index=3)(torch.randn(2, 8))
+    # a tuple crosses, in float32; a chunk receiving several tensors hands them on as one tuple
+    out = ChunkModule([Pair()], index=2)(torch.randn(2, 8))
+    assert isinstance(out, tuple) and [t.dtype for t in out] == [torch.float32] * 2
+    assert ChunkModule([nn.Identity()], index=3)(*out) == out
+
+    class AsDict(nn.Module):
+        def forward(self, x):
+            return {"h": x}
+
+    with pytest.raises(TypeError, match=r"pipeline chunk 3 returned dict: a stage boundary"):
+        ChunkModule([AsDict()], index=3)(torch.randn(2, 8))
