@@ -117,6 +117,31 @@ class TorchrunRunner(Runner):
         out = self.host.forward(x[rows], rows.stop - rows.start)
         return self._gather_rows(n, None, out)[1]
 
+    def collect(self, last: bool = False) -> nn.Module:
+        """The whole trained network on every rank: each tensor broadcast from the rank of
+        replica 0 that holds it, one tensor at a time (on the GPU under NCCL), straight into
+        the layers — no pickled copy of anyone's state (``last``: gradients and optimizer state
+        are dropped first)."""
+        if last:
+            self.host.drop_training_state()
+        cfg = self.config
+        device = self.device if str(self.device).startswith("cuda") else "cpu"
+        mine = self.host.state_dicts() if self.replica == 0 else {}
+        layers = self.plan.chunks(self.module)
+        for stage in range(cfg.n_stages):  # replica 0's stage s is global rank s
+            for c in cfg.chunks_of(stage):
+                received = {}
+                for key, like in layers[c].state_dict(keep_vars=True).items():
+                    if c in mine:
+                        t = mine[c][key].detach().to(device).contiguous()
+                    else:
+                        t = torch.empty(like.shape, dtype=like.dtype, device=device)
+                    dist.broadcast(t, src=stage)
+                    received[key] = t.cpu()
+                layers[c].load_state_dict(received, assign=True)
+        materialize_all({0: self.module})  # what state dicts leave out (non-persistent buffers)
+        return self.module.to("cpu")
+
     def _everyone(self, mine: Any) -> list[Any]:
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
