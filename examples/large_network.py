@@ -1,8 +1,9 @@
 """Training a network larger than one device: an FT-Transformer (or a tabular ResNet) split over
 ``--stages`` spawned workers, with the memory of every process measured.
 
-    python examples/large_network.py                         # ~100M parameters, 2 stages
-    python examples/large_network.py --tokens 512 --blocks 24 --stages 4   # ~1B parameters
+    python examples/large_network.py                                     # 5.3M parameters
+    python examples/large_network.py --tokens 1024 --blocks 16           # 112M parameters
+    python examples/large_network.py --tokens 2048 --blocks 36 --stages 4  # 1.0B parameters
 
 What it shows: ``plan()`` before training (each stage's parameters and estimated peak memory,
 and where the network is built: each worker builds only its own layers), the fit, the peak

@@ -385,8 +385,10 @@ def program_for(modules: Mapping[Any, nn.Module]) -> Program | None:
 
 
 def materialize(module: nn.Module) -> nn.Module:
-    """Give ``module``'s meta tensors their values in place (a no-op for a built module)."""
+    """Give ``module``'s meta tensors their values in place (a no-op for a built module); the
+    recording is let go once nothing of the network waits on it."""
     materialize_all({0: module})
+    _KEPT.pop(module, None)
     return module
 
 
