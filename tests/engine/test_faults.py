@@ -106,6 +106,8 @@ def test_hung_worker_is_bounded_by_timeout(classification_data):
 def test_ctrl_c_in_driver_stops_workers(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent("""
+        import faulthandler, signal
+        faulthandler.register(signal.SIGUSR1)  # the test asks where the driver is, if it hangs
         import numpy as np, sys, time
         from torch import nn
         from skpipe import PipeNetClassifier
@@ -127,8 +129,9 @@ def test_ctrl_c_in_driver_stops_workers(tmp_path):
             print("interrupted", hasattr(est, "module_"), flush=True)
             sys.exit(7)
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            cwd=os.getcwd())
+    errors = open(tmp_path / "stderr.txt", "w")  # a file: a full pipe could block the driver
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=errors, text=True, cwd=os.getcwd())
     assert proc.stdout.readline().strip() == "fitting"
     deadline = time.monotonic() + 60
     while len(worker_pids(proc.pid)) < 2 and time.monotonic() < deadline:
@@ -137,7 +140,19 @@ def test_ctrl_c_in_driver_stops_workers(tmp_path):
     assert len(worker_pids(proc.pid)) == 2
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=30)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # say where the driver is and what its workers are
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        left = worker_pids(proc.pid)
+        proc.kill()
+        out, _ = proc.communicate()
+        errors.close()
+        err = (tmp_path / "stderr.txt").read_text()
+        pytest.fail(f"the driver did not end within 30 s of Ctrl-C; workers left {left}; "
+                    f"stdout:\n{out}\nstderr:\n{err[-6000:]}")
+    errors.close()
     assert time.monotonic() - t0 < 5
     assert proc.returncode == 7
     assert "interrupted False" in out
