@@ -108,6 +108,8 @@ def test_ctrl_c_in_driver_stops_workers(tmp_path):
     script.write_text(textwrap.dedent("""
         import faulthandler, signal
         faulthandler.register(signal.SIGUSR1)  # the test asks where the driver is, if it hangs
+        # Ctrl-C as in a terminal: a test run started in the background inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import numpy as np, sys, time
         from torch import nn
         from skpipe import PipeNetClassifier
