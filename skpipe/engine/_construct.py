@@ -10,7 +10,7 @@ construction (and the next random operation's state is the one eager constructio
 A stage worker is sent its chunks (meta layers, a few bytes) and the recipe of their tensors
 only; replaying it on the CPU gives, bit for bit, the values an eager ``module(**kwargs)`` under
 the same seed would have given those layers, whatever the constructor did (``reset_parameters``,
-a parent's ``__init__`` re-initialising its children, ``trunc_normal_``, ``orthogonal_``...).
+a parent's ``__init__`` re-initialising its children, ``orthogonal_``, ``xavier_*``...).
 So each process holds only its own layers, and ``n_stages=1`` and ``n_stages=p`` start from the
 same weights.
 
@@ -24,6 +24,7 @@ with the layer.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
@@ -229,7 +230,7 @@ class Blueprint:
         any key): the ops their storages depend on, and where each tensor goes."""
         targets: dict[tuple[Any, str], TensorRef] = {}
         for mk, module in modules.items():
-            for name, t in _tensors(module):
+            for name, t in named_tensors(module):
                 if not t.is_meta:
                     continue
                 if _key(t) not in self.origin:
@@ -262,7 +263,7 @@ class Program:
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors it makes in place."""
-        return sum(_numel(r) * r.dtype.itemsize for r in self.targets.values())
+        return sum(math.prod(r.size) * r.dtype.itemsize for r in self.targets.values())
 
     def apply(self, modules: Mapping[Any, nn.Module]) -> None:
         """Give the meta tensors of ``modules`` (the same layers, or copies of them) their
@@ -282,16 +283,9 @@ class Program:
         for (mk, name), ref in self.targets.items():
             put_tensor(modules[mk], name, _view(storages[ref.key], ref), done)
         for mk, module in modules.items():
-            left = [name for name, t in _tensors(module) if t.is_meta]
+            left = [name for name, t in named_tensors(module) if t.is_meta]
             if left:  # pragma: no cover - every meta tensor was a target
                 raise DeferralError(f"tensors {left[:3]} of layer {mk} were left on meta")
-
-
-def _numel(ref: TensorRef) -> int:
-    n = 1
-    for s in ref.size:
-        n *= s
-    return n
 
 
 def _view(storage: Any, ref: TensorRef) -> torch.Tensor:
@@ -306,7 +300,8 @@ def _resolve(leaf: Any, storages: dict[int, Any]) -> Any:
     return leaf
 
 
-def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``module`` by name, shared ones under each of their names."""
     return chain(
         module.named_parameters(remove_duplicate=False),
         module.named_buffers(remove_duplicate=False),
@@ -360,11 +355,11 @@ def build_deferred(factory: Callable[[], nn.Module]) -> nn.Module:
 
 def is_deferred(module: nn.Module) -> bool:
     """Whether some tensor of ``module`` still waits on the meta device for its values."""
-    return any(t.is_meta for _, t in _tensors(module))
+    return any(t.is_meta for _, t in named_tensors(module))
 
 
 def blueprint_of(module: nn.Module) -> Blueprint:
-    for name, t in _tensors(module):
+    for name, t in named_tensors(module):
         if t.is_meta:
             found = _BLUEPRINTS.get(_key(t))
             if found is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
@@ -110,13 +110,11 @@ def time_costs(
                 sync(dev)
                 t0 = time.perf_counter()
                 out = copy(inp)
-                graded = [t.float().sum() for t in leaves(out) if t.requires_grad]
-                if graded:
-                    torch.stack(graded).sum().backward()
+                backward_from(out)
                 sync(dev)
                 times.append(time.perf_counter() - t0)
             costs.append(sorted(times)[len(times) // 2])
-            x = _detached(out)
+            x = map_boundary(out, torch.Tensor.detach)
             del copy
     return costs
 
@@ -173,15 +171,9 @@ def split_time_costs(
                 times[2].append(t3 - t2)
             f, i, w = (sorted(t)[len(t) // 2] for t in times)
             costs.append((f, i, w))
-            x = _detached(out)
+            x = map_boundary(out, torch.Tensor.detach)
             del twin
     return costs
-
-
-def _detached(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.detach()
-    return tuple(t.detach() for t in out)
 
 
 def balance_sizes(
@@ -271,12 +263,22 @@ def leaves(x: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ..
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
+def map_boundary(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to what crosses a boundary: a tensor, or each tensor of a tuple."""
+    return fn(x) if isinstance(x, torch.Tensor) else tuple(fn(t) for t in x)
+
+
 def fresh_inputs(x: Any) -> Any:
     """``x`` (a tensor or a tuple of them) detached, as leaves that take gradients when
     floating: a layer's input for measuring it alone."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().requires_grad_(x.is_floating_point())
-    return tuple(t.detach().requires_grad_(t.is_floating_point()) for t in x)
+    return map_boundary(x, lambda t: t.detach().requires_grad_(t.is_floating_point()))
+
+
+def backward_from(out: Any) -> None:
+    """Backward from the sum of a layer's outputs that take gradients (if any)."""
+    graded = [t.float().sum() for t in leaves(out) if t.requires_grad]
+    if graded:
+        torch.stack(graded).sum().backward()
 
 
 def check_boundary(out: Any, rows: int, where: str, last: bool) -> None:
@@ -336,19 +338,11 @@ def boundary_shapes(
                 out = deepcopy(chunk).to_empty(device="meta")(x)
         except Exception:  # noqa: BLE001 - meta unsupported by some layer: measure for real
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                real = (
-                    torch.zeros(x.shape, dtype=x.dtype)
-                    if isinstance(x, torch.Tensor)
-                    else tuple(torch.zeros(t.shape, dtype=t.dtype) for t in x)
-                )
+                real = map_boundary(x, lambda t: torch.zeros(t.shape, dtype=t.dtype))
                 out = real_copy(chunk).eval()(real)
         check_boundary(
             out, 2, f"pipeline chunk {k} (layers {s}..{e - 1})", last=k == len(bounds) - 1
         )
         shapes.append(as_boundary(out))
-        x = (
-            torch.zeros(out.shape, device="meta", dtype=out.dtype)
-            if isinstance(out, torch.Tensor)
-            else tuple(torch.zeros(t.shape, device="meta", dtype=t.dtype) for t in out)
-        )
+        x = map_boundary(out, lambda t: torch.zeros(t.shape, device="meta", dtype=t.dtype))
     return shapes

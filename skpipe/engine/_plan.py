@@ -25,11 +25,14 @@ from ._memory import ActivationMeter
 from ._partition import (
     Boundary,
     as_boundary,
+    backward_from,
     balance_sizes,
     boundary_shapes,
+    check_boundary,
     chunk_bounds,
     fresh_inputs,
     leaves,
+    map_boundary,
     named_layers,
 )
 from ._report import ChunkReport, PlanReport
@@ -62,7 +65,8 @@ class Plan:
     def output_shape(self) -> tuple[int, ...]:
         """The network's output per row (one tensor: the plan refuses anything else)."""
         out = self.shapes[-1]
-        assert isinstance(out, tuple), "the network's output is one tensor"
+        if not isinstance(out, tuple):  # make_plan and boundary_shapes refuse such a network
+            raise TypeError(f"the network's output must be one tensor; it is {out}")
         return out
 
     @property
@@ -218,7 +222,8 @@ def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -
         nbytes.append(sum(p.numel() * p.element_size() for _, p in params))
         held, x = activation_bytes(chunk, x)
         act.append(held / leaves(x)[0].shape[0])
-    if shapes is None:
+    if shapes is None:  # one chunk: the whole network, whose output the loss takes
+        check_boundary(x, config.microbatch_rows, f"module {type(module).__name__}", last=True)
         shapes = [tuple(sample.shape[1:]), as_boundary(x)]
     return Plan(
         config=config,
@@ -258,16 +263,12 @@ def activation_bytes(chunk: nn.Module, x: Any) -> tuple[float, Any]:
     gives a meta output; where meta cannot run it, on a real copy."""
     if is_deferred(chunk):
         try:
-            return _measure_held(deepcopy(chunk).train(), _map_tensors(x, lambda t: t.to("meta")))
+            return _measure_held(deepcopy(chunk).train(), map_boundary(x, lambda t: t.to("meta")))
         except (NotImplementedError, RuntimeError):
             pass  # a layer meta cannot run: measured for real below
     # a chunk before measured on meta left sizes only: zeros of those sizes
-    x = _map_tensors(x, lambda t: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t)
+    x = map_boundary(x, lambda t: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t)
     return _measure_held(real_copy(chunk).cpu().train(), x)
-
-
-def _map_tensors(x: Any, fn: Any) -> Any:
-    return fn(x) if isinstance(x, torch.Tensor) else tuple(fn(t) for t in x)
 
 
 def _measure_held(copy: nn.Module, x: Any) -> tuple[float, Any]:
@@ -275,8 +276,6 @@ def _measure_held(copy: nn.Module, x: Any) -> tuple[float, Any]:
     inp = fresh_inputs(x)
     with torch.random.fork_rng(devices=[]), meter.track():
         out = copy(inp)
-    graded = [t.float().sum() for t in leaves(out) if t.requires_grad]
-    if graded:
-        torch.stack(graded).sum().backward()
+    backward_from(out)
     del copy
-    return float(meter.peak), _map_tensors(out, lambda t: t.detach())
+    return float(meter.peak), map_boundary(out, torch.Tensor.detach)

@@ -87,15 +87,15 @@ class Runner(ABC):
         """Per rank: ``{'peak_activation_bytes': ...}`` (after ``track_memory``)."""
 
     @abstractmethod
-    def _rank_states(
-        self, optimizers: bool, last: bool = False
-    ) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
-        """Per rank: (its chunks' state dicts, its optimizer's state dict or None), on the CPU
-        (``last``: see ``collect``)."""
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        """Per rank: (its chunks' state dicts, its optimizer's state dict or None), on the CPU."""
 
     @abstractmethod
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
         """Give every rank its chunks' state dicts and its optimizer state back."""
+
+    def drop_training_state(self) -> None:  # noqa: B027 - in this process: kept with the runner
+        """Free the stages' gradients and optimizer state (they will not train again)."""
 
     def close(self, keep_warm: bool = False) -> None:  # noqa: B027 - nothing to release by default
         """Release workers and devices; ``keep_warm`` lets healthy workers wait for the next fit."""
@@ -106,7 +106,9 @@ class Runner(ABC):
         ``last``: the runner will not train again, so stages may drop their gradients and
         optimizer state before sending their weights (the fit's peak memory is then training's,
         not training's plus the gathered copy)."""
-        self._load_chunks(self._rank_states(optimizers=False, last=last))
+        if last:
+            self.drop_training_state()
+        self._load_chunks(self._rank_states(optimizers=False))
         return self.module.to("cpu")
 
     def collect_with_optimizer(self) -> tuple[nn.Module, dict[str, Any]]:
@@ -196,9 +198,7 @@ class InProcessState:
     def _ranks_parameter_names(self) -> list[list[str]]:
         return [self.plan.rank_parameter_names()]
 
-    def _rank_states(
-        self, optimizers: bool, last: bool = False
-    ) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         return [({}, cpu_copy(self.optimizer.state_dict()) if optimizers else None)]
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:

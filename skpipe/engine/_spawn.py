@@ -115,15 +115,14 @@ class SpawnRunner(Runner):
     def stats(self) -> list[dict[str, float]]:
         return list(self.group.ask_all(P.Stats()))
 
-    def _rank_states(
-        self, optimizers: bool, last: bool = False
-    ) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+    def drop_training_state(self) -> None:
+        self.group.ask_all(P.DropTrainingState())
+
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         # the replicas hold the same weights and optimizer state: the first one's suffice
         stages = range(self.config.n_stages)
         if optimizers:
             return list(self.group.ask(stages, P.GetState()))
-        if last:  # every rank drops what only training needs; replica 0's weights travel
-            self.group.ask(range(self.config.world_size), P.DropTrainingState())
         return [(chunks, None) for chunks in self.group.ask(stages, P.Collect())]
 
     def save_state_files(self, folder: str, tag: str) -> list[str]:
@@ -148,16 +147,13 @@ class SpawnRunner(Runner):
         """Every worker reads its own tensors from the parts (memory-mapped), by name."""
         cfg = self.config
         paths = [os.path.join(folder, n) for n in names]
-        self.group.ask_all(
-            [
-                P.LoadStage(
-                    paths,
-                    self.plan.state_names(self.module, cfg.stage_of(rank)),
-                    self.plan.rank_parameter_names(cfg.stage_of(rank)),
-                )
-                for rank in range(cfg.world_size)
-            ]
-        )
+        per_stage = [
+            P.LoadStage(
+                paths, self.plan.state_names(self.module, s), self.plan.rank_parameter_names(s)
+            )
+            for s in range(cfg.n_stages)
+        ]
+        self.group.ask_all([per_stage[cfg.stage_of(rank)] for rank in range(cfg.world_size)])
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
         cfg = self.config

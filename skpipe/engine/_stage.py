@@ -24,7 +24,7 @@ from ._memory import ActivationMeter
 from ._microbatch import WeightedLoss, pad_rows, row_targets
 from ._partition import Boundary, boundary_tensors, leaves
 from ._replicas import ReplicaGradients
-from ._state import cpu_copy
+from ._state import cpu_copy, read_state_files, stage_state, state_by_name, write_state_file
 from ._timeline import Recorder, Span
 
 
@@ -355,6 +355,24 @@ class StageHost:
         for c, state in chunk_states.items():
             self.chunks[c].layers.load_state_dict(state)
         self.optimizer.load_state_dict(optimizer_state)
+
+    def save_part(
+        self, path: str, names: dict[int, dict[str, str]], parameter_names: Sequence[str]
+    ) -> None:
+        """Write this host's checkpoint part: its tensors under their names in the whole
+        network (``names``: per chunk, state-dict key -> name), its optimizer's state by
+        parameter name."""
+        module = {
+            names[c][k]: v for c, state in self.state_dicts().items() for k, v in state.items()
+        }
+        optimizer = state_by_name(self.optimizer_state(copy=False), parameter_names)
+        write_state_file(path, module, optimizer)
+
+    def load_parts(
+        self, paths: Sequence[str], names: dict[int, dict[str, str]], parameter_names: Sequence[str]
+    ) -> None:
+        """Take this host's tensors and optimizer state, by name, from checkpoint parts."""
+        self.load_state(*stage_state(read_state_files(paths), names, parameter_names))
 
     def drop_training_state(self) -> None:
         """Free gradients, optimizer state and gradient buckets (the host trains no more)."""

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ._construct import named_tensors, put_tensor
+
 
 def cpu_copy(obj: Any) -> Any:
     """A copy of a (nested) state dict with every tensor on the CPU."""
@@ -77,10 +79,10 @@ class TensorSlot:
     dtype: torch.dtype
 
 
-def split_tensors(obj: Any, tensors: list[torch.Tensor] | None = None) -> tuple[Any, list[Any]]:
+def split_tensors(obj: Any) -> tuple[Any, list[Any]]:
     """``obj`` (nested dicts, lists, tuples) with each tensor replaced by a ``TensorSlot``, and
     the tensors in slot order (as they are, on their device: nothing is copied here)."""
-    found: list[torch.Tensor] = [] if tensors is None else tensors
+    found: list[torch.Tensor] = []
 
     def walk(o: Any) -> Any:
         if isinstance(o, torch.Tensor):
@@ -206,7 +208,7 @@ class PortableModule:
         memo: dict[int, Any] = {}
         arrays: dict[str, Any] = {}
         by_id: dict[int, Any] = {}
-        for name, t in _named_tensors(self.module):
+        for name, t in named_tensors(self.module):
             if id(t) not in memo:
                 meta = torch.empty_like(t, device="meta")
                 memo[id(t)] = (
@@ -236,14 +238,7 @@ def _from_numpy(value: tuple[Any, str]) -> torch.Tensor:
     return t.view(getattr(torch, dtype.removeprefix("torch."))) if dtype else t
 
 
-def _named_tensors(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)
-
-
 def _rebuild_module(skeleton: torch.nn.Module, arrays: dict[str, Any]) -> torch.nn.Module:
-    from ._construct import put_tensor
-
     done: dict[int, torch.Tensor] = {}
     made: dict[int, torch.Tensor] = {}
     for name, value in arrays.items():

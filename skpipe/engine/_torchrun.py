@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._construct import materialize_all
-from ._state import read_state_files, stage_state, state_by_name, write_state_file
+from ._construct import materialize, materialize_all
 from ._config import TrainSpec
 from ._groups import broadcast_object, job_world, mesh_groups
 from ._microbatch import replica_shares
@@ -123,7 +122,7 @@ class TorchrunRunner(Runner):
         the layers — no pickled copy of anyone's state (``last``: gradients and optimizer state
         are dropped first)."""
         if last:
-            self.host.drop_training_state()
+            self.drop_training_state()
         cfg = self.config
         device = self.device if str(self.device).startswith("cuda") else "cpu"
         mine = self.host.state_dicts() if self.replica == 0 else {}
@@ -139,7 +138,7 @@ class TorchrunRunner(Runner):
                     dist.broadcast(t, src=stage)
                     received[key] = t.cpu()
                 layers[c].load_state_dict(received, assign=True)
-        materialize_all({0: self.module})  # what state dicts leave out (non-persistent buffers)
+        materialize(self.module)  # what state dicts leave out (non-persistent buffers)
         return self.module.to("cpu")
 
     def _everyone(self, mine: Any) -> list[Any]:
@@ -159,9 +158,10 @@ class TorchrunRunner(Runner):
     def stats(self) -> list[dict[str, float]]:
         return self._everyone(self.host.stats())
 
-    def _rank_states(
-        self, optimizers: bool, last: bool = False
-    ) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+    def drop_training_state(self) -> None:
+        self.host.drop_training_state()
+
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         # the replicas hold the same weights and optimizer state: the first one's travel
         mine: tuple[dict[int, Any], dict[str, Any] | None] = ({}, None)
         if self.replica == 0:
@@ -174,24 +174,19 @@ class TorchrunRunner(Runner):
         cfg = self.config
         names = [f"stage{s}-{tag}.pt" for s in range(cfg.n_stages)]
         if self.replica == 0:
-            chunks = self.host.state_dicts()
-            keys = self.plan.state_names(self.module, self.stage)
-            module = {keys[c][k]: v for c, state in chunks.items() for k, v in state.items()}
-            optimizer = state_by_name(
-                self.host.optimizer_state(copy=False), self.plan.rank_parameter_names(self.stage)
+            self.host.save_part(
+                os.path.join(folder, names[self.stage]),
+                self.plan.state_names(self.module, self.stage),
+                self.plan.rank_parameter_names(self.stage),
             )
-            write_state_file(os.path.join(folder, names[self.stage]), module, optimizer)
         dist.barrier()
         return names
 
     def load_state_files(self, folder: str, names: Sequence[str]) -> None:
-        saved = read_state_files([os.path.join(folder, n) for n in names])
-        self.host.load_state(
-            *stage_state(
-                saved,
-                self.plan.state_names(self.module, self.stage),
-                self.plan.rank_parameter_names(self.stage),
-            )
+        self.host.load_parts(
+            [os.path.join(folder, n) for n in names],
+            self.plan.state_names(self.module, self.stage),
+            self.plan.rank_parameter_names(self.stage),
         )
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:

@@ -158,19 +158,10 @@ class Worker:
         self.stages().load_state(m.chunks, m.optimizer)
 
     def save_stage(self, m: P.SaveStage) -> None:
-        from ._state import state_by_name, write_state_file
-
-        host = self.stages()
-        chunks = host.state_dicts()
-        module = {m.names[c][k]: v for c, state in chunks.items() for k, v in state.items()}
-        optimizer = state_by_name(host.optimizer_state(copy=False), m.parameter_names)
-        write_state_file(m.path, module, optimizer)
+        self.stages().save_part(m.path, m.names, m.parameter_names)
 
     def load_stage(self, m: P.LoadStage) -> None:
-        from ._state import read_state_files, stage_state
-
-        chunks, optimizer = stage_state(read_state_files(m.paths), m.names, m.parameter_names)
-        self.stages().load_state(chunks, optimizer)
+        self.stages().load_parts(m.paths, m.names, m.parameter_names)
 
     def drop_training_state(self, m: P.DropTrainingState) -> None:
         self.stages().drop_training_state()

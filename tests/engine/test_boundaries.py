@@ -152,3 +152,17 @@ def test_what_cannot_cross_is_refused_before_any_worker(data, module, balance, m
         PipeNetRegressor(module=module, n_stages=2, balance=balance, launcher="spawn",
                          max_epochs=1).fit(*data)
     assert wait_no_workers(timeout=1.0) == []
+
+
+def test_one_stage_network_output_must_be_one_tensor(data):
+    class Pairs(nn.Module):
+        def __init__(self, n_features_in, n_outputs):
+            super().__init__()
+            self.lin = nn.Linear(n_features_in, n_outputs)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    with pytest.raises(TypeError, match=r"module Pairs is the network's output and returns a "
+                                        r"tuple of 2 .*must be one tensor"):
+        PipeNetRegressor(module=Pairs, max_epochs=1).fit(*data)
