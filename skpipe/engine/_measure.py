@@ -24,10 +24,10 @@ from ._partition import (
     as_boundary,
     boundary_bytes_per_row,
     leaves,
-    named_layers,
     split_time_costs,
 )
 from ._plan import activation_bytes, microbatch_of
+from ._trace import split_network
 from ._simulate import ChunkCost, action_order, simulate
 
 
@@ -75,7 +75,7 @@ def measure(
     key = (signature(module), tuple(sample.shape[1:]), rows, device, threads)
     if key in _PROFILES:
         return _PROFILES[key]
-    layers = layer_list(module)
+    layers = layer_list(module, sample)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -202,9 +202,10 @@ def message_cost(device: str) -> MessageCost:
     return _MESSAGES[kind]
 
 
-def layer_list(module: nn.Module) -> list[nn.Module]:
-    """The layers a split can cut between."""
-    return [layer for _, layer in named_layers(module, 2)]
+def layer_list(module: nn.Module, sample: torch.Tensor) -> list[nn.Module]:
+    """The layers a split can cut between (for inputs like ``sample``)."""
+    named, _ = split_network(module, 2, tuple(sample.shape[1:]), sample.dtype)
+    return [layer for _, layer in named]
 
 
 def rows_to_measure(share_rows: int) -> tuple[int, int]:

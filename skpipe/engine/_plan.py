@@ -36,6 +36,7 @@ from ._partition import (
     named_layers,
 )
 from ._report import ChunkReport, PlanReport
+from ._trace import SplitTrace, split_network
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ class Plan:
     per row: one tensor's shape, or a ``TensorTuple`` (``shapes[-1]`` the output, one tensor);
     ``owners[c]`` the pipeline rank holding chunk c; ``parameter_names[c]`` the names in the
     whole network of chunk c's parameters, in the order its optimizer sees them. With one
-    stage the whole network is the one layer.
+    stage the whole network is the one layer. ``trace``: where the layers are the pieces
+    between the network's ``pipe_split()`` marks, their code (else None: the layers of an
+    ``nn.Sequential``).
     """
 
     config: PipelineConfig
@@ -60,6 +63,7 @@ class Plan:
     activation_bytes_per_row: tuple[float, ...]
     layer_names: tuple[str, ...]
     layer_costs: tuple[float, ...] | None = None
+    trace: SplitTrace | None = None
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -73,14 +77,24 @@ class Plan:
     def n_chunks(self) -> int:
         return len(self.bounds)
 
+    def named_layers(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The layers of ``module`` this plan indexes, with their names in ``module`` (traced
+        pieces are named '': their tensors carry their full names). Pieces read ``module``'s
+        submodules and tensors as they are now."""
+        named = (
+            self.trace.bind(module)
+            if self.trace is not None
+            else named_layers(module, self.n_chunks)
+        )
+        if len(named) != self.n_layers:
+            raise ValueError(
+                f"the network has {len(named)} layers but the plan was made for {self.n_layers}"
+            )
+        return named
+
     def layers(self, module: nn.Module) -> list[nn.Module]:
         """The layers of ``module`` this plan indexes."""
-        layers = [layer for _, layer in named_layers(module, self.n_chunks)]
-        if len(layers) != self.n_layers:
-            raise ValueError(
-                f"the network has {len(layers)} layers but the plan was made for {self.n_layers}"
-            )
-        return layers
+        return [layer for _, layer in self.named_layers(module)]
 
     def chunks(self, module: nn.Module, rank: int | None = None) -> dict[int, nn.Sequential]:
         """The chunks of ``rank`` (all chunks when None), sharing their layers with ``module``."""
@@ -93,10 +107,10 @@ class Plan:
         ids = range(self.n_chunks) if rank is None else self.config.chunks_of(rank)
         return [name for c in sorted(ids) for name in self.parameter_names[c]]
 
-    def state_names(self, module: nn.Module, rank: int) -> dict[int, dict[str, str]]:
-        """Per chunk of ``rank``: each key of the chunk's state dict -> its name in the whole
+    def state_names(self, module: nn.Module, rank: int | None) -> dict[int, dict[str, str]]:
+        """Per chunk of ``rank`` (of every rank when None): each key of the chunk's state dict -> its name in the whole
         network's state dict (parameters and persistent buffers)."""
-        named = named_layers(module, self.n_chunks)
+        named = self.named_layers(module)
         return {
             c: {
                 key: _qualified(named, self.bounds[c][0], key)
@@ -104,6 +118,16 @@ class Plan:
             }
             for c, chunk in self.chunks(module, rank).items()
         }
+
+    def load_chunk_states(self, module: nn.Module, states: dict[int, dict[str, Any]]) -> None:
+        """Put chunk state dicts (keyed as ``chunks()`` keys them) into ``module`` under the
+        network's names; the tensors become the network's own (no copy)."""
+        names = self.state_names(module, None)
+        whole = {names[c][key]: t for c, state in states.items() for key, t in state.items()}
+        missing = [n for n in whole if n not in module.state_dict(keep_vars=True)]
+        if missing:  # pragma: no cover - the names come from this network's own chunks
+            raise KeyError(f"chunk states name tensors {missing[:3]} the network does not have")
+        module.load_state_dict(whole, strict=False, assign=True)
 
     def with_microbatches(self, n_microbatches: int) -> Plan:
         """The same split, stepping with another micro-batch count."""
@@ -200,7 +224,9 @@ class Plan:
 def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -> Plan:
     """Split ``module`` for ``config``; ``sample`` (a few rows of X) is what the chunks are
     measured on. Nothing of ``module`` changes: measuring runs on copies."""
-    named = named_layers(module, config.n_chunks)
+    named, trace = split_network(
+        module, config.n_chunks, tuple(sample.shape[1:]), sample.dtype
+    )
     layers = [layer for _, layer in named]
     sizes, costs = balance_sizes(
         layers,
@@ -210,6 +236,7 @@ def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -
         config.devices[0],
     )
     bounds = chunk_bounds(sizes)
+    _check_unshared(named, bounds)
     # one stage: any module, whatever it does inside; its output shape is measured below
     shapes = boundary_shapes(layers, bounds, sample.shape[1]) if config.n_chunks > 1 else None
     names, counts, nbytes, act = [], [], [], []
@@ -235,9 +262,30 @@ def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -
         parameter_bytes=tuple(nbytes),
         parameter_names=tuple(names),
         activation_bytes_per_row=tuple(act),
-        layer_names=tuple(type(layer).__name__ for layer in layers),
+        layer_names=tuple(getattr(layer, "label", type(layer).__name__) for layer in layers),
         layer_costs=None if costs is None else tuple(costs),
+        trace=trace,
     )
+
+
+def _check_unshared(named: list[tuple[str, nn.Module]], bounds: list[tuple[int, int]]) -> None:
+    """Refuse a tensor that two chunks would hold: each stage would train its own copy."""
+    if len(bounds) < 2:
+        return
+    home: dict[int, tuple[int, str]] = {}
+    for c, (s, e) in enumerate(bounds):
+        for i in range(s, e):
+            prefix, layer = named[i]
+            for local, t in layer.named_parameters(remove_duplicate=False):
+                full = f"{prefix}.{local}" if prefix else local
+                first = home.setdefault(id(t), (c, full))
+                if first[0] != c:
+                    raise ValueError(
+                        f"parameter {full!r} (also {first[1]!r}) is used by pipeline chunk "
+                        f"{first[0]} and chunk {c}: a tensor lives in one stage, and two "
+                        "stages would each train their own copy. Keep the layers that share it "
+                        "in one chunk (move the split point or pass balance), or untie them."
+                    )
 
 
 def _qualified(named: list[tuple[str, nn.Module]], start: int, local: str) -> str:

@@ -150,11 +150,8 @@ class Runner(ABC):
 
     def _load_chunks(self, ranks: Sequence[tuple[dict[int, Any], Any]]) -> None:
         """Copy the chunk state dicts gathered from the ranks into the layers of ``module``."""
-        chunks = self.plan.chunks(self.module)
         for states, _ in ranks:
-            for c, state in states.items():
-                # the received tensors become the layers' own: no second copy in this process
-                chunks[c].load_state_dict(state, assign=True)
+            self.plan.load_chunk_states(self.module, states)
         materialize(self.module)  # what state dicts leave out (non-persistent buffers)
 
     def _named(self, ranks: Sequence[tuple[Any, dict[str, Any] | None]]) -> dict[str, Any]:

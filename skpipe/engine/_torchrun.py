@@ -137,7 +137,7 @@ class TorchrunRunner(Runner):
                         t = torch.empty(like.shape, dtype=like.dtype, device=device)
                     dist.broadcast(t, src=stage)
                     received[key] = t.cpu()
-                layers[c].load_state_dict(received, assign=True)
+                self.plan.load_chunk_states(self.module, {c: received})
         materialize(self.module)  # what state dicts leave out (non-persistent buffers)
         return self.module.to("cpu")
 

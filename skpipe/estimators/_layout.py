@@ -67,7 +67,7 @@ def choose_layout(
     if first.launcher == "torchrun" or not auto_stages:
         counts = [first.n_stages]  # a job's world fixes the stages
     else:
-        n_layers = max(1, len(_planner.layer_list(module)))
+        n_layers = max(1, len(_planner.layer_list(module, sample)))
         counts = list(range(1, n_layers + 1))
     last_error: ValueError | None = None
     for n in counts:

@@ -1,0 +1,526 @@
+"""Networks split where their ``forward`` says: torch.fx tracing at torch's ``pipe_split()`` marks.
+
+A network whose ``forward`` is arbitrary Python (a transformer with a [CLS] token, a residual
+stack, skip connections across blocks) marks where it may be cut with
+``torch.distributed.pipelining.pipe_split()`` (a no-op when the network runs as it is). skpipe
+then cuts it there into **pieces**: piece k runs the code of ``forward`` between mark k-1 and
+mark k. The pieces are the layers the plan balances over the chunks, as the layers of an
+``nn.Sequential`` are; what crosses a cut is every value computed before it and used after it
+(a tuple when there are several: a skip connection rides through the pieces it skips).
+
+How the pieces are found:
+1. ``forward`` runs once on the meta device (no memory, no values) on a copy of the network, to
+   learn which modules call ``pipe_split()`` (the root's own forward, or a submodule's at any
+   depth: those are traced through).
+2. ``torch.fx`` traces the network symbolically, once in train mode and once in eval mode (code
+   that reads ``self.training`` differs between them). Every submodule without a mark is a
+   *leaf*: its call is recorded and it runs as it is (its own Python, its own train/eval mode,
+   its buffers updated in place). Batch sizes stay symbolic (``x.shape[0]`` is read at run time).
+3. The graph is cut at the marks; each piece is Python code generated from its part of the graph,
+   run against the network's own submodules and tensors, under their names in the network
+   (``blocks.3.attn.weight``): checkpoints, ``module_`` and the optimizer's state keep the
+   network's names.
+
+Why not torch's ``pipeline()`` (``torch.export``): it fixes the batch size of the example into
+the graph (a [CLS] token ``expand(x.shape[0], ...)`` becomes ``expand(4, ...)``), fixes train or
+eval mode inside every layer, replaces the layers by exported modules whose calls no longer match
+the originals (and pass integers between stages), and its stage modules cannot be pickled to a
+worker. Tracing with ``torch.fx`` keeps the user's layers as they are.
+
+What a marked network must satisfy (else a ``TypeError`` before any worker starts names what to
+change): the code of every module that calls ``pipe_split()`` is traceable by ``torch.fx`` (no
+``if``/``for`` on tensor values, no ``.item()``; move such code into a submodule without marks,
+which runs as it is); only tensors cross a mark (compute sizes again after it), float tensors
+with a row per sample.
+"""
+
+from __future__ import annotations
+
+import importlib
+import operator
+import traceback
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from copy import deepcopy
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.distributed.pipelining  # noqa: F401 - defines torch.ops.pippy._pipe_split
+import torch.fx as fx
+from torch import nn
+
+from ._construct import named_tensors, real_copy
+from ._partition import named_layers
+
+
+def split_here() -> None:
+    """What a traced graph records where ``forward`` called ``pipe_split()`` (a no-op)."""
+
+
+@contextmanager
+def _marks_call(fn: Callable[[], Any]) -> Iterator[None]:
+    """``pipe_split()`` calls ``fn`` instead of torch's no-op op while this lasts (it looks the
+    op up on ``torch.ops.pippy`` at every call, wherever it was imported from)."""
+    namespace = torch.ops.pippy
+    original = namespace._pipe_split
+    namespace._pipe_split = fn
+    try:
+        yield
+    finally:
+        namespace._pipe_split = original
+
+
+@dataclass(frozen=True)
+class PieceCode:
+    """One piece of a traced network, without the network: its code (train and eval mode), the
+    names it reads in the network (submodules it calls, tensors it reads), constants the trace
+    made, and a label for the plan."""
+
+    train: str
+    eval: str
+    names: tuple[tuple[str, str, Any], ...]  # (global name, 'module' | 'value', module or value)
+    targets: tuple[str, ...]
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class SplitTrace:
+    """A network cut at its ``pipe_split()`` marks: the pieces' code, bound to a network (the
+    one traced, or any network of the same structure) with ``bind``. Picklable."""
+
+    pieces: tuple[PieceCode, ...]
+    module_type: str
+
+    def bind(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The pieces as layers reading ``module``'s current submodules and tensors; named ''
+        (their tensors carry their full names in ``module``)."""
+        return [("", TracedPiece(code, module)) for code in self.pieces]
+
+
+class TracedPiece(nn.Module):
+    """The code of ``forward`` between two ``pipe_split()`` marks, as a layer: it holds the
+    network's submodules and tensors it uses under their names in the network, and takes what
+    crosses the mark before it (one tensor, or a tuple) and returns what crosses the next."""
+
+    def __init__(self, code: PieceCode, root: nn.Module) -> None:
+        super().__init__()
+        self.code = code
+        self.label = code.label
+        for target in sorted(code.targets, key=lambda t: t.count(".")):
+            _bind(self, root, target)
+        for name, value in code.constants.items():
+            self.register_buffer(name, value, persistent=False)
+        self._compile()
+
+    def _compile(self) -> None:
+        self._forwards = {
+            True: _compile(self.code.train, self.code.names),
+            False: _compile(self.code.eval, self.code.names),
+        }
+
+    def forward(self, x: Any) -> Any:
+        return self._forwards[self.training](self, x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_forwards", None)  # compiled code: made again where it lands
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._compile()
+
+    def extra_repr(self) -> str:
+        return f"label={self.label!r}"
+
+
+def _bind(piece: nn.Module, root: nn.Module, target: str) -> None:
+    """Put ``root``'s object at ``target`` into ``piece`` under the same name: a submodule or a
+    tensor itself (a parameter stays one, a buffer keeps its persistence), with empty modules
+    for the path above it. Nothing to do where an ancestor is already the network's own."""
+    *path, leaf = target.split(".")
+    have: nn.Module = piece
+    owner = root
+    for atom in path:
+        owner = getattr(owner, atom)
+        got = have._modules.get(atom)
+        if got is owner:
+            return  # the whole submodule is the network's own
+        if got is None:
+            got = nn.Module()
+            have.add_module(atom, got)
+        have = got
+    value = getattr(owner, leaf)
+    if isinstance(value, nn.Module):
+        have.add_module(leaf, value)
+    elif isinstance(value, nn.Parameter):
+        have.register_parameter(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        kept = leaf in owner._buffers and leaf not in owner._non_persistent_buffers_set
+        have.register_buffer(leaf, value, persistent=kept)
+    else:  # pragma: no cover - torch.fx reads only modules and tensors by get_attr
+        setattr(have, leaf, value)
+
+
+def _compile(src: str, names: tuple[tuple[str, str, Any], ...]) -> Callable[..., Any]:
+    scope: dict[str, Any] = {
+        name: importlib.import_module(value) if kind == "module" else value
+        for name, kind, value in names
+    }
+    exec(compile(src, "<skpipe traced piece>", "exec"), scope)  # noqa: S102 - code fx generated
+    return scope["forward"]
+
+
+# -- finding the pieces ---------------------------------------------------------------------------
+_TRACES: weakref.WeakKeyDictionary[nn.Module, dict[Any, SplitTrace | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def split_network(
+    module: nn.Module, n_chunks: int, row_shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[list[tuple[str, nn.Module]], SplitTrace | None]:
+    """The layers a plan balances over ``n_chunks`` chunks, with their names in ``module``, and
+    the trace when they are the pieces between ``pipe_split()`` marks (None: the layers of an
+    ``nn.Sequential``, or the whole module for one chunk)."""
+    if n_chunks == 1:
+        return named_layers(module, 1), None
+    trace = trace_marks(module, row_shape, dtype)
+    if trace is None:
+        return named_layers(module, n_chunks), None
+    return trace.bind(module), trace
+
+
+def trace_marks(
+    module: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype
+) -> SplitTrace | None:
+    """``module`` cut at its ``pipe_split()`` marks for inputs of ``row_shape`` per row (None
+    when forward calls no ``pipe_split()``); kept per network. Raises TypeError naming what
+    cannot be traced or cannot cross a mark."""
+    key = (row_shape, dtype)
+    kept = _TRACES.setdefault(module, {})
+    if key not in kept:
+        kept[key] = _trace_marks(module, row_shape, dtype)
+    return kept[key]
+
+
+_ROWS = 7  # rows of the probe input: unlikely to be mistaken for another dimension
+
+
+def _trace_marks(
+    module: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype
+) -> SplitTrace | None:
+    name = type(module).__name__
+    twin, x = _meta_twin(module), torch.zeros((_ROWS, *row_shape), dtype=dtype, device="meta")
+    try:
+        stacks = _mark_stacks(twin, x)
+    except (NotImplementedError, RuntimeError):  # meta cannot run some layer: a real copy can
+        twin, x = real_copy(module), torch.zeros((_ROWS, *row_shape), dtype=dtype)
+        stacks = _mark_stacks(twin, x)
+    if not stacks:
+        return None
+    through = {owner for stack in stacks for owner in stack if owner}
+    concrete = _defaults(twin)
+    modes = {}
+    for training in (True, False):
+        twin.train(training)
+        modes[training] = _trace(twin, through, concrete, name)
+    graph = modes[True]
+    seen = sum(1 for n in graph.nodes if n.target is split_here)
+    if seen != len(stacks):
+        raise TypeError(
+            f"module {name}'s forward called pipe_split() {len(stacks)} times, but torch.fx "
+            f"saw {seen} of them (inside {sorted(set(s[-1] or name for s in stacks))}): some "
+            "run where tracing cannot follow (a function torch.fx does not look into, such as "
+            "torch.utils.checkpoint). Call pipe_split() in the forward of a module, between "
+            "its calls of submodules."
+        )
+    train, crossing = _cut(graph, name)
+    evals, eval_crossing = _cut(modes[False], name)
+    if [len(c) for c in crossing] != [len(c) for c in eval_crossing] or len(train) != len(evals):
+        raise TypeError(
+            f"module {name} is cut differently in train and eval mode (its forward's marks or "
+            "what crosses them depend on self.training): keep pipe_split() calls and the "
+            "values that cross them the same in both modes."
+        )
+    twin.train(True)
+    _check_crossing(twin, graph, x, crossing, name)
+    constants = {
+        n.target: getattr(twin, n.target)
+        for n in chain(graph.nodes, modes[False].nodes)
+        if n.op == "get_attr" and "." not in n.target and not hasattr(module, n.target)
+    }
+    pieces = []
+    for t, e in zip(train, evals, strict=True):
+        (src_t, names_t, targets), (src_e, names_e, targets_e) = t, e
+        used = list(dict.fromkeys(targets + targets_e))  # in the order forward reads them
+        pieces.append(
+            PieceCode(
+                train=src_t,
+                eval=src_e,
+                names=_names({**dict(names_t), **dict(names_e)}),
+                targets=tuple(u for u in used if u not in constants),
+                constants={u: constants[u] for u in used if u in constants},
+                label=_label(used, constants),
+            )
+        )
+    return SplitTrace(pieces=tuple(pieces), module_type=name)
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are on the meta device (no memory):
+    what the probe and the tracer run, so that the network itself is left as it was."""
+    memo: dict[int, Any] = {}
+    for _, t in named_tensors(module):
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = (
+                nn.Parameter(meta, requires_grad=t.requires_grad)
+                if isinstance(t, nn.Parameter)
+                else meta
+            )
+    return deepcopy(module, memo)
+
+
+def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
+    """Run ``twin`` once; for every ``pipe_split()`` call, the names of the modules whose
+    forward was running (outermost first; '' is the network itself)."""
+    names: dict[int, str] = {}
+    for path, m in twin.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), path)
+    stack: list[str] = []
+    stacks: list[tuple[str, ...]] = []
+
+    def enter(m: nn.Module, args: Any) -> None:
+        stack.append(names.get(id(m), "?"))
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        stack.pop()
+
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
+
+    pre, post = register_module_forward_pre_hook(enter), register_module_forward_hook(leave)
+    try:
+        with _marks_call(lambda: stacks.append(tuple(stack))), torch.no_grad():
+            with torch.random.fork_rng(devices=[]):
+                twin(x)
+    finally:
+        pre.remove()
+        post.remove()
+    return stacks
+
+
+def _defaults(module: nn.Module) -> dict[str, Any]:
+    """forward's parameters after the first that have defaults: traced with those values (the
+    network is called with one input)."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+class _Tracer(fx.Tracer):
+    """Traces into the modules that call ``pipe_split()`` (and the network); every other
+    submodule is a leaf, called as it is."""
+
+    def __init__(self, through: set[str]) -> None:
+        super().__init__()
+        self.through = through
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name not in self.through
+
+
+def _trace(twin: nn.Module, through: set[str], concrete: dict[str, Any], name: str) -> fx.Graph:
+    tracer = _Tracer(through)
+    mark = lambda: tracer.create_proxy("call_function", split_here, (), {})  # noqa: E731
+    try:
+        with _marks_call(mark), torch.random.fork_rng(devices=[]):
+            return tracer.trace(twin, concrete_args=concrete or None)
+    except Exception as exc:  # noqa: BLE001 - whatever torch.fx cannot follow
+        where = _user_frame(exc)
+        inside = ", ".join(sorted(through)) or "none"
+        raise TypeError(
+            f"module {name} calls pipe_split(), so skpipe traces its forward (and the forward "
+            f"of the submodules that call it: {inside}) with torch.fx, which failed{where}: "
+            f"{type(exc).__name__}: {exc}. Tracing cannot follow Python that depends on tensor "
+            "values (if/for/while on them, .item(), len() of a tensor). Move that code into a "
+            "submodule without pipe_split() calls (such submodules run as they are, untraced), "
+            "or use n_stages=1."
+        ) from None
+
+
+def _user_frame(exc: BaseException) -> str:
+    """' at file:line (code)' of the last frame of the traceback outside torch, if any."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/torch/" not in f.filename and "/skpipe/engine/" not in f.filename
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _source_line(node: fx.Node) -> str:
+    """The user's line that made ``node`` (from the trace's stack), or ''."""
+    stack = node.stack_trace or ""
+    lines = [ln.strip() for ln in stack.strip().splitlines()]
+    for i in range(len(lines) - 2, -1, -1):
+        if lines[i].startswith("File ") and "/torch/" not in lines[i]:
+            return f" (made by `{lines[i + 1]}`, {lines[i].removeprefix('File ')})"
+    return ""
+
+
+_Code = tuple[str, dict[str, Any], list[str]]  # source, its globals, the names it reads
+
+
+def _cut(graph: fx.Graph, name: str) -> tuple[list[_Code], list[list[fx.Node]]]:
+    """The pieces of a traced graph (code of each), and what crosses into each piece (the
+    network's input for the first)."""
+    segment: dict[fx.Node, int] = {}
+    parts: list[list[fx.Node]] = [[]]
+    inputs, output = [], None
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            inputs.append(n)
+            segment[n] = -1
+        elif n.op == "output":
+            output = n
+        elif n.op == "call_function" and n.target is split_here:
+            parts.append([])
+        else:
+            parts[-1].append(n)
+    assert output is not None
+    # a part that computes nothing (marks in a row, a mark first or last) is no piece
+    parts = [p for p in parts if any(n.op != "get_attr" for n in p)]
+    if len(inputs) != 1:
+        raise TypeError(
+            f"module {name}'s forward takes {len(inputs)} inputs without defaults; skpipe "
+            "calls the network with one (the batch of X)."
+        )
+    for k, part in enumerate(parts):
+        for n in part:
+            segment[n] = k
+    last = len(parts) - 1
+    segment[output] = last
+    # what crosses into piece k: values made before it (not tensors read by name, which every
+    # piece reads itself) and used in it or after it
+    reach = {
+        n: max((segment.get(u, last) for u in n.users), default=-1)
+        for n in segment
+        if n.op != "get_attr" and n is not output
+    }
+    crossing = [inputs] + [
+        [n for n in reach if segment[n] < k <= reach[n]] for k in range(1, len(parts))
+    ]
+    codes = []
+    for k, part in enumerate(parts):
+        outs: Any = crossing[k + 1] if k < last else output.args[0]
+        codes.append(_piece_code(part, crossing[k], outs, single_out=k == last))
+    for k in range(1, len(parts)):
+        if not crossing[k]:
+            raise TypeError(
+                f"nothing computed before pipe_split() number {k} of module {name} is used "
+                "after it: the pieces after it do not depend on the input."
+            )
+    return codes, crossing
+
+
+def _piece_code(part: list[fx.Node], ins: list[fx.Node], outs: Any, single_out: bool) -> _Code:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    boundary = g.placeholder("boundary")
+    if len(ins) == 1:
+        env[ins[0]] = boundary
+    else:
+        for i, n in enumerate(ins):
+            env[n] = g.call_function(operator.getitem, (boundary, i))
+            env[n].name = n.name if n.name != "boundary" else env[n].name
+
+    def look(n: fx.Node) -> fx.Node:
+        if n not in env:  # a tensor another piece read by name: read it here too
+            assert n.op == "get_attr", n
+            env[n] = g.get_attr(n.target)
+        return env[n]
+
+    for n in part:
+        env[n] = g.node_copy(n, look)
+    if single_out:
+        g.output(fx.graph.map_arg(outs, look))
+    else:
+        got = [look(n) for n in outs]
+        g.output(got[0] if len(got) == 1 else tuple(got))
+    g.lint()
+    code = g.python_code(root_module="self")
+    targets = [str(n.target) for n in g.nodes if n.op in ("get_attr", "call_module")]
+    return code.src, dict(code.globals), targets
+
+
+def _names(scope: dict[str, Any]) -> tuple[tuple[str, str, Any], ...]:
+    """The generated code's globals, modules by name (so that the pieces pickle)."""
+    return tuple(
+        (k, "module", v.__name__) if isinstance(v, types.ModuleType) else (k, "value", v)
+        for k, v in sorted(scope.items())
+    )
+
+
+def _label(used: list[str], constants: dict[str, torch.Tensor]) -> str:
+    mods = [u for u in used if u not in constants]
+    if not mods:
+        return "(ops)"
+    return ",".join(mods) if len(mods) <= 3 else f"{mods[0]}..{mods[-1]}"
+
+
+def _check_crossing(
+    twin: nn.Module, graph: fx.Graph, x: torch.Tensor, crossing: list[list[fx.Node]], name: str
+) -> None:
+    """Run the traced graph once (on ``twin``, on meta when it is) and refuse a value crossing a
+    mark that cannot cross a stage boundary, naming it and the line that made it."""
+    watched = {n for ins in crossing[1:] for n in ins}
+    values: dict[fx.Node, Any] = {}
+
+    class _Watch(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n in watched:
+                values[n] = out
+            return out
+
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            _Watch(fx.GraphModule(twin, graph)).run(x)
+    except (NotImplementedError, RuntimeError):  # pragma: no cover - the plan checks chunks
+        return
+    for k, ins in enumerate(crossing[1:], start=1):
+        for n in ins:
+            v = values.get(n)
+            problem = None
+            if not isinstance(v, torch.Tensor):
+                problem = f"is a {type(v).__name__}, not a tensor"
+            elif not v.is_floating_point():
+                problem = f"is a {v.dtype} tensor (tensors crossing carry gradients: float)"
+            elif v.dim() == 0 or v.shape[0] != x.shape[0]:
+                problem = f"has shape {tuple(v.shape)}, no row per sample"
+            if problem:
+                raise TypeError(
+                    f"`{n.name}`{_source_line(n)} is made before pipe_split() number {k} of "
+                    f"module {name} and used after it, but it {problem}: only float tensors "
+                    "with a row per sample cross a stage boundary. Compute it again after the "
+                    "mark (sizes from a tensor's shape there), or move the mark."
+                )
