@@ -32,7 +32,9 @@ def named_layers(module: nn.Module, n_chunks: int, prefix: str = "") -> list[tup
     if not isinstance(module, nn.Sequential):
         raise TypeError(
             f"module {type(module).__name__} cannot be split into {n_chunks} pipeline chunks: "
-            "skpipe splits an nn.Sequential at its layer boundaries. Express the network as "
+            "skpipe splits an nn.Sequential at its layer boundaries, or any network where its "
+            "forward calls torch.distributed.pipelining.pipe_split() (and this one calls none). "
+            "Call pipe_split() in forward where the network may be cut, express it as "
             "nn.Sequential(block_1, block_2, ...) of blocks whose forward takes one tensor and "
             "returns one tensor (skpipe.modules.MLP is one), or use n_stages=1."
         )
@@ -182,15 +184,22 @@ def balance_sizes(
     balance: str | Sequence[int],
     sample: torch.Tensor | None = None,
     device: str = "cpu",
+    traced: bool = False,
 ) -> tuple[list[int], list[float] | None]:
     """Layer counts per chunk for a balance rule; also the measured costs when
-    ``balance='time'``."""
+    ``balance='time'``. ``traced``: the layers are the pieces between pipe_split() marks."""
     n_layers = len(layers)
     if n_chunks > n_layers:
+        more = (
+            "call pipe_split() at more places in forward"
+            if traced
+            else "give the network more layers"
+        )
+        what = " (the pieces between its pipe_split() marks)" if traced else ""
         raise ValueError(
-            f"the network has {n_layers} splittable layers, fewer than the {n_chunks} pipeline "
-            "chunks asked for (n_stages x chunks_per_stage); lower n_stages or chunks_per_stage, "
-            "or give the network more layers."
+            f"the network has {n_layers} splittable layers{what}, fewer than the {n_chunks} "
+            "pipeline chunks asked for (n_stages x chunks_per_stage); lower n_stages or "
+            f"chunks_per_stage, or {more}."
         )
     if not isinstance(balance, str):
         sizes = [int(s) for s in balance]

@@ -234,6 +234,7 @@ def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -
         config.balance,
         sample[: config.microbatch_rows],
         config.devices[0],
+        traced=trace is not None,
     )
     bounds = chunk_bounds(sizes)
     _check_unshared(named, bounds)
@@ -280,8 +281,9 @@ def _check_unshared(named: list[tuple[str, nn.Module]], bounds: list[tuple[int, 
                 full = f"{prefix}.{local}" if prefix else local
                 first = home.setdefault(id(t), (c, full))
                 if first[0] != c:
+                    also = f" (also named {first[1]!r})" if first[1] != full else ""
                     raise ValueError(
-                        f"parameter {full!r} (also {first[1]!r}) is used by pipeline chunk "
+                        f"parameter {full!r}{also} is used by pipeline chunk "
                         f"{first[0]} and chunk {c}: a tensor lives in one stage, and two "
                         "stages would each train their own copy. Keep the layers that share it "
                         "in one chunk (move the split point or pass balance), or untie them."

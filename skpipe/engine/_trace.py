@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import operator
+import re
 import traceback
 import types
 import weakref
@@ -356,7 +357,7 @@ def _trace(twin: nn.Module, through: set[str], concrete: dict[str, Any], name: s
         inside = ", ".join(sorted(through)) or "none"
         raise TypeError(
             f"module {name} calls pipe_split(), so skpipe traces its forward (and the forward "
-            f"of the submodules that call it: {inside}) with torch.fx, which failed{where}: "
+            f"of its submodules that call it: {inside}) with torch.fx, which failed{where}: "
             f"{type(exc).__name__}: {exc}. Tracing cannot follow Python that depends on tensor "
             "values (if/for/while on them, .item(), len() of a tensor). Move that code into a "
             "submodule without pipe_split() calls (such submodules run as they are, untraced), "
@@ -379,11 +380,11 @@ def _user_frame(exc: BaseException) -> str:
 
 def _source_line(node: fx.Node) -> str:
     """The user's line that made ``node`` (from the trace's stack), or ''."""
-    stack = node.stack_trace or ""
-    lines = [ln.strip() for ln in stack.strip().splitlines()]
+    lines = [ln.strip() for ln in (node.stack_trace or "").strip().splitlines()]
     for i in range(len(lines) - 2, -1, -1):
-        if lines[i].startswith("File ") and "/torch/" not in lines[i]:
-            return f" (made by `{lines[i + 1]}`, {lines[i].removeprefix('File ')})"
+        where = re.match(r'File "(.+)", line (\d+)', lines[i])
+        if where and "/torch/" not in where[1]:
+            return f" (made by `{lines[i + 1]}` at {where[1]}:{where[2]})"
     return ""
 
 
@@ -512,7 +513,7 @@ def _check_crossing(
             v = values.get(n)
             problem = None
             if not isinstance(v, torch.Tensor):
-                problem = f"is a {type(v).__name__}, not a tensor"
+                problem = f"is of type {type(v).__name__}, not a tensor"
             elif not v.is_floating_point():
                 problem = f"is a {v.dtype} tensor (tensors crossing carry gradients: float)"
             elif v.dim() == 0 or v.shape[0] != x.shape[0]:
