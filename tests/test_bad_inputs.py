@@ -5,7 +5,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
+from torch.distributed.pipelining import pipe_split
 
 import skpipe
 from skpipe import PipeNetClassifier, PipeNetRegressor
@@ -40,6 +42,28 @@ class NotSequential(nn.Module):
         return self.lin(x)
 
 
+class Marked(nn.Module):
+    """Split at its pipe_split() marks; ``case`` picks what its forward does wrong."""
+
+    def __init__(self, n_features_in, n_outputs, case="branch"):
+        super().__init__()
+        self.a, self.b = nn.Linear(n_features_in, 4), nn.Linear(4, n_outputs)
+        self.case = case
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.case == "branch" and h.sum() > 0:
+            h = -h
+        n = x.shape[0]
+        pipe_split()
+        out = self.b(torch.tanh(h))
+        if self.case == "size":
+            out = out.view(n, -1)
+        if self.case == "tied":
+            out = out + nn.functional.linear(h, self.a.weight.t())[:, : out.shape[1]]
+        return out
+
+
 def with_nan(X):
     X = X.copy(); X[1, 1] = np.nan; return X
 
@@ -71,6 +95,9 @@ CASES = [
     ("balance-sum", dict(SPAWN, balance=[1, 1]), X, Y, ValueError, r"balance \[1, 1\] must list 2 positive layer counts .*\(3\); got 2 counts summing to 2"),
     ("balance-length", dict(SPAWN, balance=[1, 1, 1]), X, Y, ValueError, r"balance \[1, 1, 1\] has 3 entries but the pipeline has 2 chunks"),
     ("unsplittable", dict(SPAWN, module=NotSequential), X, Y, TypeError, r"module NotSequential cannot be split into 2 pipeline chunks"),
+    ("marked-control-flow", dict(SPAWN, module=Marked), X, Y, TypeError, r"module Marked calls pipe_split\(\), so skpipe traces its forward .* failed at .*test_bad_inputs.py:\d+ \(if self.case == .branch. and h.sum\(\) > 0:\): TraceError"),
+    ("marked-int-crosses", dict(SPAWN, module=Marked, module__case="size"), X, Y, TypeError, r"`getitem` \(made by `n = x.shape\[0\]` at .*\) is made before pipe_split\(\) number 1 of module Marked and used after it, but it is of type int"),
+    ("marked-tied-across", dict(SPAWN, module=Marked, module__case="tied"), X, Y, ValueError, r"parameter 'a.weight' is used by pipeline chunk 0 and chunk 1"),
     ("stage-output-tuple", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), Pair(), nn.Identity())), X, Y, TypeError, r"pipeline chunk 1 \(layers 2..2\) is the network's output and returns a tuple of 2"),
     ("stage-output-int", dict(SPAWN, module=nn.Sequential(nn.Linear(5, 3), WithMask(), TakeFirst())), X, Y, TypeError, r"pipeline chunk 0 \(layers 0..1\) returns a tuple whose tensors \[1\] are not floating point"),
     ("lr<=0", dict(SPAWN, lr=-0.5), X, Y, ValueError, r"The 'lr' parameter of PipeNetClassifier must be a float in the range \(0.0, inf\). Got -0.5 instead"),
