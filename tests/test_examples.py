@@ -54,7 +54,8 @@ def test_cli_demo_small():
     assert "best cross-validated accuracy:" in out.stdout
 
 
-EXAMPLES = ["quick_start.py", "mixed_types_pipeline.py", "choose_schedule.py", "large_network.py"]
+EXAMPLES = ["quick_start.py", "mixed_types_pipeline.py", "choose_schedule.py", "large_network.py",
+            "split_points.py"]
 
 
 @pytest.mark.distributed

@@ -108,8 +108,8 @@ class Plan:
         return [name for c in sorted(ids) for name in self.parameter_names[c]]
 
     def state_names(self, module: nn.Module, rank: int | None) -> dict[int, dict[str, str]]:
-        """Per chunk of ``rank`` (of every rank when None): each key of the chunk's state dict -> its name in the whole
-        network's state dict (parameters and persistent buffers)."""
+        """Per chunk of ``rank`` (of every rank when None): each key of the chunk's state dict
+        -> its name in the whole network's state dict (parameters and persistent buffers)."""
         named = self.named_layers(module)
         return {
             c: {

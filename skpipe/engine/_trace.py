@@ -36,13 +36,14 @@ with a row per sample.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import operator
 import re
 import traceback
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -66,13 +67,72 @@ def split_here() -> None:
 def _marks_call(fn: Callable[[], Any]) -> Iterator[None]:
     """``pipe_split()`` calls ``fn`` instead of torch's no-op op while this lasts (it looks the
     op up on ``torch.ops.pippy`` at every call, wherever it was imported from)."""
-    namespace = torch.ops.pippy
+    namespace: Any = torch.ops.pippy
     original = namespace._pipe_split
     namespace._pipe_split = fn
     try:
         yield
     finally:
         namespace._pipe_split = original
+
+
+# -- marks given from outside the network: split points -------------------------------------------
+SPLIT_POINTS = ("beginning", "end")
+_FROM_HOOK: list[nn.Module] = []  # the module whose split-point hook is calling pipe_split()
+
+
+def _split_before(module: nn.Module, args: Any) -> None:
+    _FROM_HOOK.append(module)
+    try:
+        torch.distributed.pipelining.pipe_split()
+    finally:
+        _FROM_HOOK.pop()
+
+
+def _split_after(module: nn.Module, args: Any, output: Any) -> None:
+    torch.distributed.pipelining.pipe_split()
+
+
+def mark_split_points(module: nn.Module, split_points: Mapping[str, Any] | None) -> None:
+    """Make ``pipe_split()`` run before ('beginning') or after ('end') every call of the
+    submodules named in ``split_points`` (torch's ``SplitPoint.BEGINNING``/``END`` are taken
+    too), as forward hooks that travel and pickle with the network; marks set by an earlier
+    call are removed first. Raises ValueError naming an unknown submodule or a bad value."""
+    for m in module.modules():
+        for hooks, fn in ((m._forward_pre_hooks, _split_before), (m._forward_hooks, _split_after)):
+            for key in [k for k, h in hooks.items() if h is fn]:
+                del hooks[key]
+    names = [n for n, _ in module.named_modules() if n]
+    for name, where in (split_points or {}).items():
+        kind = getattr(where, "name", where)
+        kind = kind.lower() if isinstance(kind, str) else kind
+        if kind not in SPLIT_POINTS:
+            raise ValueError(
+                f"split_points[{name!r}] must be 'beginning', 'end' or a "
+                f"torch.distributed.pipelining.SplitPoint; got {where!r}."
+            )
+        if not isinstance(name, str) or name not in names:
+            close = difflib.get_close_matches(str(name), names, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else (
+                f" Its submodules: {', '.join(names[:8])}{'...' if len(names) > 8 else ''}."
+            )
+            raise ValueError(
+                f"split_points names {name!r}, which is not a submodule of "
+                f"{type(module).__name__}.{hint}"
+            )
+        sub = module.get_submodule(name)
+        if kind == "beginning":
+            sub.register_forward_pre_hook(_split_before)
+        else:
+            sub.register_forward_hook(_split_after)
+
+
+def _marked_at(m: nn.Module) -> tuple[bool, bool]:
+    """Whether ``m`` has a split point at its beginning, at its end."""
+    return (
+        any(h is _split_before for h in m._forward_pre_hooks.values()),
+        any(h is _split_after for h in m._forward_hooks.values()),
+    )
 
 
 @dataclass(frozen=True)
@@ -203,7 +263,10 @@ def trace_marks(
     """``module`` cut at its ``pipe_split()`` marks for inputs of ``row_shape`` per row (None
     when forward calls no ``pipe_split()``); kept per network. Raises TypeError naming what
     cannot be traced or cannot cross a mark."""
-    key = (row_shape, dtype)
+    marks = tuple(
+        (name, _marked_at(m)) for name, m in module.named_modules() if any(_marked_at(m))
+    )
+    key = (row_shape, dtype, marks)
     kept = _TRACES.setdefault(module, {})
     if key not in kept:
         kept[key] = _trace_marks(module, row_shape, dtype)
@@ -303,6 +366,11 @@ def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
     def leave(m: nn.Module, args: Any, out: Any) -> None:
         stack.pop()
 
+    def mark() -> None:
+        # a split point at a module's beginning runs inside its call: its callers are traced
+        inside = _FROM_HOOK and stack and stack[-1] == names.get(id(_FROM_HOOK[-1]))
+        stacks.append(tuple(stack[:-1]) if inside else tuple(stack))
+
     from torch.nn.modules.module import (
         register_module_forward_hook,
         register_module_forward_pre_hook,
@@ -310,9 +378,8 @@ def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
 
     pre, post = register_module_forward_pre_hook(enter), register_module_forward_hook(leave)
     try:
-        with _marks_call(lambda: stacks.append(tuple(stack))), torch.no_grad():
-            with torch.random.fork_rng(devices=[]):
-                twin(x)
+        with _marks_call(mark), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            twin(x)
     finally:
         pre.remove()
         post.remove()
@@ -344,6 +411,21 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name not in self.through
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
+    ) -> Any:
+        # torch.fx runs no hooks of a leaf: its split points are marked here (a traced module's
+        # hooks run, and call pipe_split() themselves)
+        before, after = _marked_at(m) if self.is_leaf_module(m, self.path_of_module(m)) else (
+            False, False
+        )
+        if before:
+            self.create_proxy("call_function", split_here, (), {})
+        out = super().call_module(m, forward, args, kwargs)
+        if after:
+            self.create_proxy("call_function", split_here, (), {})
+        return out
 
 
 def _trace(twin: nn.Module, through: set[str], concrete: dict[str, Any], name: str) -> fx.Graph:
@@ -457,7 +539,7 @@ def _piece_code(part: list[fx.Node], ins: list[fx.Node], outs: Any, single_out: 
     def look(n: fx.Node) -> fx.Node:
         if n not in env:  # a tensor another piece read by name: read it here too
             assert n.op == "get_attr", n
-            env[n] = g.get_attr(n.target)
+            env[n] = g.get_attr(str(n.target))
         return env[n]
 
     for n in part:

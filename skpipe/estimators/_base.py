@@ -43,6 +43,7 @@ from ..engine._planner import Choice, annotated
 from ..engine._report import PlanReport
 from ..engine._runners import held_devices, make_runner, resolve_launcher, runner_class
 from ..engine._timeline import Timeline
+from ..engine._trace import mark_split_points
 from ..modules import MLP
 from ._data import rows_to_tensor
 from ._layout import choose_layout, provisional_schedule
@@ -93,6 +94,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES) | {"auto"})],
         "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "balance": [StrOptions({"uniform", "parameters", "time", "auto"}), list, tuple],
+        "split_points": [dict, None],
         "checkpoint": [StrOptions(set(CHECKPOINTS))],
         "launcher": [StrOptions(set(LAUNCHERS))],
         "precision": [StrOptions(set(PRECISIONS))],
@@ -135,6 +137,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         schedule: str = "1f1b",
         chunks_per_stage: int | str = "auto",
         balance: str | list[int] | tuple[int, ...] = "uniform",
+        split_points: dict[str, Any] | None = None,
         checkpoint: str = "never",
         launcher: str = "auto",
         precision: str = "float32",
@@ -162,6 +165,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self.schedule = schedule
         self.chunks_per_stage = chunks_per_stage
         self.balance = balance
+        self.split_points = split_points
         self.checkpoint = checkpoint
         self.launcher = launcher
         self.precision = precision
@@ -238,6 +242,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 module, built = self._build_module(inputs)
                 if self.verbose and built.startswith(_NOT_DEFERRED):
                     print(f"[skpipe] {built}", flush=True)
+            mark_split_points(module, self.split_points)
             inputs, choice = self._choose_layout(module, inputs)
             if choice is not None and choice.advice and self.verbose:
                 print(f"[skpipe] {choice.advice}", flush=True)
@@ -542,6 +547,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(inputs.seed)
             module, built = est._build_module(inputs)
+        mark_split_points(module, est.split_points)
         inputs, choice = est._choose_layout(module, inputs)
         plan = est._make_plan(module, inputs.config, inputs, planned=choice is not None)
         return dataclasses.replace(annotated(plan.report(), choice), construction=built)

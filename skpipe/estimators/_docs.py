@@ -48,6 +48,12 @@ PARAMETERS_DOC = """
     balance : 'uniform', 'parameters', 'time', 'auto' or list of int, default='uniform'
         How layers are divided among chunks; 'auto' lets the planner try the three rules (see
         ``schedule='auto'``).
+    split_points : dict or None, default=None
+        Where a network that is not an ``nn.Sequential`` may be cut, given from outside it:
+        ``{'blocks.4': 'beginning', 'head': 'end'}`` (or torch's ``SplitPoint.BEGINNING`` /
+        ``END``) runs ``pipe_split()`` before or after every call of those submodules; with
+        the ``pipe_split()`` calls in ``forward``, they are the cut points (see "Training a
+        network larger than one device").
     checkpoint : {'never', 'except_last', 'always'}, default='never'
         Activation recomputation per micro-batch, as torchgpipe defines the modes.
     launcher : {'auto', 'spawn', 'local', 'torchrun'}, default='auto'

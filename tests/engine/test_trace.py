@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.distributed.pipelining import pipe_split
+from torch.distributed.pipelining import SplitPoint, pipe_split
 
 from skpipe import PipeNetRegressor
 from skpipe.engine._plan import make_plan
-from skpipe.engine._trace import split_network
+from skpipe.engine._trace import mark_split_points, split_network
 from tests.conftest import pipeline_config, wait_no_workers
 
 
@@ -148,6 +148,47 @@ def test_a_network_without_marks_splits_as_a_sequential():
     assert trace is None and [n for n, _ in named] == ["0", "1", "2"]
 
 
+class Unmarked(nn.Module):
+    """A residual stack without marks: split points come from outside."""
+
+    def __init__(self, n_features_in=5, n_outputs=1, d=8):
+        super().__init__()
+        self.emb = nn.Linear(n_features_in, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(4))
+        self.head = nn.Linear(d, n_outputs)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def test_split_points_mark_a_network_from_outside():
+    net = Unmarked()
+    mark_split_points(net, {"blocks.1": SplitPoint.BEGINNING, "blocks.2": "end"})
+    named, _ = split_network(net, 2, (5,), torch.float32)
+    assert [layer.label for _, layer in named] == ["emb,blocks.0", "blocks.1,blocks.2",
+                                                   "blocks.3,head"]
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(nn.Sequential(*[p for _, p in named])(x), net(x), rtol=0, atol=0)
+    # marking again replaces the marks
+    mark_split_points(net, {"blocks.3": "end"})
+    named, _ = split_network(net, 2, (5,), torch.float32)
+    assert [layer.label for _, layer in named] == ["emb..blocks.3", "head"]
+    with pytest.raises(ValueError, match=r"split_points names 'block.1', which is not a "
+                                         r"submodule of Unmarked. Did you mean 'blocks.1'"):
+        mark_split_points(net, {"block.1": "end"})
+
+
+def test_a_split_point_on_a_traced_module_is_marked_once():
+    # a module that calls pipe_split() itself is traced through: its hooks run under the trace
+    net = nn.Sequential(nn.Linear(5, 5), Inner(), nn.Linear(5, 1))
+    mark_split_points(net, {"1": "beginning"})
+    named, _ = split_network(net, 2, (5,), torch.float32)
+    assert [layer.label for _, layer in named] == ["0", "1.a", "1.b,2"]
+
+
 # -- refused, naming the line -----------------------------------------------------------------
 class Branchy(nn.Module):
     def __init__(self, n_features_in=5, n_outputs=1):
@@ -268,6 +309,21 @@ def test_a_marked_network_trains_like_one_device(data, reference, launcher, sche
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0, msg=k)
     np.testing.assert_allclose(est.predict(data[0]), reference.predict(data[0]), atol=1e-5)
     assert " emb,cls,blocks.0" in str(est.plan_)  # pieces labelled in forward's order
+    wait_no_workers()
+
+
+def test_split_points_train_like_one_device_and_pickle(data):
+    kw = dict(KW, module=Unmarked)
+    kw.pop("module__norm")
+    ref = PipeNetRegressor(**kw).fit(*data)
+    est = PipeNetRegressor(**kw, n_stages=2, launcher="spawn",
+                           split_points={"blocks.2": "beginning"}).fit(*data)
+    assert "emb,blocks.0,blocks.1" in str(est.plan_)
+    for (k, a), b in zip(est.module_.state_dict().items(), ref.module_.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    back = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(back.predict(data[0]), est.predict(data[0]))
     wait_no_workers()
 
 
