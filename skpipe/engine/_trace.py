@@ -78,30 +78,18 @@ def _marks_call(fn: Callable[[], Any]) -> Iterator[None]:
 
 # -- marks given from outside the network: split points -------------------------------------------
 SPLIT_POINTS = ("beginning", "end")
-_FROM_HOOK: list[nn.Module] = []  # the module whose split-point hook is calling pipe_split()
-
-
-def _split_before(module: nn.Module, args: Any) -> None:
-    _FROM_HOOK.append(module)
-    try:
-        torch.distributed.pipelining.pipe_split()
-    finally:
-        _FROM_HOOK.pop()
-
-
-def _split_after(module: nn.Module, args: Any, output: Any) -> None:
-    torch.distributed.pipelining.pipe_split()
+_SPLIT_ATTR = "_skpipe_split_point"  # on a submodule: 'beginning' or 'end' (travels, pickles)
 
 
 def mark_split_points(module: nn.Module, split_points: Mapping[str, Any] | None) -> None:
-    """Make ``pipe_split()`` run before ('beginning') or after ('end') every call of the
-    submodules named in ``split_points`` (torch's ``SplitPoint.BEGINNING``/``END`` are taken
-    too), as forward hooks that travel and pickle with the network; marks set by an earlier
-    call are removed first. Raises ValueError naming an unknown submodule or a bad value."""
+    """Mark the submodules named in ``split_points`` as cut points: before ('beginning') or
+    after ('end') every call of them, as if ``pipe_split()`` were called there (torch's
+    ``SplitPoint.BEGINNING``/``END`` are taken too). The mark is an attribute of the submodule,
+    so it travels and pickles with the network; marks of an earlier call are removed first.
+    Raises ValueError naming an unknown submodule or a bad value."""
     for m in module.modules():
-        for hooks, fn in ((m._forward_pre_hooks, _split_before), (m._forward_hooks, _split_after)):
-            for key in [k for k, h in hooks.items() if h is fn]:
-                del hooks[key]
+        if hasattr(m, _SPLIT_ATTR):
+            delattr(m, _SPLIT_ATTR)
     names = [n for n, _ in module.named_modules() if n]
     for name, where in (split_points or {}).items():
         kind = getattr(where, "name", where)
@@ -120,19 +108,12 @@ def mark_split_points(module: nn.Module, split_points: Mapping[str, Any] | None)
                 f"split_points names {name!r}, which is not a submodule of "
                 f"{type(module).__name__}.{hint}"
             )
-        sub = module.get_submodule(name)
-        if kind == "beginning":
-            sub.register_forward_pre_hook(_split_before)
-        else:
-            sub.register_forward_hook(_split_after)
+        setattr(module.get_submodule(name), _SPLIT_ATTR, kind)
 
 
-def _marked_at(m: nn.Module) -> tuple[bool, bool]:
-    """Whether ``m`` has a split point at its beginning, at its end."""
-    return (
-        any(h is _split_before for h in m._forward_pre_hooks.values()),
-        any(h is _split_after for h in m._forward_hooks.values()),
-    )
+def _split_point(m: nn.Module) -> str | None:
+    """'beginning' or 'end' where ``split_points`` marked ``m``."""
+    return getattr(m, _SPLIT_ATTR, None)
 
 
 @dataclass(frozen=True)
@@ -146,6 +127,7 @@ class PieceCode:
     names: tuple[tuple[str, str, Any], ...]  # (global name, 'module' | 'value', module or value)
     targets: tuple[str, ...]
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    transient: frozenset[str] = frozenset()  # targets that are tensors outside the state dict
     label: str = ""
 
 
@@ -173,7 +155,7 @@ class TracedPiece(nn.Module):
         self.code = code
         self.label = code.label
         for target in sorted(code.targets, key=lambda t: t.count(".")):
-            _bind(self, root, target)
+            _bind(self, root, target, persistent=target not in code.transient)
         for name, value in code.constants.items():
             self.register_buffer(name, value, persistent=False)
         self._compile()
@@ -200,16 +182,17 @@ class TracedPiece(nn.Module):
         return f"label={self.label!r}"
 
 
-def _bind(piece: nn.Module, root: nn.Module, target: str) -> None:
+def _bind(piece: nn.Module, root: nn.Module, target: str, persistent: bool) -> None:
     """Put ``root``'s object at ``target`` into ``piece`` under the same name: a submodule or a
-    tensor itself (a parameter stays one, a buffer keeps its persistence), with empty modules
-    for the path above it. Nothing to do where an ancestor is already the network's own."""
+    tensor itself (a parameter stays one; another tensor is a buffer, in the state dict when
+    ``persistent``), with empty modules for the path above it. Nothing to do where an ancestor
+    is already the network's own."""
     *path, leaf = target.split(".")
     have: nn.Module = piece
     owner = root
     for atom in path:
         owner = getattr(owner, atom)
-        got = have._modules.get(atom)
+        got = dict(have.named_children()).get(atom)
         if got is owner:
             return  # the whole submodule is the network's own
         if got is None:
@@ -222,8 +205,7 @@ def _bind(piece: nn.Module, root: nn.Module, target: str) -> None:
     elif isinstance(value, nn.Parameter):
         have.register_parameter(leaf, value)
     elif isinstance(value, torch.Tensor):
-        kept = leaf in owner._buffers and leaf not in owner._non_persistent_buffers_set
-        have.register_buffer(leaf, value, persistent=kept)
+        have.register_buffer(leaf, value, persistent=persistent)
     else:  # pragma: no cover - torch.fx reads only modules and tensors by get_attr
         setattr(have, leaf, value)
 
@@ -264,7 +246,7 @@ def trace_marks(
     when forward calls no ``pipe_split()``); kept per network. Raises TypeError naming what
     cannot be traced or cannot cross a mark."""
     marks = tuple(
-        (name, _marked_at(m)) for name, m in module.named_modules() if any(_marked_at(m))
+        (name, _split_point(m)) for name, m in module.named_modules() if _split_point(m)
     )
     key = (row_shape, dtype, marks)
     kept = _TRACES.setdefault(module, {})
@@ -319,6 +301,7 @@ def _trace_marks(
         for n in chain(graph.nodes, modes[False].nodes)
         if n.op == "get_attr" and "." not in n.target and not hasattr(module, n.target)
     }
+    kept = set(twin.state_dict(keep_vars=True))
     pieces = []
     for t, e in zip(train, evals, strict=True):
         (src_t, names_t, targets), (src_e, names_e, targets_e) = t, e
@@ -329,11 +312,24 @@ def _trace_marks(
                 eval=src_e,
                 names=_names({**dict(names_t), **dict(names_e)}),
                 targets=tuple(u for u in used if u not in constants),
+                transient=frozenset(
+                    u for u in used
+                    if u not in kept and u not in constants and _is_buffer_like(twin, u)
+                ),
                 constants={u: constants[u] for u in used if u in constants},
                 label=_label(used, constants),
             )
         )
     return SplitTrace(pieces=tuple(pieces), module_type=name)
+
+
+def _is_buffer_like(module: nn.Module, target: str) -> bool:
+    """Whether ``target`` names a tensor that is not a parameter (a buffer, or a plain tensor
+    attribute)."""
+    path, _, leaf = target.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    value = getattr(owner, leaf, None)
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:
@@ -361,15 +357,17 @@ def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
     stacks: list[tuple[str, ...]] = []
 
     def enter(m: nn.Module, args: Any) -> None:
+        if _split_point(m) == "beginning":  # a split point: a mark in its caller's code
+            stacks.append(tuple(stack))
         stack.append(names.get(id(m), "?"))
 
     def leave(m: nn.Module, args: Any, out: Any) -> None:
         stack.pop()
+        if _split_point(m) == "end":
+            stacks.append(tuple(stack))
 
     def mark() -> None:
-        # a split point at a module's beginning runs inside its call: its callers are traced
-        inside = _FROM_HOOK and stack and stack[-1] == names.get(id(_FROM_HOOK[-1]))
-        stacks.append(tuple(stack[:-1]) if inside else tuple(stack))
+        stacks.append(tuple(stack))
 
     from torch.nn.modules.module import (
         register_module_forward_hook,
@@ -415,15 +413,11 @@ class _Tracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
     ) -> Any:
-        # torch.fx runs no hooks of a leaf: its split points are marked here (a traced module's
-        # hooks run, and call pipe_split() themselves)
-        before, after = _marked_at(m) if self.is_leaf_module(m, self.path_of_module(m)) else (
-            False, False
-        )
-        if before:
+        where = _split_point(m)  # a split point given from outside: marked around the call
+        if where == "beginning":
             self.create_proxy("call_function", split_here, (), {})
         out = super().call_module(m, forward, args, kwargs)
-        if after:
+        if where == "end":
             self.create_proxy("call_function", split_here, (), {})
         return out
 

@@ -88,6 +88,30 @@ def test_pieces_hold_the_networks_own_tensors_under_their_names():
     assert "norm.running_mean" in seq[3].state_dict()
 
 
+class Buffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.register_buffer("scale", torch.full((5,), 2.0), persistent=False)
+        self.register_buffer("shift", torch.full((5,), 0.5))
+        self.plain = torch.ones(5) * 3  # a tensor attribute, not registered
+
+    def forward(self, x):
+        h = self.a(x) * self.scale
+        pipe_split()
+        return h + self.shift + self.plain + torch.tensor([1.0, 2, 3, 4, 5])
+
+
+def test_the_pieces_state_dicts_are_the_networks():
+    # what the network's state dict leaves out (non-persistent buffers, tensor attributes,
+    # constants made in forward) the pieces' leave out too: checkpoints keep the same keys
+    net = Buffers()
+    seq = pieces(net)
+    assert list(seq.state_dict()) == ["0.a.weight", "0.a.bias", "1.shift"]
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(seq(x), net(x), rtol=0, atol=0)
+
+
 def test_splitting_leaves_the_network_as_it_was():
     net = Marked(5, 2).eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -325,6 +349,32 @@ def test_split_points_train_like_one_device_and_pickle(data):
     back = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(back.predict(data[0]), est.predict(data[0]))
     wait_no_workers()
+
+
+class InputCrosses(nn.Module):
+    """The network's input itself is used two marks later: it rides through the middle piece."""
+
+    def __init__(self, n_features_in, n_outputs, d=8):
+        super().__init__()
+        self.a, self.b = nn.Linear(n_features_in, d), nn.Linear(d, d)
+        self.c = nn.Linear(d + n_features_in, n_outputs)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        pipe_split()
+        h = torch.tanh(self.b(h))
+        pipe_split()
+        return self.c(torch.cat([h, x], dim=1))
+
+
+def test_the_input_rides_through_the_stages_it_skips(data):
+    kw = dict(KW, module=InputCrosses)
+    kw.pop("module__norm")
+    ref = PipeNetRegressor(**kw).fit(*data)
+    est = PipeNetRegressor(**kw, n_stages=3, launcher="local", schedule="gpipe").fit(*data)
+    for (k, a), b in zip(est.module_.state_dict().items(), ref.module_.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 
 
 TORCHRUN = """
