@@ -8,6 +8,9 @@ mark k. The pieces are the layers the plan balances over the chunks, as the laye
 ``nn.Sequential`` are; what crosses a cut is every value computed before it and used after it
 (a tuple when there are several: a skip connection rides through the pieces it skips).
 
+Marks may also come from outside the network (``split_points``, torch's ``SplitPoint`` spec:
+before or after every call of a named submodule), for a network one cannot edit.
+
 How the pieces are found:
 1. ``forward`` runs once on the meta device (no memory, no values) on a copy of the network, to
    learn which modules call ``pipe_split()`` (the root's own forward, or a submodule's at any
