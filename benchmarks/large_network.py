@@ -12,7 +12,10 @@ Goals (issue 10): worker peak <= 1.15 x (n_stages=1 peak) / p + the fixed cost; 
 copy of the weights + the fixed cost; all processes <= 1.3 x the n_stages=1 peak; fit time <=
 1.3 x the n_stages=1 fit.
 
-    python benchmarks/large_network.py [--quick] [--stages 1 2 4] [--runs 1]
+    python benchmarks/large_network.py [--quick] [--stages 1 2 4] [--runs 1] [--network marked]
+
+``--network marked``: the same parameters written as forward code (residual blocks with a
+``pipe_split()`` after each), split by tracing instead of as an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -39,13 +42,36 @@ JOB = r"""
 import json, os, pickle, sys, time
 import numpy as np, torch
 from skpipe import PipeNetClassifier, shutdown_workers
+from torch import nn
+from torch.distributed.pipelining import pipe_split
 from skpipe.modules import MLP
 width, depth, stages, steps, batch = (int(a) for a in sys.argv[1:6])
+network = sys.argv[7]
+
+
+class Marked(nn.Module):
+    # the MLP's parameters as forward code: residual blocks, a pipe_split() after each
+    def __init__(self, n_features_in, n_outputs, width, depth):
+        super().__init__()
+        self.inp = nn.Linear(n_features_in, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
+        self.out = nn.Linear(width, n_outputs)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+            pipe_split()
+        return self.out(h)
+
+
 rng = np.random.RandomState(0)
 X = rng.randn(steps * batch, width).astype("float32")
 y = rng.randint(0, 4, steps * batch)
+shape = (dict(module=MLP, module__hidden_layer_sizes=(width,) * depth) if network == "mlp" else
+         dict(module=Marked, module__width=width, module__depth=depth))
 est = PipeNetClassifier(
-    module=MLP, module__hidden_layer_sizes=(width,) * depth, max_epochs=1, batch_size=batch,
+    **shape, max_epochs=1, batch_size=batch,
     n_stages=stages, n_microbatches=max(2, stages), launcher="spawn", random_state=0, lr=1e-4,
 )
 def mark(name):
@@ -120,12 +146,14 @@ def bare_process_rss() -> float:
     return float(out.stdout.strip())
 
 
-def run(width: int, depth: int, stages: int, steps: int, batch: int, folder: str) -> dict:
+def run(
+    width: int, depth: int, stages: int, steps: int, batch: int, folder: str, network: str
+) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
     sample = os.path.join(folder, f"weights-{stages}.npy")
     proc = subprocess.Popen(
         [sys.executable, "-c", JOB, str(width), str(depth), str(stages), str(steps), str(batch),
-         sample],
+         sample, network],
         stdout=subprocess.PIPE, text=True, env=env,
     )
     sampler = Sampler(proc.pid)
@@ -161,6 +189,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="rounds; times are medians")
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=24)
+    parser.add_argument("--network", choices=["mlp", "marked"], default="mlp",
+                        help="marked: the same parameters as forward code split at pipe_split()")
     args = parser.parse_args()
     width, depth = (256, 4) if args.quick else (args.width, args.depth)
     stages = args.stages or ([1, 2] if args.quick else [1, 2, 4])
@@ -168,12 +198,12 @@ def main() -> None:
     fixed = bare_process_rss()
     # what a driver and a worker hold that is not this network: the same job on a tiny one
     with tempfile.TemporaryDirectory() as folder:
-        tiny = {p: run(64, 4, p, steps, batch, folder) for p in stages}
+        tiny = {p: run(64, 4, p, steps, batch, folder, args.network) for p in stages}
     rounds: dict[int, list[dict]] = {p: [] for p in stages}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(args.runs):
             for p in stages:  # side by side in each round
-                rounds[p].append(run(width, depth, p, steps, batch, folder))
+                rounds[p].append(run(width, depth, p, steps, batch, folder, args.network))
     rows = []
     for p in stages:
         row = dict(rounds[p][-1])
@@ -225,6 +255,7 @@ def main() -> None:
     emit(
         "large_network",
         {
+            "network": args.network,
             "params": rows[0]["params"],
             "fixed_process_GiB": round(fixed_gib, 3),
             "steps": steps,
