@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import operator
 import re
 import traceback
@@ -57,6 +58,7 @@ import torch
 import torch.distributed.pipelining  # noqa: F401 - defines torch.ops.pippy._pipe_split
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ._construct import named_tensors, real_copy
 from ._partition import named_layers
@@ -372,11 +374,6 @@ def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
     def mark() -> None:
         stacks.append(tuple(stack))
 
-    from torch.nn.modules.module import (
-        register_module_forward_hook,
-        register_module_forward_pre_hook,
-    )
-
     pre, post = register_module_forward_pre_hook(enter), register_module_forward_hook(leave)
     try:
         with _marks_call(mark), torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -390,8 +387,6 @@ def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
 def _defaults(module: nn.Module) -> dict[str, Any]:
     """forward's parameters after the first that have defaults: traced with those values (the
     network is called with one input)."""
-    import inspect
-
     params = list(inspect.signature(module.forward).parameters.values())[1:]
     return {
         p.name: p.default
