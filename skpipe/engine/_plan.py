@@ -124,10 +124,9 @@ class Plan:
         network's names; the tensors become the network's own (no copy)."""
         names = self.state_names(module, None)
         whole = {names[c][key]: t for c, state in states.items() for key, t in state.items()}
-        missing = [n for n in whole if n not in module.state_dict(keep_vars=True)]
-        if missing:  # pragma: no cover - the names come from this network's own chunks
-            raise KeyError(f"chunk states name tensors {missing[:3]} the network does not have")
-        module.load_state_dict(whole, strict=False, assign=True)
+        unexpected = module.load_state_dict(whole, strict=False, assign=True).unexpected_keys
+        if unexpected:  # pragma: no cover - the names come from this network's own chunks
+            raise KeyError(f"chunk states name tensors {unexpected[:3]} the network lacks")
 
     def with_microbatches(self, n_microbatches: int) -> Plan:
         """The same split, stepping with another micro-batch count."""

@@ -150,8 +150,9 @@ class Runner(ABC):
 
     def _load_chunks(self, ranks: Sequence[tuple[dict[int, Any], Any]]) -> None:
         """Copy the chunk state dicts gathered from the ranks into the layers of ``module``."""
-        for states, _ in ranks:
-            self.plan.load_chunk_states(self.module, states)
+        # the ranks hold disjoint chunks: one load, one mapping of names
+        merged = {c: state for states, _ in ranks for c, state in states.items()}
+        self.plan.load_chunk_states(self.module, merged)
         materialize(self.module)  # what state dicts leave out (non-persistent buffers)
 
     def _named(self, ranks: Sequence[tuple[Any, dict[str, Any] | None]]) -> dict[str, Any]:

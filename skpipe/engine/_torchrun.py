@@ -127,17 +127,18 @@ class TorchrunRunner(Runner):
         device = self.device if str(self.device).startswith("cuda") else "cpu"
         mine = self.host.state_dicts() if self.replica == 0 else {}
         layers = self.plan.chunks(self.module)
+        received: dict[int, dict[str, Any]] = {}
         for stage in range(cfg.n_stages):  # replica 0's stage s is global rank s
             for c in cfg.chunks_of(stage):
-                received = {}
+                received[c] = {}
                 for key, like in layers[c].state_dict(keep_vars=True).items():
                     if c in mine:
                         t = mine[c][key].detach().to(device).contiguous()
                     else:
                         t = torch.empty(like.shape, dtype=like.dtype, device=device)
                     dist.broadcast(t, src=stage)
-                    received[key] = t.cpu()
-                self.plan.load_chunk_states(self.module, {c: received})
+                    received[c][key] = t.cpu()
+        self.plan.load_chunk_states(self.module, received)
         materialize(self.module)  # what state dicts leave out (non-persistent buffers)
         return self.module.to("cpu")
 
