@@ -40,6 +40,16 @@ def wait_no_workers(parent: int | None = None, timeout: float = 10.0) -> list[in
     return worker_pids(parent)
 
 
+def assert_same_weights(est, ref, atol):
+    """Two fitted estimators' networks hold the same tensors, by name, to ``atol``."""
+    import torch
+
+    state, ref_state = est.module_.state_dict(), ref.module_.state_dict()
+    assert state.keys() == ref_state.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], ref_state[key], atol=atol, rtol=0, msg=key)
+
+
 def pipeline_config(**overrides):
     """A PipelineConfig for engine tests: two CPU stages, 1F1B, 4 micro-batches of a 16-row batch
     in this process; each test overrides what it is about."""

@@ -10,7 +10,7 @@ from torch import nn
 import skpipe
 from skpipe import PipeNetRegressor
 from skpipe.engine._schedules import SCHEDULE_NAMES
-from tests.conftest import wait_no_workers
+from tests.conftest import assert_same_weights, wait_no_workers
 
 
 class Split(nn.Module):
@@ -67,9 +67,7 @@ def reference(data):
 
 
 def assert_same(est, ref):
-    for (k, a), b in zip(est.module_.state_dict().items(), ref.module_.state_dict().values(),
-                         strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=k)
+    assert_same_weights(est, ref, atol=1e-5)
     np.testing.assert_allclose(est.history_[:, "train_loss"], ref.history_[:, "train_loss"],
                                atol=1e-5)
 

@@ -22,6 +22,7 @@ from skpipe.engine._construct import (
     real_copy,
 )
 from skpipe.modules import MLP, FTTransformer, TabularResNet
+from tests.conftest import assert_same_weights
 
 
 class OwnInit(nn.Module):
@@ -157,9 +158,7 @@ def test_spawned_stages_start_from_the_weights_of_one_device():
     two = PipeNetClassifier(**kw, n_stages=2, launcher="spawn").fit(X, y)
     assert two.plan_.construction.startswith("built on the meta device")
     one = PipeNetClassifier(**kw).fit(X, y)
-    for (k, a), b in zip(one.module_.state_dict().items(), two.module_.state_dict().values(),
-                         strict=True):
-        torch.testing.assert_close(a, b, atol=1e-20, rtol=0, msg=k)
+    assert_same_weights(one, two, atol=1e-20)
 
 
 def test_planning_a_big_network_for_workers_allocates_no_weights(tmp_path):

@@ -17,7 +17,7 @@ from torch.distributed.pipelining import SplitPoint, pipe_split
 from skpipe import PipeNetRegressor
 from skpipe.engine._plan import make_plan
 from skpipe.engine._trace import mark_split_points, split_network
-from tests.conftest import pipeline_config, wait_no_workers
+from tests.conftest import assert_same_weights, pipeline_config, wait_no_workers
 
 
 class Marked(nn.Module):
@@ -328,9 +328,7 @@ def reference(data):
 )
 def test_a_marked_network_trains_like_one_device(data, reference, launcher, schedule):
     est = PipeNetRegressor(**KW, n_stages=2, launcher=launcher, schedule=schedule).fit(*data)
-    for (k, a), b in zip(est.module_.state_dict().items(), reference.module_.state_dict().values(),
-                         strict=True):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=0, msg=k)
+    assert_same_weights(est, reference, atol=2e-6)
     np.testing.assert_allclose(est.predict(data[0]), reference.predict(data[0]), atol=1e-5)
     assert " emb,cls,blocks.0" in str(est.plan_)  # pieces labelled in forward's order
     wait_no_workers()
@@ -343,9 +341,7 @@ def test_split_points_train_like_one_device_and_pickle(data):
     est = PipeNetRegressor(**kw, n_stages=2, launcher="spawn",
                            split_points={"blocks.2": "beginning"}).fit(*data)
     assert "emb,blocks.0,blocks.1" in str(est.plan_)
-    for (k, a), b in zip(est.module_.state_dict().items(), ref.module_.state_dict().values(),
-                         strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    assert_same_weights(est, ref, atol=1e-6)
     back = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(back.predict(data[0]), est.predict(data[0]))
     wait_no_workers()
@@ -372,9 +368,7 @@ def test_the_input_rides_through_the_stages_it_skips(data):
     kw.pop("module__norm")
     ref = PipeNetRegressor(**kw).fit(*data)
     est = PipeNetRegressor(**kw, n_stages=3, launcher="local", schedule="gpipe").fit(*data)
-    for (k, a), b in zip(est.module_.state_dict().items(), ref.module_.state_dict().values(),
-                         strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    assert_same_weights(est, ref, atol=1e-6)
 
 
 TORCHRUN = """

@@ -11,6 +11,7 @@ import torch
 import skpipe
 from skpipe import PipeNetClassifier
 from skpipe.engine._schedules import SCHEDULE_NAMES, check_microbatches
+from tests.conftest import assert_same_weights
 
 HIDDEN = (16, 16, 16, 16)  # 9 layers: enough for 4 stages x 2 chunks
 
@@ -42,11 +43,7 @@ def reference(data):
 
 
 def assert_same_training(est, ref):
-    ref_state = ref.module_.state_dict()
-    state = est.module_.state_dict()
-    assert state.keys() == ref_state.keys()
-    for key in state:
-        torch.testing.assert_close(state[key], ref_state[key], atol=1e-5, rtol=0, msg=key)
+    assert_same_weights(est, ref, atol=1e-5)
     losses = [b["train_loss"] for epoch in est.history_ for b in epoch["batches"]]
     ref_losses = [b["train_loss"] for epoch in ref.history_ for b in epoch["batches"]]
     assert len(losses) == len(ref_losses) == 3 * 7

@@ -13,7 +13,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 import skpipe
 from skpipe import PipeNetClassifier, PipeNetRegressor
 from skpipe.engine._schedules import SCHEDULE_NAMES
-from tests.conftest import worker_pids
+from tests.conftest import assert_same_weights, worker_pids
 
 rng = np.random.RandomState(0)
 X = rng.normal(size=(90, 6)).astype(np.float32)  # batches of 13: the last one has 12 rows
@@ -29,8 +29,7 @@ def make(cls=PipeNetClassifier, **kw):
 
 
 def assert_same(a, b, atol=1e-5):
-    for (k, u), v in zip(a.module_.state_dict().items(), b.module_.state_dict().values()):
-        torch.testing.assert_close(u, v, atol=atol, rtol=0, msg=k)
+    assert_same_weights(a, b, atol=atol)
 
 
 def test_weights_change_the_fit():
