@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from skpipe.engine._config import PipelineConfig, TrainSpec, make_config
-from skpipe.engine._plan import make_plan
-from skpipe.engine._runners import make_runner
+from skpipe.engine.plan._config import PipelineConfig, TrainSpec, make_config
+from skpipe.engine.plan._plan import make_plan
+from skpipe.engine.runners._runners import make_runner
 
 
 def emit(name: str, figures: dict) -> None:

@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import cpu_config, emit  # noqa: E402
 
 from skpipe import shutdown_workers  # noqa: E402
-from skpipe.engine._config import TrainSpec  # noqa: E402
-from skpipe.engine._plan import make_plan  # noqa: E402
-from skpipe.engine._runners import make_runner  # noqa: E402
+from skpipe.engine.plan._config import TrainSpec  # noqa: E402
+from skpipe.engine.plan._plan import make_plan  # noqa: E402
+from skpipe.engine.runners._runners import make_runner  # noqa: E402
 
 
 def peak_per_stage(

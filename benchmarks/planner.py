@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import SplitSleepLayer, emit, median, runner_step_times  # noqa: E402
 
 from skpipe import shutdown_workers  # noqa: E402
-from skpipe.engine import _planner as PL  # noqa: E402
-from skpipe.engine._measure import forget_measurements  # noqa: E402
-from skpipe.engine import _schedules as S  # noqa: E402
-from skpipe.engine._config import TrainSpec, make_config  # noqa: E402
-from skpipe.engine._plan import make_plan  # noqa: E402
-from skpipe.engine._runners import make_runner  # noqa: E402
+from skpipe.engine.planner import _planner as PL  # noqa: E402
+from skpipe.engine.planner._measure import forget_measurements  # noqa: E402
+from skpipe.engine.plan import _schedules as S  # noqa: E402
+from skpipe.engine.plan._config import TrainSpec, make_config  # noqa: E402
+from skpipe.engine.plan._plan import make_plan  # noqa: E402
+from skpipe.engine.runners._runners import make_runner  # noqa: E402
 
 
 def config(p: int, m: int, schedule: str, v: int, batch: int) -> object:
@@ -183,7 +183,7 @@ def timeline(target_width: int) -> dict:
     """The recorded spans of a GPipe step of the real-compute MLP (2 spawned CPU workers, m=4),
     with MSE targets ``target_width`` wide: when each rank started each action (ms from the
     step's first span). What the misses of the real-compute prediction are read from."""
-    from skpipe.engine._timeline import Timeline
+    from skpipe.engine.plan._timeline import Timeline
 
     width, depth, batch = 512, 8, 256
     layers = [m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())]

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import SleepLayer, emit, median, runner_step_times  # noqa: E402
 
 from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
-from skpipe.engine._config import make_config  # noqa: E402
-from skpipe.engine._replicas import BUCKET_BYTES  # noqa: E402
+from skpipe.engine.plan._config import make_config  # noqa: E402
+from skpipe.engine.parallel._replicas import BUCKET_BYTES  # noqa: E402
 
 
 def config(n_stages: int, n_replicas: int, m: int, batch: int, schedule: str = "1f1b") -> object:

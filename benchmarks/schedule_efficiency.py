@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import SleepLayer, cpu_config, emit, median, runner_step_times  # noqa: E402
 
-from skpipe.engine import _schedules as S  # noqa: E402
+from skpipe.engine.plan import _schedules as S  # noqa: E402
 
 
 def network(p: int, v: int, f: float, b: float) -> nn.Sequential:

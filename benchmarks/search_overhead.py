@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
 
 from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
-from skpipe.engine import _spawn  # noqa: E402
+from skpipe.engine.runners import _spawn  # noqa: E402
 
 
 def search(est, grid, X, y, cold: bool) -> float:  # noqa: ANN001

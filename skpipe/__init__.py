@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PipeNetClassifier": "skpipe.estimators",
     "PipeNetRegressor": "skpipe.estimators",
-    "shutdown_workers": "skpipe.engine._pool",
+    "shutdown_workers": "skpipe.engine.workers._pool",
     "datasets": "skpipe.datasets",
     "modules": "skpipe.modules",
 }

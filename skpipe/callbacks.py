@@ -34,7 +34,7 @@ import torch
 from skorch.callbacks import Callback
 from skorch.history import History
 
-from .engine._state import read_state_files
+from .engine.state._named import read_state_files
 
 _FILE = "checkpoint.pt"
 _FORMAT = 3  # 2: one file holding everything; 3: this file names the stages' parts

@@ -23,7 +23,7 @@ from typing import Any
 
 from skorch.callbacks import Callback
 
-from .engine._timeline import Timeline
+from .engine.plan._timeline import Timeline
 
 # history keys that are bookkeeping, not measurements
 _SKIP = {"epoch", "batches"}

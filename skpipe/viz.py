@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engine._timeline import Timeline
+from .engine.plan._timeline import Timeline
 
 COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#DD8452", "W": "#55A868", "wait": "#BBBBBB"}
 LABELS = {

@@ -15,7 +15,7 @@ def worker_pids(parent: int | None = None) -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read()
-            if b"skpipe.engine._worker_main" not in cmd:
+            if b"skpipe.engine.workers._worker_main" not in cmd:
                 continue
             with open(f"/proc/{entry}/environ", "rb") as f:
                 env = f.read().split(b"\0")
@@ -53,7 +53,7 @@ def assert_same_weights(est, ref, atol):
 def pipeline_config(**overrides):
     """A PipelineConfig for engine tests: two CPU stages, 1F1B, 4 micro-batches of a 16-row batch
     in this process; each test overrides what it is about."""
-    from skpipe.engine._config import make_config
+    from skpipe.engine.plan._config import make_config
 
     base = dict(
         n_stages=2, n_microbatches=4, schedule="1f1b", chunks_per_stage="auto",

@@ -1,5 +1,6 @@
 """The shape of the house, checked: no import circle in skpipe, floors (estimators -> engine ->
-torch) respected, pure modules free of process machinery, and no module reaching into another
+torch, and between the engine's parts) respected, the parts that split and plan free of process
+machinery, the workers reached only through the runners, and no module reaching into another
 object's private state."""
 
 import ast
@@ -80,22 +81,93 @@ def test_engine_never_imports_the_estimators():
             assert not {m.split(".")[0] for m in outside} & {"sklearn", "skorch"}, name
 
 
-@pytest.mark.parametrize("name", ["_schedules", "_partition", "_microbatch", "_budget", "_report",
-                                  "_simulate"])
-def test_pure_modules_use_no_process_machinery(name):
-    full = f"skpipe.engine.{name}"
-    closure, todo = set(), [full]
+# -- the floors between the engine's parts --------------------------------------------------------
+ENGINE = "skpipe.engine"
+# what each part of the engine may import besides itself: every arrow points down this table
+FLOORS = {
+    "split": set(),                                                   # network -> layers or pieces
+    "parallel": set(),                                                # devices, groups, replicas
+    "plan": {"split"},                                                # the Plan, made once
+    "state": {"split"},                                               # state by name, streamed
+    "planner": {"split", "plan"},                                     # measure, simulate, choose
+    "workers": {"split", "plan", "state", "parallel"},                # processes hosting stages
+    "runners": {"split", "plan", "state", "parallel", "workers"},     # where the stages live
+}
+# process machinery: what starts, joins or talks to other processes
+MACHINERY_PARTS = {"parallel", "workers", "runners"}
+MACHINERY_IMPORTS = ("torch.distributed", "subprocess", "multiprocessing", "socket")
+# torch's pipe_split() mark and schedule table live here; importing it starts no process
+NOT_MACHINERY = ("torch.distributed.pipelining",)
+
+
+def part_of(name: str) -> str | None:
+    """The engine part a module belongs to ('plan' for skpipe.engine.plan._plan), else None."""
+    if not name.startswith(ENGINE + "."):
+        return None
+    return name.split(".")[2]
+
+
+def closure(name: str) -> set[str]:
+    """Every skpipe module ``name`` imports, directly or through others."""
+    seen, todo = set(), [name]
     while todo:
         for dep in GRAPH[todo.pop()]:
-            if dep not in closure:
-                closure.add(dep)
+            if dep not in seen:
+                seen.add(dep)
                 todo.append(dep)
-    machinery = {"skpipe.engine._pool", "skpipe.engine._groups", "skpipe.engine._spawn",
-                 "skpipe.engine._stage", "skpipe.engine._worker_main", "skpipe.engine._runners"}
-    assert closure & machinery == set()
+    return seen
+
+
+def test_every_engine_module_lives_in_a_part():
+    loose = [n for n in MODULES if n.startswith(ENGINE + ".") and part_of(n) not in FLOORS]
+    assert loose == []
+
+
+@pytest.mark.parametrize("part", sorted(FLOORS))
+def test_a_part_imports_only_the_parts_below_it(part):
+    upward = {
+        f"{name} -> {dep}"
+        for name, deps in GRAPH.items() if part_of(name) == part
+        for dep in deps if part_of(dep) not in (None, part) and part_of(dep) not in FLOORS[part]
+    }
+    assert upward == set()
+
+
+def test_the_planner_never_imports_a_runner_or_a_worker():
+    for name in MODULES:
+        if part_of(name) == "planner":
+            assert {part_of(d) for d in closure(name)} & {"runners", "workers"} == set(), name
+
+
+@pytest.mark.parametrize("part", ["split", "plan"])
+def test_split_and_plan_use_no_process_machinery(part):
+    for name in MODULES:
+        if part_of(name) != part:
+            continue
+        assert {part_of(d) for d in closure(name)} & MACHINERY_PARTS == set(), name
+        top_level = external_imports(MODULES[name], top_level_only=True)
+        assert not [m for m in top_level if m.startswith(MACHINERY_IMPORTS)
+                    and not m.startswith(NOT_MACHINERY)], name
+
+
+def test_nothing_imports_the_workers_but_the_runners():
+    # skpipe/__init__ names shutdown_workers as a string (imported on first use), not an import
+    reached = {f"{name} -> {dep}" for name, deps in GRAPH.items()
+               if part_of(name) not in ("runners", "workers")
+               for dep in deps if part_of(dep) == "workers"}
+    assert reached == set()
+
+
+@pytest.mark.parametrize("name", ["plan._schedules", "split._partition", "plan._microbatch",
+                                  "plan._budget", "plan._report", "planner._simulate"])
+def test_pure_modules_use_no_process_machinery(name):
+    full = f"{ENGINE}.{name}"
+    machinery = {f"{ENGINE}.workers._pool", f"{ENGINE}.parallel._groups",
+                 f"{ENGINE}.runners._spawn", f"{ENGINE}.workers._stage",
+                 f"{ENGINE}.workers._worker_main", f"{ENGINE}.runners._runners"}
+    assert closure(full) & machinery == set()
     top_level = external_imports(MODULES[full], top_level_only=True)
-    assert not [m for m in top_level if m.startswith(("torch.distributed", "subprocess",
-                                                      "multiprocessing", "socket"))]
+    assert not [m for m in top_level if m.startswith(MACHINERY_IMPORTS)]
 
 
 ALLOWED = {"_exit"}  # os._exit: the standard library's way to leave at once

@@ -155,7 +155,7 @@ def test_every_validated_parameter_has_a_bad_value_in_the_matrix():
 def no_worker_may_start(monkeypatch):
     """Any attempt to start a stage worker fails the test (a worker started and reaped within
     the call would not show among the live processes)."""
-    from skpipe.engine import _pool
+    from skpipe.engine.workers import _pool
 
     def refuse(*a, **k):
         raise AssertionError("a stage worker was started before the bad input was refused")

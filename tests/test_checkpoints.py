@@ -197,7 +197,7 @@ def test_fit_seeded_with_a_random_state_finds_its_checkpoint(tmp_path, classific
 def test_time_balanced_fit_resumes_when_the_measured_split_changes(tmp_path, classification_data, monkeypatch):
     """Timing noise can move a balance='time' split between a fit and its resumption; the saved
     optimizer state is keyed by parameter name, so the new split takes it."""
-    from skpipe.engine import _partition
+    from skpipe.engine.split import _partition
 
     X, y = classification_data
     common = dict(module__hidden_layer_sizes=(12, 12), module__activation="tanh", max_epochs=6,

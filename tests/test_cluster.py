@@ -197,7 +197,7 @@ def marked_workers(mark: str) -> list[int]:
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"skpipe.engine._worker_main" not in f.read():
+                if b"skpipe.engine.workers._worker_main" not in f.read():
                     continue
             with open(f"/proc/{entry}/environ", "rb") as f:
                 if f"SKPIPE_TEST_MARK={mark}".encode() in f.read():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import skpipe
 from skpipe import PipeNetClassifier
-from skpipe.engine._schedules import SCHEDULE_NAMES, check_microbatches, resolve_chunks
+from skpipe.engine.plan._schedules import SCHEDULE_NAMES, check_microbatches, resolve_chunks
 from tests.conftest import worker_pids
 
 

@@ -8,7 +8,7 @@ from sklearn.model_selection import GridSearchCV
 
 import skpipe
 from skpipe import PipeNetClassifier
-from skpipe.engine._pool import WorkerError
+from skpipe.engine.workers._pool import WorkerError
 from skpipe.viz import plot_timeline
 from tests.conftest import wait_no_workers, worker_pids
 from tests.engine.test_faults import KillWorker

@@ -24,11 +24,10 @@ from skorch.callbacks import LRScheduler
 from torch import nn
 
 from ..callbacks import Checkpoint, CheckpointKey, LoadInitState, params_hash
-from ..engine import _schedules
-from ..engine._budget import fit_budget
-from ..engine._construct import DeferralError, build_deferred
-from ..engine._state import PortableModule
-from ..engine._config import (
+from ..engine.parallel._devices import resolve_devices
+from ..engine.plan import _schedules
+from ..engine.plan._budget import fit_budget
+from ..engine.plan._config import (
     CHECKPOINTS,
     LAUNCHERS,
     PRECISIONS,
@@ -36,21 +35,23 @@ from ..engine._config import (
     TrainSpec,
     make_config,
 )
-from ..engine._devices import resolve_devices
-from ..engine._microbatch import reduction_of
-from ..engine._plan import Plan, make_plan
-from ..engine._planner import Choice, annotated
-from ..engine._report import PlanReport
-from ..engine._runners import held_devices, make_runner, resolve_launcher, runner_class
-from ..engine._timeline import Timeline
-from ..engine._trace import mark_split_points
+from ..engine.plan._microbatch import reduction_of
+from ..engine.plan._plan import Plan, make_plan
+from ..engine.plan._report import PlanReport
+from ..engine.plan._timeline import Timeline
+from ..engine.planner._planner import Choice, annotated
+from ..engine.runners._runners import held_devices, make_runner, resolve_launcher, runner_class
+from ..engine.split._construct import DeferralError, build_deferred
+from ..engine.split._trace import mark_split_points
+from ..engine.state._portable import PortableModule
 from ..modules import MLP
+from ._checks import check_batchnorm_rows, check_network_fits_data
 from ._data import rows_to_tensor
 from ._layout import choose_layout, provisional_schedule
 from ._loop import ClassifierTrainingLoop, TrainingLoop
-from ._checks import check_batchnorm_rows, check_network_fits_data
 from ._params import PrefixedParamsMixin, build_criterion, build_module
 from ._predict import PredictMixin
+
 
 @dataclass(frozen=True)
 class FitInputs:
@@ -554,7 +555,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
 
     # -- pickling --------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        """The fitted network travels as numpy arrays (``engine._state.PortableModule``): a
+        """The fitted network travels as numpy arrays (``engine.state._portable.PortableModule``): a
         pickle of a network of several GiB then needs no second copy of it in memory."""
         state = super().__getstate__()
         if isinstance(state.get("module_"), nn.Module):

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine._config import PipelineConfig
-from ..engine._plan import Plan
+from ..engine.plan._config import PipelineConfig
+from ..engine.plan._plan import Plan
 
 _BATCH_NORMS = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,

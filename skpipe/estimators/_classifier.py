@@ -6,16 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.base import ClassifierMixin
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
-import torch
 from torch import nn
 
 from ..modules import MLP
-
 from ._base import BasePipeNet
 from ._docs import ATTRIBUTES_DOC, PARAMETERS_DOC
 

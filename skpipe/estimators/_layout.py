@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..engine import _planner
-from ..engine._config import PipelineConfig
-from ..engine._groups import broadcast_object, job_world
-from ..engine._pool import threads_per_worker
+from ..engine.parallel._devices import threads_per_worker
+from ..engine.parallel._groups import broadcast_object, job_world
+from ..engine.plan._config import PipelineConfig
+from ..engine.planner import _planner
 
 
 def provisional_schedule(chunks_per_stage: int | str) -> str:

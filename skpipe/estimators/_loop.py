@@ -20,7 +20,7 @@ from skorch import NeuralNet
 from skorch.dataset import unpack_data
 from skorch.history import History
 
-from ..engine._microbatch import WeightedLoss
+from ..engine.plan._microbatch import WeightedLoss
 from ._data import BatchIterator
 
 

@@ -14,13 +14,12 @@ import torch
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from ..engine._config import PipelineConfig, TrainSpec
-from ..engine._devices import resolve_devices
-from ..engine._plan import make_plan
-from ..engine._report import PlanReport
-from ..engine._runners import held_devices, make_runner
+from ..engine.parallel._devices import resolve_devices
+from ..engine.plan._config import PipelineConfig, TrainSpec
+from ..engine.plan._plan import make_plan
+from ..engine.plan._report import PlanReport
+from ..engine.runners._runners import held_devices, make_runner
 from ._data import rows_to_tensor
-
 
 # Rows per forward call when predicting: fixed, so that predictions do not depend on batching.
 PREDICT_ROWS = 128

@@ -9,7 +9,7 @@ from torch import nn
 
 import skpipe
 from skpipe import PipeNetRegressor
-from skpipe.engine._schedules import SCHEDULE_NAMES
+from skpipe.engine.plan._schedules import SCHEDULE_NAMES
 from tests.conftest import assert_same_weights, wait_no_workers
 
 

@@ -13,7 +13,7 @@ from skorch.callbacks import Callback
 from torch import nn
 
 from skpipe import PipeNetClassifier
-from skpipe.engine._pool import WorkerError
+from skpipe.engine.workers._pool import WorkerError
 from tests.conftest import wait_no_workers, worker_pids
 
 pytestmark = pytest.mark.distributed

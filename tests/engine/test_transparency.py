@@ -10,7 +10,7 @@ import torch
 
 import skpipe
 from skpipe import PipeNetClassifier
-from skpipe.engine._schedules import SCHEDULE_NAMES, check_microbatches
+from skpipe.engine.plan._schedules import SCHEDULE_NAMES, check_microbatches
 from tests.conftest import assert_same_weights
 
 HIDDEN = (16, 16, 16, 16)  # 9 layers: enough for 4 stages x 2 chunks

@@ -12,7 +12,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 import skpipe
 from skpipe import PipeNetClassifier, PipeNetRegressor
-from skpipe.engine._schedules import SCHEDULE_NAMES
+from skpipe.engine.plan._schedules import SCHEDULE_NAMES
 from tests.conftest import assert_same_weights, worker_pids
 
 rng = np.random.RandomState(0)
@@ -128,7 +128,7 @@ def test_metadata_routing_through_pipeline_and_grid_search():
 
 @pytest.fixture
 def no_worker_may_start(monkeypatch):
-    from skpipe.engine import _pool
+    from skpipe.engine.workers import _pool
 
     def refuse(*a, **k):
         raise AssertionError("a stage worker was started before the bad input was refused")

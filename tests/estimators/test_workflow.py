@@ -157,7 +157,7 @@ def test_lr_scheduler_with_local_stages(classification_data):
 
 
 def test_lr_scheduler_is_refused_under_spawn_before_any_worker(classification_data, monkeypatch):
-    from skpipe.engine import _pool
+    from skpipe.engine.workers import _pool
 
     def no_workers(*a, **k):
         raise AssertionError("a stage worker was started")

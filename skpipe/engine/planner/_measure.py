@@ -1,0 +1,221 @@
+"""What the planner measures: each layer's forward, input-gradient and weight-gradient seconds
+at two micro-batch sizes (a straight line in the rows between them), the activation bytes it
+holds per row, its output bytes per row and its parameter bytes (``measure``, kept per network
+signature, device, threads and rows for the life of the process, so a grid search measures
+once); and the costs of stage-to-stage messages between two processes as the launcher places
+them (``message_cost``: latency, bandwidth, and torch's own time per schedule action; nothing
+for stages that share a process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..plan._plan import activation_bytes, microbatch_of
+from ..split._partition import (
+    as_boundary,
+    boundary_bytes_per_row,
+    leaves,
+    split_time_costs,
+)
+from ..split._trace import split_network
+from ._simulate import ChunkCost, action_order, simulate
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """What the planner knows of a network's layers (see the module's doc)."""
+
+    rows: tuple[int, int]  # the two micro-batch sizes measured
+    fiw: tuple[tuple[tuple[float, float, float], ...], ...]  # [size][layer] -> (F, I, W) s
+    activation_bytes_per_row: tuple[float, ...]
+    output_bytes_per_row: tuple[float, ...]
+    parameter_bytes: tuple[int, ...]
+    threads: int
+
+    def costs(self, rows: int) -> list[tuple[float, float, float]]:
+        """Each layer's (F, I, W) seconds for a micro-batch of ``rows`` rows."""
+        (r0, r1), (a, b) = self.rows, self.fiw
+        out = []
+        for la, lb in zip(a, b, strict=True):
+            if r1 == r0:
+                out.append(la)
+                continue
+            f, i, w = (
+                max(0.0, x0 + (x1 - x0) * (rows - r0) / (r1 - r0))
+                for x0, x1 in zip(la, lb, strict=True)
+            )
+            out.append((f, i, w))
+        return out
+
+
+_PROFILES: dict[tuple[Any, ...], LayerProfile] = {}
+_MESSAGES: dict[str, MessageCost] = {}
+
+
+def signature(module: nn.Module) -> str:
+    """The network's structure and sizes (not its weights): what its costs depend on."""
+    text = repr(module) + repr([(n, tuple(p.shape)) for n, p in module.named_parameters()])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def measure(
+    module: nn.Module, sample: torch.Tensor, rows: tuple[int, int], device: str, threads: int
+) -> LayerProfile:
+    """The network's layer profile (kept for this process; see the module's doc)."""
+    key = (signature(module), tuple(sample.shape[1:]), rows, device, threads)
+    if key in _PROFILES:
+        return _PROFILES[key]
+    layers = layer_list(module, sample)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fiw = tuple(
+            tuple(split_time_costs(layers, microbatch_of(sample, r), device)) for r in rows
+        )
+    finally:
+        torch.set_num_threads(before)
+    act, out_bytes = [], []
+    x = microbatch_of(sample, rows[1])
+    for layer in layers:
+        held, x = activation_bytes(layer, x)
+        act.append(held / leaves(x)[0].shape[0])
+        out_bytes.append(boundary_bytes_per_row(as_boundary(x)))
+    profile = LayerProfile(
+        rows=rows,
+        fiw=fiw,
+        activation_bytes_per_row=tuple(act),
+        output_bytes_per_row=tuple(out_bytes),
+        parameter_bytes=tuple(
+            sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers
+        ),
+        threads=threads,
+    )
+    _PROFILES[key] = profile
+    return profile
+
+
+_PING = r"""
+import os, sys, time, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+rank, path, device, m = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(1)
+dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                        store=dist.FileStore(path, 2), rank=rank, world_size=2)
+dev = torch.device(device if not device.startswith("cuda") else f"cuda:{rank}")
+sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+out = []
+for nbytes in (64, 1 << 20):
+    t = torch.zeros(max(1, nbytes // 4), device=dev)
+    times = []
+    for i in range(21):
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(t, 1); dist.recv(t, 1)
+        else:
+            dist.recv(t, 0); dist.send(t, 0)
+        sync()
+        times.append((time.perf_counter() - t0) / 2)
+    out.append(sorted(times[1:])[10])
+# a 2-stage GPipe step of m tiny micro-batches: torch's cost per action, messages included
+stage = PipelineStage(nn.Linear(4, 4).to(dev), rank, 2, dev,
+                      input_args=(torch.empty(2, 4, device=dev, requires_grad=rank > 0),),
+                      output_args=(torch.empty(2, 4, device=dev, requires_grad=True),))
+schedule = ScheduleGPipe(stage, m, loss_fn=lambda o, t: o.sum())
+x, tgt = torch.randn(2 * m, 4, device=dev), torch.zeros(2 * m, 4, device=dev)
+steps, barriers = [], []
+for i in range(19):
+    dist.barrier(); sync()
+    t0 = time.perf_counter()
+    schedule.step(*((x,) if rank == 0 else ()), target=tgt if rank == 1 else None)
+    dist.barrier(); sync()
+    t1 = time.perf_counter()
+    dist.barrier(); sync()
+    steps.append(t1 - t0)
+    barriers.append(time.perf_counter() - t1)  # what the closing barrier adds to a step
+if rank == 0:
+    print(out[0], out[1], max(0.0, sorted(steps[3:])[8] - sorted(barriers[3:])[8]))
+dist.destroy_process_group()
+"""
+
+_CALIBRATION_MICROBATCHES = 8
+
+
+@dataclass(frozen=True)
+class MessageCost:
+    """Stage-to-stage costs between two processes: seconds per byte of a message, and torch's
+    own time per schedule action (its bookkeeping and the message's latency), calibrated by
+    replaying a measured 2-stage GPipe step of tiny micro-batches."""
+
+    latency: float
+    per_byte: float
+    per_action: float
+
+
+def message_cost(device: str) -> MessageCost:
+    """The message costs between two fresh processes on ``device``'s kind, over loopback;
+    measured once per process."""
+    kind = torch.device(device).type
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    m = _CALIBRATION_MICROBATCHES
+    with tempfile.TemporaryDirectory(prefix="skpipe-ping-") as folder:
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
+                   OMP_NUM_THREADS="1")
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        store = os.path.join(folder, "store")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _PING, str(r), store, device, str(m)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+            )
+            for r in (0, 1)
+        ]
+        try:
+            out, err = procs[0].communicate(timeout=120)
+            procs[1].wait(timeout=30)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    if procs[0].returncode != 0:
+        raise RuntimeError(f"measuring the stage-to-stage message cost failed:\n{err[-2000:]}")
+    small, large, step = (float(v) for v in out.split())
+    unit = simulate(action_order("gpipe", 2, m, 1), [ChunkCost(1.0, 1.0, 0.0)] * 2).step_seconds
+    _MESSAGES[kind] = MessageCost(
+        latency=small,
+        per_byte=max(0.0, (large - small) / (1 << 20)),
+        per_action=step / unit,
+    )
+    return _MESSAGES[kind]
+
+
+def layer_list(module: nn.Module, sample: torch.Tensor) -> list[nn.Module]:
+    """The layers a split can cut between (for inputs like ``sample``)."""
+    named, _ = split_network(module, 2, tuple(sample.shape[1:]), sample.dtype)
+    return [layer for _, layer in named]
+
+
+def rows_to_measure(share_rows: int) -> tuple[int, int]:
+    """Two micro-batch sizes spanning those the candidates step with."""
+    return (max(1, share_rows // 16), max(1, share_rows // 2))
+
+
+def forget_measurements(messages: bool = True) -> None:
+    """Drop what this process measured: the layer profiles, and the message costs unless
+    ``messages=False``."""
+    _PROFILES.clear()
+    if messages:
+        _MESSAGES.clear()

@@ -1,0 +1,317 @@
+"""``schedule='auto'``: from the measurements of ``_measure``, simulate every valid
+(schedule, micro-batches, chunks per stage, balance) with torch's own orders (``_simulate``),
+and choose the fastest plan whose stages fit the memory budget; say when one stage would be
+faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..plan import _schedules
+from ..plan._config import PipelineConfig
+from ..plan._microbatch import step_rows
+from ..plan._report import PlanReport
+from ..split._partition import balance_sizes, chunk_bounds, split_by_costs
+from ._measure import (
+    LayerProfile,
+    MessageCost,
+    layer_list,
+    measure,
+    message_cost,
+    rows_to_measure,
+)
+from ._simulate import ChunkCost, action_order, simulate
+
+__all__ = [
+    "BALANCES", "Candidate", "Choice", "LayerProfile", "MessageCost", "annotated",
+    "candidates", "choose", "fits_one_device", "layer_list", "measure", "message_cost",
+    "one_stage_bytes", "one_stage_ms", "predict", "rows_to_measure",
+]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan the planner considered."""
+
+    schedule: str
+    n_microbatches: int
+    chunks_per_stage: int
+    predicted_step_ms: float
+    bubble: float
+    peak_stage_MiB: float  # parameters, gradients, optimizer state and peak activations
+    fits: bool
+    chosen: bool = False
+    balance: str = "uniform"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _chunk_options(schedule: str, n_stages: int, n_layers: int, fixed: int | None) -> list[int]:
+    spec = _schedules.SCHEDULES[schedule]
+    top = spec.max_chunks or 4
+    out = [v for v in range(spec.min_chunks, top + 1) if n_stages * v <= n_layers]
+    return [v for v in out if fixed is None or v == fixed]
+
+
+def _microbatch_options(n_stages: int, share: int, fixed: int | None) -> list[int]:
+    if fixed is not None:
+        return [fixed]
+    counts = {n_stages, 2 * n_stages, 4 * n_stages, 8 * n_stages, 16 * n_stages}
+    return sorted(m for m in counts if m <= share) or [min(share, n_stages)]
+
+
+def predict(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    schedule: str,
+    m: int,
+    v: int,
+    message: MessageCost,
+    local: bool,
+    balance: str | tuple[int, ...] | None = None,
+) -> tuple[float, float, list[float]]:
+    """(step seconds, bubble, peak bytes per stage) of one candidate (with ``balance``, or
+    the configuration's)."""
+    n_chunks = config.n_stages * v
+    n_layers = len(profile.parameter_bytes)
+    rows = step_rows(config.share_rows, m) // m
+    layer_costs = profile.costs(rows)
+    balance = config.balance if balance is None else balance
+    if not isinstance(balance, str) and len(balance) != n_chunks:
+        balance = "uniform"  # a list for another chunk count cannot apply
+    if balance == "time":  # the measured times, not measured again
+        sizes = split_by_costs([sum(c) for c in layer_costs], n_chunks)
+    elif balance == "parameters":
+        sizes = split_by_costs([float(b) + 1.0 for b in profile.parameter_bytes], n_chunks)
+    else:
+        sizes, _ = balance_sizes([nn.Identity()] * n_layers, n_chunks, balance)
+    bounds = chunk_bounds(sizes)
+    costs = []
+    spec = _schedules.SCHEDULES[schedule]
+    o = message.per_action  # torch's time per action, the messages' latency included
+    for s, e in bounds:
+        f, i, w = (sum(c[k] for c in layer_costs[s:e]) for k in range(3))
+        # a split backward is two actions, so 'I' and 'W' each pay the per-action time
+        costs.append(
+            ChunkCost(
+                f + o,
+                i + (o if spec.zero_bubble else o / 2),
+                w + (o if spec.zero_bubble else o / 2),
+                rows * sum(profile.activation_bytes_per_row[s:e]),
+            )
+        )
+    messages = [
+        message.per_byte * rows * profile.output_bytes_per_row[e - 1] for _, e in bounds[:-1]
+    ]
+    order = action_order(schedule, config.n_stages, m, v, local=local)
+    sim = simulate(order, costs, [] if local else messages)
+    peaks = [0.0] * config.n_stages
+    for c, (s, e) in enumerate(bounds):
+        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
+        peaks[owner] += 4.0 * sum(profile.parameter_bytes[s:e])
+    if local:
+        activation = sim.peak_activation_bytes[0]
+        peaks = [p + activation / config.n_stages for p in peaks]
+    else:
+        peaks = [p + a for p, a in zip(peaks, sim.peak_activation_bytes, strict=True)]
+    return sim.step_seconds, sim.bubble, peaks
+
+
+BALANCES = ("uniform", "parameters", "time")
+
+
+def candidates(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    *,
+    message: MessageCost,
+    local: bool,
+    budget: float | None = None,
+    fixed_microbatches: int | None = None,
+    fixed_chunks: int | None = None,
+    schedules: tuple[str, ...] | None = None,
+    balances: tuple[str, ...] | None = None,
+) -> list[Candidate]:
+    """Every (schedule, m, v, balance) torch would accept, simulated; sorted fastest first, the
+    fastest one that fits marked chosen. ``balances``: the rules to try (default: the
+    configuration's own)."""
+    n_layers = len(profile.parameter_bytes)
+    own = config.balance if isinstance(config.balance, str) else "uniform"
+    found = []
+    for schedule in schedules or _schedules.SCHEDULE_NAMES:
+        for v in _chunk_options(schedule, config.n_stages, n_layers, fixed_chunks):
+            for m in _microbatch_options(config.n_stages, config.share_rows, fixed_microbatches):
+                try:
+                    _schedules.check_microbatches(
+                        schedule, config.n_stages, m, v, config.share_rows
+                    )
+                except ValueError:
+                    continue
+                for rule in balances or (None,):
+                    try:
+                        step, bubble, peaks = predict(
+                            profile, config, schedule, m, v, message, local, balance=rule
+                        )
+                    except ValueError:
+                        continue
+                    found.append(
+                        Candidate(
+                            schedule=schedule,
+                            n_microbatches=m,
+                            chunks_per_stage=v,
+                            predicted_step_ms=step * 1e3,
+                            bubble=bubble,
+                            peak_stage_MiB=max(peaks) / 2**20,
+                            fits=budget is None or max(peaks) <= budget,
+                            balance=rule or own,
+                        )
+                    )
+    found.sort(key=lambda c: (not c.fits, c.predicted_step_ms))
+    if found and found[0].fits:
+        found[0] = dataclasses.replace(found[0], chosen=True)
+    return found
+
+
+def one_stage_ms(profile: LayerProfile, rows: int) -> float:
+    """Predicted step of the whole network on one device for ``rows`` rows (one micro-batch)."""
+    return 1e3 * sum(sum(c) for c in profile.costs(rows))
+
+
+def one_stage_bytes(profile: LayerProfile, rows: int) -> float:
+    """Estimated peak of the whole network on one device: 4 x parameter bytes (weights,
+    gradients, two Adam moments) and the activations of ``rows`` rows."""
+    return 4.0 * sum(profile.parameter_bytes) + rows * sum(profile.activation_bytes_per_row)
+
+
+def fits_one_device(
+    module: nn.Module,
+    sample: torch.Tensor,
+    config: PipelineConfig,
+    budget: float | None,
+    threads: int,
+) -> bool:
+    """Whether the whole network's estimated peak on one device fits ``budget``."""
+    if budget is None:
+        return True
+    rows = rows_to_measure(config.share_rows)
+    profile = measure(module, sample, rows, config.devices[0], threads)
+    return one_stage_bytes(profile, config.share_rows) <= budget
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the planner chose for a fit, and why."""
+
+    config: PipelineConfig
+    candidates: tuple[Candidate, ...]
+    one_stage_ms: float | None  # the whole network on one device, per step
+    one_stage_fits: bool
+    seconds: float  # planning time
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.chosen), None)
+
+    @property
+    def advice(self) -> str | None:
+        """Said when one stage is predicted faster and the network fits one device."""
+        best = self.chosen
+        if best is None or self.one_stage_ms is None or self.config.n_stages == 1:
+            return None
+        if self.one_stage_fits and self.one_stage_ms < best.predicted_step_ms:
+            return (
+                f"one stage would be faster here: {self.one_stage_ms:.2f} ms per step predicted "
+                f"on one device against {best.predicted_step_ms:.2f} ms for the best pipelined "
+                f"plan ({best.schedule}, n_microbatches={best.n_microbatches}), and the network "
+                "fits one device; consider n_stages=1."
+            )
+        return None
+
+
+def choose(
+    module: nn.Module,
+    config: PipelineConfig,
+    sample: torch.Tensor,
+    *,
+    threads: int,
+    one_stage_threads: int,
+    budget: float | None = None,
+    fixed_microbatches: int | None = None,
+    fixed_chunks: int | None = None,
+    schedules: tuple[str, ...] | None = None,
+    balances: tuple[str, ...] | None = None,
+) -> Choice:
+    """The fastest valid (schedule, m, chunks) for ``config``'s stages whose stages fit
+    ``budget``; ``config`` comes back with them. Raises ValueError when none fits."""
+    import time
+
+    t0 = time.perf_counter()
+    device = config.devices[0]
+    rows = rows_to_measure(config.share_rows)
+    profile = measure(module, sample, rows, device, threads)
+    local = config.launcher == "local"
+    message = (
+        MessageCost(0.0, 0.0, 0.0) if local or config.n_stages == 1 else message_cost(device)
+    )
+    found = candidates(
+        profile,
+        config,
+        message=message,
+        local=local,
+        budget=budget,
+        fixed_microbatches=fixed_microbatches,
+        fixed_chunks=fixed_chunks,
+        schedules=schedules,
+        balances=balances,
+    )
+    single = profile if one_stage_threads == threads else measure(
+        module, sample, rows, device, one_stage_threads
+    )
+    share = config.share_rows
+    choice = Choice(
+        config=config,
+        candidates=tuple(found),
+        one_stage_ms=one_stage_ms(single, share),
+        one_stage_fits=budget is None or one_stage_bytes(profile, share) <= budget,
+        seconds=time.perf_counter() - t0,
+    )
+    best = choice.chosen
+    if best is None:
+        least = min((c.peak_stage_MiB for c in found), default=float("nan"))
+        raise ValueError(
+            f"stage_memory_budget ({(budget or 0) / 2**20:.1f} MiB) is too small for every plan "
+            f"of n_stages={config.n_stages}: the smallest stage peak found is {least:.1f} MiB. "
+            "Raise the budget or add stages (n_stages='auto' takes the fewest that fit)."
+        )
+    chosen = dataclasses.replace(
+        config,
+        schedule=best.schedule,
+        n_microbatches=best.n_microbatches,
+        chunks_per_stage=best.chunks_per_stage,
+        batch_rows=step_rows(config.share_rows, best.n_microbatches),
+        balance=best.balance if balances else config.balance,
+    )
+    return dataclasses.replace(choice, config=chosen)
+
+
+def annotated(report: PlanReport, choice: Choice | None) -> PlanReport:
+    """The plan report with the planner's table, prediction and advice (as it was without)."""
+    if choice is None:
+        return report
+    best = choice.chosen
+    return dataclasses.replace(
+        report,
+        candidates=[c.to_dict() for c in choice.candidates],
+        predicted_step_ms=best.predicted_step_ms if best else report.predicted_step_ms,
+        bubble=best.bubble if best else report.bubble,
+        one_stage_step_ms=choice.one_stage_ms,
+        advice=choice.advice,
+        planning_seconds=choice.seconds,
+    )

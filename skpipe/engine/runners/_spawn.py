@@ -1,0 +1,169 @@
+"""One worker process per pipeline rank, started (or taken warm) from the user's process; the
+training loop stays in this process and every step is one message to each worker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..plan._config import TrainSpec
+from ..plan._microbatch import replica_shares
+from ..plan._plan import Plan
+from ..plan._timeline import Span
+from ..split._construct import program_for
+from ..workers import _protocol as P
+from ..workers._pool import STARTUP_TIMEOUT, acquire_group, release_group
+from ._runner import Runner
+
+
+class SpawnRunner(Runner):
+    """Drives one worker per rank of the (replica x stage) mesh: with one replica, one per
+    pipeline stage."""
+
+    optimizer_in_driver: ClassVar[bool] = False
+
+    def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
+        super().__init__(plan, module, spec, seed)
+        cfg = self.config
+        self.first = cfg.owner(0)
+        self.last = cfg.owner(cfg.n_chunks - 1)
+        self.group = acquire_group(cfg.world_size, cfg.devices, cfg.timeout)
+        try:
+            # a network built on meta travels as its layers' shapes and the recipe of their
+            # values (each worker makes its own); a built one travels with its weights
+            stages = [plan.chunks(module, s) for s in range(cfg.n_stages)]
+            programs = [program_for(chunks) for chunks in stages]
+            setups = [
+                P.Setup(
+                    chunks=stages[cfg.stage_of(rank)],
+                    config=cfg,
+                    spec=spec,
+                    shapes=list(plan.shapes),
+                    device=cfg.devices[rank],
+                    seed=seed,
+                    program=programs[cfg.stage_of(rank)],
+                )
+                for rank in range(cfg.world_size)
+            ]
+            self.group.ask_all(setups, timeout=max(cfg.timeout, STARTUP_TIMEOUT))
+        except BaseException:
+            self.group.close()
+            raise
+
+    def _rows_for(
+        self,
+        rank: int,
+        shares: list[slice],
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        w: torch.Tensor | None,
+    ) -> tuple[Any, Any, Any, int]:
+        """What ``rank`` needs of a batch: its replica's share of the inputs where it holds the
+        first chunk, of the targets and weights where it holds the last; and the share's rows."""
+        cfg = self.config
+        rows = shares[cfg.replica_of(rank)]
+        stage = cfg.stage_of(rank)
+        first, last = stage == self.first, stage == self.last
+
+        def part(t: torch.Tensor | None, needed: bool) -> Any:
+            return t[rows].numpy() if needed and t is not None else None
+
+        return part(x, first), part(y, last), part(w, last), rows.stop - rows.start
+
+    def _last_ranks(self) -> list[int]:
+        """The rank holding the last chunk in each replica, in replica order."""
+        return [r * self.config.n_stages + self.last for r in range(self.config.n_replicas)]
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        total_weight = None if w is None else float(w.sum())
+        shares = replica_shares(n, self.config.n_replicas)
+        messages = []
+        for rank in range(self.config.world_size):
+            xs, ys, ws, n_share = self._rows_for(rank, shares, x, y, w)
+            messages.append(P.Step(xs, ys, n_share, ws, n, total_weight))
+        replies = self.group.ask_all(messages)
+        parts = [replies[r] for r in self._last_ranks()]
+        loss = torch.stack([torch.from_numpy(loss) for loss, _ in parts]).sum()
+        return loss, torch.cat([torch.from_numpy(out) for _, out in parts])
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Every replica forwards its share of the rows."""
+        shares = replica_shares(x.shape[0], self.config.n_replicas)
+        messages = []
+        for rank in range(self.config.world_size):
+            xs, _, _, n_share = self._rows_for(rank, shares, x, None, None)
+            messages.append(P.Forward(xs, n_share))
+        replies = self.group.ask_all(messages)
+        return torch.cat([torch.from_numpy(replies[r]) for r in self._last_ranks()])
+
+    def record_timeline(self, steps: int) -> None:
+        self.group.ask_all(P.RecordTimeline(steps))
+
+    def spans(self) -> list[Span]:
+        return [s for spans in self.group.ask_all(P.Spans()) for s in spans]
+
+    def track_memory(self, on: bool = True) -> None:
+        self.group.ask_all(P.TrackMemory(on))
+
+    def stats(self) -> list[dict[str, float]]:
+        return list(self.group.ask_all(P.Stats()))
+
+    def drop_training_state(self) -> None:
+        self.group.ask_all(P.DropTrainingState())
+
+    def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
+        # the replicas hold the same weights and optimizer state: the first one's suffice
+        stages = range(self.config.n_stages)
+        if optimizers:
+            return list(self.group.ask(stages, P.GetState()))
+        return [(chunks, None) for chunks in self.group.ask(stages, P.Collect())]
+
+    def save_state_files(self, folder: str, tag: str) -> list[str]:
+        """One part per stage, written by the worker that holds it (replica 0's: the replicas
+        hold the same state); nothing of it passes through this process."""
+        cfg = self.config
+        names = [f"stage{s}-{tag}.pt" for s in range(cfg.n_stages)]
+        self.group.ask(
+            range(cfg.n_stages),
+            [
+                P.SaveStage(
+                    os.path.join(folder, names[s]),
+                    self.plan.state_names(self.module, s),
+                    self.plan.rank_parameter_names(s),
+                )
+                for s in range(cfg.n_stages)
+            ],
+        )
+        return names
+
+    def load_state_files(self, folder: str, names: Sequence[str]) -> None:
+        """Every worker reads its own tensors from the parts (memory-mapped), by name."""
+        cfg = self.config
+        paths = [os.path.join(folder, n) for n in names]
+        per_stage = [
+            P.LoadStage(
+                paths, self.plan.state_names(self.module, s), self.plan.rank_parameter_names(s)
+            )
+            for s in range(cfg.n_stages)
+        ]
+        self.group.ask_all([per_stage[cfg.stage_of(rank)] for rank in range(cfg.world_size)])
+
+    def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
+        cfg = self.config
+        self.group.ask_all(
+            [P.SetState(*states[cfg.stage_of(rank)]) for rank in range(cfg.world_size)]
+        )
+
+    def close(self, keep_warm: bool = False) -> None:
+        """Healthy workers go back warm when asked; any other end stops them."""
+        if keep_warm and self.group.alive():
+            release_group(self.group)
+        else:
+            self.group.close()

@@ -1,0 +1,429 @@
+"""The stages one process holds: torch PipelineStages with static shapes, the schedule, the
+optimizer shard, checkpointing, and a forward-only path for prediction.
+
+The same ``StageHost`` serves all homes: every chunk in the user's process (``local``), one rank's
+chunks in a spawned worker, or one rank's chunks under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from ..parallel._replicas import ReplicaGradients
+from ..plan import _schedules
+from ..plan._config import PipelineConfig, TrainSpec
+from ..plan._memory import ActivationMeter
+from ..plan._microbatch import WeightedLoss, pad_rows, row_targets
+from ..plan._timeline import Recorder, Span
+from ..split._partition import Boundary, boundary_tensors, leaves
+from ..state._named import (
+    cpu_copy,
+    read_state_files,
+    stage_state,
+    state_by_name,
+    write_state_file,
+)
+
+
+class ChunkModule(nn.Module):
+    """One chunk of layers, with per-micro-batch activation recomputation and autocast.
+
+    ``checkpoint``: 'never'; 'always' (recompute every micro-batch in backward); 'except_last'
+    (every micro-batch but the last of a step, as torchgpipe defines it). Forwards of one chunk
+    run in micro-batch order in every schedule, so a counter reset at each step knows the index.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        *,
+        index: int,
+        checkpoint: str = "never",
+        n_microbatches: int = 1,
+        precision: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+        self.index = index
+        self.checkpoint = checkpoint
+        self.n_microbatches = n_microbatches
+        self.precision = precision
+        self.calls = 0
+
+    def _run(self, *args: torch.Tensor) -> Any:
+        # a boundary carrying several tensors reaches the first layer as one tuple, as in
+        # nn.Sequential
+        x: Any = args[0] if len(args) == 1 else args
+        if self.precision == "bf16":
+            with torch.autocast(device_type=args[0].device.type, dtype=torch.bfloat16):
+                out = self.layers(x)
+        else:
+            out = self.layers(x)
+        if isinstance(out, torch.Tensor):
+            return _float32(out)
+        if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
+            return tuple(_float32(t) for t in out)
+        raise TypeError(  # the plan refused it already, but a layer may change its mind
+            f"pipeline chunk {self.index} returned {type(out).__name__}: a stage boundary "
+            "carries one tensor or a tuple of tensors."
+        )
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        mb = self.calls % self.n_microbatches
+        self.calls += 1
+        recompute = (
+            self.training
+            and torch.is_grad_enabled()
+            and (
+                self.checkpoint == "always"
+                or (self.checkpoint == "except_last" and mb != self.n_microbatches - 1)
+            )
+        )
+        if recompute:
+            return activation_checkpoint(self._run, *args, use_reentrant=False)
+        return self._run(*args)
+
+
+class StageHost:
+    """The chunks one process owns, their torch stages, schedule and optimizer."""
+
+    def __init__(
+        self,
+        chunks: dict[int, nn.Sequential],
+        config: PipelineConfig,
+        spec: TrainSpec,
+        shapes: Sequence[Boundary],
+        *,
+        rank: int,
+        device: str,
+        group: dist.ProcessGroup,
+        replica: int = 0,
+        replica_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        """``rank``: this process's stage in its pipeline, whose processes form ``group``;
+        ``replica``: which copy of the pipeline it belongs to, and ``replica_group`` the same
+        stage of every replica (None with one replica), over which gradients are summed."""
+        self.config = config
+        self.rank = rank
+        self.replica = replica
+        self.replica_group = replica_group
+        self.device = torch.device(device)
+        self.group = group
+        self.shapes = list(shapes)
+        self.chunk_ids = sorted(chunks)
+        self.world_size = dist.get_world_size(group)
+        m = config.n_microbatches
+        self.chunks = {
+            c: ChunkModule(
+                list(chunks[c]),
+                index=c,
+                checkpoint=config.checkpoint,
+                n_microbatches=m,
+                precision=config.precision,
+            ).to(self.device)
+            for c in self.chunk_ids
+        }
+        self.holds_first = 0 in self.chunks
+        self.holds_last = (config.n_chunks - 1) in self.chunks
+        self.loss = WeightedLoss(spec.criterion.to(self.device))
+        params = [p for c in self.chunk_ids for p in self.chunks[c].parameters()]
+        # a stage of parameter-free layers (an activation alone) has nothing to step
+        self.optimizer = (
+            spec.optimizer(params, **spec.optimizer_kwargs) if params else _NoParameters()
+        )
+        self._schedule = self._build_schedule()
+        self.meter: ActivationMeter | None = None
+        # timeline rows are ranks of the whole (replica x stage) mesh
+        offset = replica * config.n_stages
+        self.recorder = Recorder(
+            offset + rank, lambda chunk: offset + config.owner(chunk), device
+        )
+        # summing the gradients over the replicas, overlapped with the backward where the
+        # schedule's backward lets autograd accumulate them (not the zero-bubble ones)
+        self.replica_grads = (
+            None
+            if replica_group is None
+            else ReplicaGradients(
+                params,
+                replica_group,
+                m,
+                overlap=not _schedules.SCHEDULES[self.schedule_name].zero_bubble,
+            )
+        )
+
+    def record_timeline(self, steps: int) -> None:
+        """Record the spans of the next ``steps`` steps."""
+        self.recorder.steps_left = steps
+
+    def spans(self) -> list[Span]:
+        return list(self.recorder.spans)
+
+    def track_memory(self, on: bool = True) -> None:
+        """Measure the activations held for backward during each step (peak per process)."""
+        self.meter = (
+            ActivationMeter(p for c in self.chunks.values() for p in c.parameters()) if on else None
+        )
+
+    def stats(self) -> dict[str, float]:
+        sums = self.replica_grads
+        return {
+            "peak_activation_bytes": float(self.meter.peak) if self.meter else float("nan"),
+            # the wait for the replicas' gradient sums after the backward (what overlap left)
+            "gradient_sync_ms_per_step": (
+                1e3 * sums.exposed_seconds / sums.steps if sums and sums.steps else float("nan")
+            ),
+            "gradient_bytes": float(
+                sum(p.numel() * p.element_size() for c in self.chunks.values()
+                    for p in c.parameters())
+            ),
+        }
+
+    # -- building --------------------------------------------------------------------------
+    @property
+    def schedule_name(self) -> str:
+        """The schedule that runs: the configured one, or with one stage (a data-parallel
+        replica of the whole network, nothing to interleave) GPipe's."""
+        return self.config.schedule if self.config.n_stages > 1 else "gpipe"
+
+    def _stage(self, c: int) -> PipelineStage:
+        mb = self.config.microbatch_rows
+        n_chunks = self.config.n_chunks
+        return PipelineStage(
+            self.chunks[c],
+            c,
+            n_chunks,
+            self.device,
+            input_args=boundary_tensors(self.shapes[c], mb, self.device, requires_grad=c > 0),
+            output_args=boundary_tensors(self.shapes[c + 1], mb, self.device, True),
+            group=self.group,
+        )
+
+    def _build_schedule(self) -> Any:  # torch's schedule base classes are private
+        # with every stage in this one process, the schedule's local stand-in runs them
+        local = self.world_size == 1 and self.config.n_stages > 1
+        cls = _schedules.SCHEDULES[self.schedule_name].schedule_class(local=local)
+        stages = [self._stage(c) for c in self.chunk_ids]
+        self.stages = dict(zip(self.chunk_ids, stages, strict=True))
+        m = self.config.n_microbatches
+        if issubclass(cls, PipelineScheduleSingle):
+            return cls(stages[0], m, loss_fn=self.loss, scale_grads=False)
+        return cls(stages, m, loss_fn=self.loss, scale_grads=False)
+
+    # -- training ----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        for chunk in self.chunks.values():
+            chunk.train(mode)
+
+    def train_step(
+        self,
+        x: torch.Tensor | None,
+        y: torch.Tensor | None,
+        n_real: int,
+        w: torch.Tensor | None = None,
+        *,
+        total_rows: int | None = None,
+        total_weight: float | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One optimizer step over a batch of ``n_real`` rows.
+
+        ``x`` is needed where the first chunk lives, ``y`` (and the rows' weights ``w``, if any)
+        where the last one lives. With replicas these are this replica's share of a batch of
+        ``total_rows`` rows (of weight ``total_weight``). Returns the loss of these rows (their
+        part of the batch loss) and their outputs on the process holding the last chunk.
+        """
+        self.train(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        for chunk in self.chunks.values():
+            chunk.calls = 0
+        rows = self.config.batch_rows
+        args: tuple[torch.Tensor, ...] = ()
+        if self.holds_first:
+            x = _given(x, f"the batch's inputs (rank {self.rank} holds the first chunk)")
+            args = (pad_rows(x.to(self.device, non_blocking=True), rows),)
+        target = None
+        losses: list[torch.Tensor] = []
+        if self.holds_last:
+            y = _given(y, f"the batch's targets (rank {self.rank} holds the last chunk)")
+            self.loss.set_batch(
+                y.to(self.device, non_blocking=True),
+                n_real,
+                None if w is None else w.to(self.device, non_blocking=True),
+                total_rows=total_rows,
+                total_weight=total_weight,
+            )
+            target = row_targets(n_real, rows, self.device)
+        if self.replica_grads is not None:
+            self.replica_grads.begin()
+        uninstall = None
+        if self.recorder.steps_left > 0:
+            uninstall = self.recorder.install(self.stages)
+        try:
+            collected = losses if self.holds_last else None
+            if self.meter is not None:
+                with self.meter.track():
+                    out = self._schedule.step(*args, target=target, losses=collected)
+            else:
+                out = self._schedule.step(*args, target=target, losses=collected)
+        finally:
+            if uninstall is not None:
+                uninstall()
+                self.recorder.steps_left -= 1
+            self.recorder.step += 1
+        if self.replica_grads is not None:
+            self.replica_grads.finish()  # the batch's gradient: the replicas' parts summed
+        self.clip_gradients()
+        self.optimizer.step()
+        if not self.holds_last:
+            return None, None
+        total = torch.stack([loss.detach().float() for loss in losses]).sum()
+        return total, out[:n_real].detach()
+
+    def clip_gradients(self) -> None:
+        """Clip by the global norm over every stage of the pipeline (all ranks agree)."""
+        max_norm = self.config.max_grad_norm
+        if max_norm is None:
+            return
+        grads = [
+            p.grad
+            for c in self.chunk_ids
+            for p in self.chunks[c].parameters()
+            if p.grad is not None
+        ]
+        sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        for g in grads:
+            sq += g.detach().double().pow(2).sum()
+        if self.world_size > 1:
+            dist.all_reduce(sq, group=self.group)
+        total = float(sq.sqrt())
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
+        """Forward-only pass of ``n_rows`` rows through every chunk, in eval mode.
+
+        Activations cross ranks with plain send/recv (torch's ``schedule.eval`` cannot run when
+        adjacent stages share a rank). Returns the output where the last chunk lives.
+        """
+        self.train(False)
+        n_chunks = self.config.n_chunks
+        if n_rows == 0:  # a replica given no rows of a small batch (its ranks all know it)
+            if not self.holds_last:
+                return None
+            return boundary_tensors(self.shapes[-1], 0, "cpu", False)[0]
+        h: Any = None
+        for c in range(n_chunks):
+            if c not in self.chunks:
+                continue
+            if c == 0:
+                h = _given(x, f"the rows to predict (rank {self.rank} holds the first chunk)")
+                h = (h.to(self.device),)
+            elif c - 1 not in self.chunks:
+                h = boundary_tensors(self.shapes[c], n_rows, self.device, False)
+                for t in h:
+                    dist.recv(t, group_src=self.config.owner(c - 1), group=self.group)
+            out = self.chunks[c](*_given(h, f"chunk {c - 1}'s output"))
+            h = leaves(out)
+            if c + 1 < n_chunks and c + 1 not in self.chunks:
+                for t in h:
+                    dist.send(t.contiguous(), group_dst=self.config.owner(c + 1), group=self.group)
+        return h[0] if self.holds_last else None
+
+    def state_dicts(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each chunk's layer parameters and buffers, on the CPU."""
+        return {
+            c: {k: v.detach().cpu() for k, v in self.chunks[c].layers.state_dict().items()}
+            for c in self.chunk_ids
+        }
+
+    def optimizer_state(self, copy: bool = True) -> dict[str, Any]:
+        """This host's optimizer state dict: a copy on the CPU, or (``copy=False``, for
+        streaming it away tensor by tensor) the live tensors themselves."""
+        state = self.optimizer.state_dict()
+        return cpu_copy(state) if copy else state
+
+    def load_state(
+        self, chunk_states: dict[int, dict[str, torch.Tensor]], optimizer_state: dict[str, Any]
+    ) -> None:
+        """Put saved parameters (and the optimizer's state) back into this host's chunks."""
+        for c, state in chunk_states.items():
+            self.chunks[c].layers.load_state_dict(state)
+        self.optimizer.load_state_dict(optimizer_state)
+
+    def save_part(
+        self, path: str, names: dict[int, dict[str, str]], parameter_names: Sequence[str]
+    ) -> None:
+        """Write this host's checkpoint part: its tensors under their names in the whole
+        network (``names``: per chunk, state-dict key -> name), its optimizer's state by
+        parameter name."""
+        module = {
+            names[c][k]: v for c, state in self.state_dicts().items() for k, v in state.items()
+        }
+        optimizer = state_by_name(self.optimizer_state(copy=False), parameter_names)
+        write_state_file(path, module, optimizer)
+
+    def load_parts(
+        self, paths: Sequence[str], names: dict[int, dict[str, str]], parameter_names: Sequence[str]
+    ) -> None:
+        """Take this host's tensors and optimizer state, by name, from checkpoint parts."""
+        self.load_state(*stage_state(read_state_files(paths), names, parameter_names))
+
+    def drop_training_state(self) -> None:
+        """Free gradients, optimizer state and gradient buckets (the host trains no more)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        if self.replica_grads is not None:
+            self.replica_grads.close()
+            self.replica_grads = None
+
+    def close(self) -> None:
+        if self.replica_grads is not None:
+            self.replica_grads.close()
+        self._schedule = None
+        self.chunks.clear()
+        self.optimizer = None  # type: ignore[assignment]
+
+
+class _NoParameters(torch.optim.Optimizer):
+    """The optimizer of a stage without parameters: nothing to step, an empty state (torch's
+    optimizers refuse an empty parameter list)."""
+
+    def __init__(self) -> None:  # noqa: D107 - torch's __init__ refuses no parameters
+        self.state = defaultdict(dict)
+        self.param_groups: list[dict[str, Any]] = []
+        self.defaults: dict[str, Any] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self, closure: Any = None) -> Any:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": {}, "param_groups": [{"params": []}]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype != torch.float32 and t.is_floating_point() else t
+
+
+def _given(value: Any, what: str) -> Any:
+    """``value``, which the caller had to pass; a clear error where it did not."""
+    if value is None:
+        raise RuntimeError(f"StageHost needs {what}, and was given None")
+    return value

@@ -1,0 +1,250 @@
+"""Entry point of a stage worker: ``python -m skpipe.engine.workers._worker_main`` (started by
+``_pool``).
+
+The worker answers one message at a time; the message's type picks its handler from
+``HANDLERS``. Any exception goes back to the driver as ``Failed(traceback)`` and ends the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Client
+from typing import Any
+
+from . import _protocol as P
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Never outlive the driver: ask the kernel for SIGKILL when the parent dies, and watch."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(0.5)
+
+    if os.getppid() != parent_pid:  # the parent died before the kernel was asked to tell us
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True, name="skpipe-parent-watch").start()
+
+
+class _Stream:
+    """A handler's reply whose tensors go as raw bytes after the message (``P.Streamed``)."""
+
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+
+def _reply(conn: Any, result: Any) -> None:
+    if not isinstance(result, _Stream):
+        conn.send_bytes(P.encode(P.Ok(result)))
+        return
+    from ..state._stream import split_tensors, write_tensors
+
+    skeleton, tensors = split_tensors(result.payload)
+    conn.send_bytes(P.encode(P.Ok(P.Streamed(skeleton))))
+    write_tensors(conn.fileno(), tensors)
+
+
+def _tensor(a: Any) -> Any:
+    import torch
+
+    return None if a is None else torch.from_numpy(a)
+
+
+class Worker:
+    """The state of one stage worker between messages: its rank and the stages it hosts."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank = rank
+        self.world = world
+        self.host: Any = None  # StageHost, once set up
+        self.device = "cpu"
+
+    def stages(self) -> Any:
+        if self.host is None:
+            raise RuntimeError("this stage worker got a request before its setup")
+        return self.host
+
+    def setup(self, m: P.Setup) -> None:
+        import torch
+
+        from ..parallel._groups import mesh_groups, worker_world
+        from ._stage import StageHost
+
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        if m.program is not None:  # this stage's layers, built here (see _construct)
+            m.program.apply(m.chunks)
+        self.device = m.device
+        # same seed warm or cold, so that a fit does not depend on what ran before
+        torch.manual_seed(m.seed + self.rank)
+        if m.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(m.device))
+        store = os.environ["SKPIPE_STORE_PATH"]
+        worker_world(store, self.rank, self.world, m.device, m.config.timeout)
+        cfg = m.config
+        pipeline, replicas = mesh_groups(cfg.n_replicas, cfg.n_stages, m.device)
+        self.host = StageHost(
+            m.chunks,
+            cfg,
+            m.spec,
+            m.shapes,
+            rank=cfg.stage_of(self.rank),
+            device=m.device,
+            group=pipeline,
+            replica=cfg.replica_of(self.rank),
+            replica_group=replicas,
+        )
+
+    def step(self, m: P.Step) -> Any:
+        from ..plan._memory import out_of_memory, out_of_memory_in
+
+        try:
+            loss, out = self.stages().train_step(
+                _tensor(m.x),
+                _tensor(m.y),
+                m.n_real,
+                _tensor(m.w),
+                total_rows=m.total_rows,
+                total_weight=m.total_weight,
+            )
+        except Exception as exc:
+            oom = out_of_memory_in(exc)  # torch's schedule wraps what a stage raised
+            if oom is None:
+                raise
+            host = self.stages()
+            held = 4 * host.stats()["gradient_bytes"]  # weights, gradients, two Adam moments
+            raise out_of_memory(
+                oom, f"stage {host.rank}", self.device, held, host.config.n_stages
+            ) from None
+        return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
+
+    def forward(self, m: P.Forward) -> Any:
+        out = self.stages().forward(_tensor(m.x), m.n_rows)
+        return None if out is None else out.cpu().numpy()
+
+    def reset(self, m: P.Reset) -> None:
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        if self.device.startswith("cuda"):  # give the idle GPU memory back
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def get_state(self, m: P.GetState) -> Any:
+        host = self.stages()
+        return _Stream((host.state_dicts(), host.optimizer_state(copy=False)))
+
+    def set_state(self, m: P.SetState) -> None:
+        self.stages().load_state(m.chunks, m.optimizer)
+
+    def save_stage(self, m: P.SaveStage) -> None:
+        self.stages().save_part(m.path, m.names, m.parameter_names)
+
+    def load_stage(self, m: P.LoadStage) -> None:
+        self.stages().load_parts(m.paths, m.names, m.parameter_names)
+
+    def drop_training_state(self, m: P.DropTrainingState) -> None:
+        self.stages().drop_training_state()
+
+    def collect(self, m: P.Collect) -> Any:
+        return _Stream(self.stages().state_dicts())
+
+    def record_timeline(self, m: P.RecordTimeline) -> None:
+        self.stages().record_timeline(m.steps)
+
+    def spans(self, m: P.Spans) -> Any:
+        return self.stages().spans()
+
+    def track_memory(self, m: P.TrackMemory) -> None:
+        self.stages().track_memory(m.on)
+
+    def stats(self, m: P.Stats) -> Any:
+        return self.stages().stats()
+
+
+HANDLERS: dict[type[P.Message], Callable[[Worker, Any], Any]] = {
+    P.Setup: Worker.setup,
+    P.Step: Worker.step,
+    P.Forward: Worker.forward,
+    P.Reset: Worker.reset,
+    P.GetState: Worker.get_state,
+    P.SetState: Worker.set_state,
+    P.Collect: Worker.collect,
+    P.DropTrainingState: Worker.drop_training_state,
+    P.SaveStage: Worker.save_stage,
+    P.LoadStage: Worker.load_stage,
+    P.RecordTimeline: Worker.record_timeline,
+    P.Spans: Worker.spans,
+    P.TrackMemory: Worker.track_memory,
+    P.Stats: Worker.stats,
+}
+
+
+def main() -> None:
+    parent = int(os.environ["SKPIPE_PARENT_PID"])
+    _die_with_parent(parent)
+    rank = int(os.environ["SKPIPE_RANK"])
+    world = int(os.environ["SKPIPE_WORLD_SIZE"])
+    conn = Client(
+        os.environ["SKPIPE_CONTROL_PATH"],
+        family="AF_UNIX",
+        authkey=bytes.fromhex(os.environ["SKPIPE_AUTHKEY"]),
+    )
+    conn.send_bytes(P.encode(P.Ok(rank)))
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    worker = Worker(rank, world)
+    idle = float(os.environ.get("SKPIPE_IDLE_TIMEOUT", "300"))
+    while True:
+        try:
+            if not conn.poll(idle):
+                break  # idle too long: a warm worker nobody came back for
+            message = P.decode(conn.recv_bytes())
+        except (EOFError, OSError):
+            break
+        if isinstance(message, P.Close):
+            break
+        try:
+            handler = HANDLERS.get(type(message))
+            if handler is None:
+                raise ValueError(f"unknown message {type(message).__name__}")
+            _reply(conn, handler(worker, message))
+        except BaseException:  # noqa: BLE001 - everything goes back to the driver
+            text = traceback.format_exc()
+            try:
+                conn.send_bytes(P.encode(P.Failed(text)))
+            except OSError:
+                pass
+            break
+    try:
+        conn.close()
+    finally:
+        # a process group with a broken peer cannot be destroyed cleanly; leave at once
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The micro-batch count under a memory budget, from the plan's own measurements."""
+
+import pytest
+import torch
+from torch import nn
+
+from skpipe.engine.plan._budget import fit_budget
+from skpipe.engine.plan._plan import make_plan
+from tests.conftest import pipeline_config
+
+
+def plan_for(schedule="1f1b", m="auto", batch=64):
+    cfg = pipeline_config(n_microbatches=m, schedule=schedule, batch_size=batch)
+    net = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
+    return make_plan(net, cfg, torch.randn(batch, 8))
+
+
+def test_stage_bytes_follow_the_schedules_in_flight_rule():
+    plan = plan_for("gpipe", m=4)
+    static = [4 * sum(b for b, r in zip(plan.parameter_bytes, plan.owners) if r == s) for s in (0, 1)]
+    per_row = [sum(a for a, r in zip(plan.activation_bytes_per_row, plan.owners) if r == s) for s in (0, 1)]
+    # GPipe holds every micro-batch: 4 x 16 rows; 1F1B on 2 stages at most 2 x 16 rows
+    assert plan.stage_bytes() == pytest.approx([static[s] + 64 * per_row[s] for s in (0, 1)])
+    one_f = plan_for("1f1b", m=4)
+    assert one_f.stage_bytes() == pytest.approx([static[s] + 32 * per_row[s] for s in (0, 1)])
+
+
+def test_a_generous_budget_keeps_the_plan_and_a_tight_one_raises_m():
+    plan = plan_for()
+    assert fit_budget(plan, 1e12) is plan
+    need = plan.stage_bytes()
+    tight = fit_budget(plan, max(need) * 0.99)
+    assert tight.config.n_microbatches > plan.config.n_microbatches
+    assert max(tight.stage_bytes()) <= max(need) * 0.99
+    assert tight.bounds == plan.bounds  # the same split: nothing measured again
+    assert tight.config.batch_rows % tight.config.n_microbatches == 0
+
+
+def test_an_impossible_budget_says_by_how_much():
+    with pytest.raises(ValueError, match=r"stage_memory_budget \(0.0 MiB\) is too small: even with "
+                                         r"one row per micro-batch, stage \d needs about [\d.]+ MiB"):
+        fit_budget(plan_for(), 1000)
+
+
+def test_replicas_hold_the_activations_of_their_share_only():
+    net = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
+    # both step in micro-batches of 16 rows: 64 rows in 4, or each replica's 32 rows in 2
+    one = make_plan(net, pipeline_config(n_microbatches=4, batch_size=64), torch.randn(64, 8))
+    two = make_plan(net, pipeline_config(n_microbatches=2, batch_size=64, n_replicas=2,
+                                         launcher="spawn", devices=("cpu",) * 4), torch.randn(64, 8))
+    assert two.config.microbatch_rows == one.config.microbatch_rows == 16
+    assert two.stage_bytes() == pytest.approx(one.stage_bytes())  # 1F1B: 2 in flight of 16 rows
+    assert two.stage_bytes(4) < two.stage_bytes(2)  # 4 micro-batches of a replica's 32: 8 rows
+    budget = max(two.stage_bytes(4)) + 1
+    assert fit_budget(two, budget).config.n_microbatches == 4
+    assert fit_budget(two, budget).config.microbatch_rows == 8

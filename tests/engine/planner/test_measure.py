@@ -1,0 +1,41 @@
+"""What the planner measures: layer profiles (a line through two sizes, kept per process) and
+the message costs between two processes."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from skpipe.engine.planner import _measure as PL
+
+
+def test_costs_are_a_line_through_the_two_measured_sizes():
+    p = PL.LayerProfile(rows=(4, 12), fiw=(((1.0, 2.0, 3.0),), ((3.0, 2.0, 7.0),)),
+                        activation_bytes_per_row=(0.0,), output_bytes_per_row=(0.0,),
+                        parameter_bytes=(0,), threads=1)
+    assert p.costs(8) == [(2.0, 2.0, 5.0)]
+    assert p.costs(1)[0][0] == 0.25  # extrapolated, never below zero
+    assert p.costs(0) == [(0.0, 2.0, 1.0)]
+
+
+def test_measurements_are_kept_for_the_process():
+    def net():  # the same structure and sizes, other weights: the same costs
+        return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+
+    x = torch.randn(64, 16)
+    first = PL.measure(net(), x, (4, 32), "cpu", 1)
+    assert len(first.fiw[0]) == 5 and first.threads == 1
+    assert all(f > 0 for f, _, _ in first.fiw[1])
+    t0 = time.perf_counter()
+    again = PL.measure(net(), x, (4, 32), "cpu", 1)
+    assert again is first and time.perf_counter() - t0 < 1.0
+    assert first.activation_bytes_per_row[0] > 0 and first.output_bytes_per_row[-1] == 3 * 4
+    assert first.parameter_bytes[0] == (16 * 64 + 64) * 4
+
+
+@pytest.mark.distributed
+def test_message_cost_is_measured_between_two_processes():
+    cost = PL.message_cost("cpu")
+    assert 0 < cost.latency < 0.1 and cost.per_byte >= 0 and 0 < cost.per_action < 0.1
+    assert PL.message_cost("cpu") is cost  # once per process

@@ -1,0 +1,74 @@
+"""The planner: every valid candidate simulated from a profile, the fastest that fits chosen,
+and one stage named when it would be faster."""
+
+from skpipe.engine.planner import _planner as PL
+from skpipe.engine.plan._schedules import SCHEDULES, check_microbatches
+from tests.conftest import pipeline_config
+
+FREE = PL.MessageCost(0.0, 0.0, 0.0)
+
+
+def profile(fiw, act=1000.0, params=4000, out=32.0):
+    """A synthetic profile: the same (F, I, W) seconds per row at any size, per layer."""
+    n = len(fiw)
+    at = lambda rows: tuple(tuple(x * rows for x in layer) for layer in fiw)  # noqa: E731
+    return PL.LayerProfile(rows=(1, 2), fiw=(at(1), at(2)), activation_bytes_per_row=(act,) * n,
+                           output_bytes_per_row=(out,) * n, parameter_bytes=(params,) * n,
+                           threads=1)
+
+
+def test_every_candidate_is_one_torch_accepts_and_the_fastest_is_chosen():
+    cfg = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    found = PL.candidates(profile([(1e-4, 1e-4, 1e-4)] * 8), cfg, message=FREE, local=False)
+    assert {c.schedule for c in found} == set(SCHEDULES)
+    for c in found:
+        check_microbatches(c.schedule, 2, c.n_microbatches, c.chunks_per_stage, 64)
+        spec = SCHEDULES[c.schedule]
+        assert spec.min_chunks <= c.chunks_per_stage <= (spec.max_chunks or 4)
+    assert [c.chosen for c in found].count(True) == 1 and found[0].chosen
+    assert found[0].predicted_step_ms == min(c.predicted_step_ms for c in found)
+
+
+def test_heavy_weight_gradients_choose_a_zero_bubble_schedule():
+    cfg = pipeline_config(n_stages=4, batch_size=64, launcher="spawn")
+    heavy_w = PL.candidates(profile([(1e-4, 1e-4, 4e-4)] * 8), cfg, message=FREE, local=False)
+    assert SCHEDULES[heavy_w[0].schedule].zero_bubble
+
+
+def test_a_budget_rules_out_plans_that_hold_too_much():
+    cfg = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    prof = profile([(1e-4, 1e-4, 1e-4)] * 4, act=1e5)
+    free = PL.candidates(prof, cfg, message=FREE, local=False)
+    budget = sorted(c.peak_stage_MiB for c in free)[len(free) // 2] * 2**20
+    tight = PL.candidates(prof, cfg, message=FREE, local=False, budget=budget)
+    assert tight[0].chosen and tight[0].peak_stage_MiB * 2**20 <= budget
+    assert any(not c.fits for c in tight)
+    assert all(c.fits for c in tight[: sum(c.fits for c in tight)])  # the fitting ones first
+
+
+def test_numbers_the_user_gave_are_kept():
+    cfg = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    found = PL.candidates(profile([(1e-4, 1e-4, 1e-4)] * 8), cfg, message=FREE, local=False,
+                          fixed_microbatches=4, fixed_chunks=2, schedules=("interleaved_1f1b", "zbv"))
+    assert {(c.schedule, c.n_microbatches, c.chunks_per_stage) for c in found} == {
+        ("interleaved_1f1b", 4, 2), ("zbv", 4, 2)}
+
+
+def test_messages_make_more_chunks_cost_more():
+    cfg = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    prof = profile([(1e-4, 1e-4, 1e-4)] * 8)
+    slow = PL.MessageCost(0.0, 0.0, 0.002)
+    step = {(c.schedule, c.n_microbatches, c.chunks_per_stage): c.predicted_step_ms
+            for c in PL.candidates(prof, cfg, message=slow, local=False)}
+    # each action pays torch's per-action time: 4 chunks x 2 per micro-batch cost more than 1 x 2
+    assert step[("interleaved_1f1b", 4, 4)] > step[("1f1b", 4, 1)]
+
+
+def test_advice_names_one_stage_when_it_is_faster_and_fits():
+    cfg = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    best = PL.Candidate("1f1b", 4, 1, 5.0, 0.2, 1.0, True, chosen=True)
+    choice = PL.Choice(cfg, (best,), one_stage_ms=2.0, one_stage_fits=True, seconds=0.1)
+    assert "one stage would be faster here: 2.00 ms per step" in choice.advice
+    assert "5.00 ms for the best pipelined plan (1f1b, n_microbatches=4)" in choice.advice
+    assert PL.Choice(cfg, (best,), 2.0, one_stage_fits=False, seconds=0.1).advice is None
+    assert PL.Choice(cfg, (best,), 9.0, one_stage_fits=True, seconds=0.1).advice is None
