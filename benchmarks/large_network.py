@@ -2,8 +2,10 @@
 
 Each fit runs in a fresh process (the "driver"); this script samples the resident memory of the
 driver and of every worker it starts (psutil, every 20 ms) and reports, per layout: the
-driver's peak, each worker's peak, the peak of all processes together (the largest sum seen at
-one instant), the fit's wall time, the driver's peak while it pickles the fitted estimator, and
+driver's peak, each worker's peak (each process's own largest value, reached at its own moment),
+the peak of all processes together (the largest sum seen at one instant: what the machine must
+have), the sum of the per-process peaks (an upper bound: the processes peak at different
+moments), the fit's wall time, the driver's peak while it pickles the fitted estimator, and
 every 997th value of the trained weights, compared with the n_stages=1 fit's (the same network
 trained the same way).
 The fixed cost of a torch process is the resident memory of a bare ``import torch, skpipe``.
@@ -173,7 +175,8 @@ def run(
         "fit_s": round(result["fit_s"], 2),
         "driver_peak_GiB": round(per.get(proc.pid, 0) / GiB, 3),
         "worker_peak_GiB": [round(b / GiB, 3) for b in workers],
-        "all_processes_peak_GiB": round(total / GiB, 3),
+        "all_processes_peak_GiB": round(total / GiB, 3),  # the largest sum at one instant
+        "sum_of_peaks_GiB": round((per.get(proc.pid, 0) + sum(workers)) / GiB, 3),
         "pickle_driver_peak_GiB": round(pickle_per.get(proc.pid, 0) / GiB, 3),
         "process_peak_GiB": round(whole.get(proc.pid, 0) / GiB, 3),  # the whole job
         "params": result["params"],

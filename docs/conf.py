@@ -5,10 +5,12 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
+import skpipe  # noqa: E402 - after the path, to document this checkout
+
 project = "skpipe"
 author = "the skpipe developers"
 copyright = "2026, the skpipe developers"
-release = "0.1.0"
+release = version = skpipe.__version__
 
 extensions = [
     "sphinx.ext.autodoc",

@@ -33,13 +33,17 @@ for params, fit_time, score in zip(results["params"], results["mean_fit_time"],
                                    results["mean_test_score"], strict=True):
     print(f"{params}: fit {fit_time:.2f} s, accuracy {score:.3f}")
 
-# one fit per schedule with the timeline recorded, drawn one above the other
+# one fit per schedule with the timeline recorded, drawn side by side (one column each, on a
+# shared time axis, so that a longer step is a wider chart)
 schedules = grid["schedule"]
-fig, axes = plt.subplots(len(schedules), 1, figsize=(12, 2.2 * len(schedules)))
-for ax, schedule in zip(np.atleast_1d(axes), schedules, strict=True):
+fig, axes = plt.subplots(1, len(schedules), figsize=(6 * len(schedules), 2.6), sharex=True,
+                         squeeze=False)
+for ax, schedule in zip(axes[0], schedules, strict=True):
     params = {**base.get_params(), "schedule": schedule, "n_microbatches": 4}
     est = PipeNetClassifier(**params).fit(X, y)
     plot_timeline(est.timeline_, ax=ax)
+for ax in axes[0][:-1]:
+    ax.get_legend().remove()  # the colours are the same in every chart: one legend, at the right
 fig.tight_layout()
 fig.savefig(os.environ.get("SKPIPE_EXAMPLE_OUT", "schedules.png"), dpi=110)
 print("timelines saved")

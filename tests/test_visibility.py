@@ -135,3 +135,35 @@ def test_memory_budget_raises_microbatch_count(classification_data):
     np.testing.assert_allclose(tight.predict_proba(X), free.predict_proba(X), atol=1e-5)
     with pytest.raises(ValueError, match=r"stage_memory_budget \(0.0 MiB\) is too small: even with one row per micro-batch, stage \d needs about"):
         make(stage_memory_budget=1000, **kw).fit(X, y)
+
+
+def interleaved_timeline():
+    """Two ranks, two chunks each (chunks 0, 2 on rank 0; 1, 3 on rank 1), one micro-batch."""
+    from skpipe.engine.plan._timeline import Span, Timeline
+
+    spans, t = [], 0.0
+    for chunk in range(4):
+        spans.append(Span(1, chunk % 2, chunk, "F", 0, t, t + 0.01))
+        t += 0.01
+    for chunk in reversed(range(4)):
+        spans.append(Span(1, chunk % 2, chunk, "B", 0, t, t + 0.02))
+        t += 0.02
+    return Timeline(spans, n_stages=2, n_microbatches=1, chunks_per_stage=2,
+                    schedule="interleaved_1f1b")
+
+
+def test_the_timeline_legend_hides_no_bar_and_chunks_differ(tmp_path):
+    ax = plot_timeline(interleaved_timeline())
+    fig = ax.figure
+    fig.savefig(tmp_path / "t.png")
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    axes = ax.get_window_extent(renderer)
+    assert legend.x0 >= axes.x1  # beside the axes, not over the bars
+    assert legend.x1 <= fig.bbox.x1 + 1  # and inside the saved figure
+    # rank 0's two chunks (0 and 2) are drawn differently, and labelled micro-batch/chunk
+    hatches = {c.get_hatch() or "" for c in ax.collections}
+    assert len(hatches) >= 2
+    labels = {t.get_text() for t in ax.texts}
+    assert {"0/0", "0/2", "0/1", "0/3"} <= labels
+    assert any("chunk 2" in t.get_text() for t in ax.get_legend().get_texts())

@@ -10,100 +10,51 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import clone, is_classifier
+from sklearn.base import clone
 from sklearn.callback import CallbackSupportMixin, with_callbacks
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import _check_sample_weight, check_random_state, validate_data
-from skorch.callbacks import LRScheduler
+from sklearn.utils.validation import check_random_state, validate_data
 from torch import nn
 
-from ..callbacks import Checkpoint, CheckpointKey, LoadInitState, params_hash
+from ..callbacks import CheckpointKey, params_hash
 from ..engine.parallel._devices import resolve_devices
-from ..engine.plan import _schedules
 from ..engine.plan._budget import fit_budget
-from ..engine.plan._config import (
-    CHECKPOINTS,
-    LAUNCHERS,
-    PRECISIONS,
-    PipelineConfig,
-    TrainSpec,
-    make_config,
-)
+from ..engine.plan._config import PipelineConfig, TrainSpec, make_config
 from ..engine.plan._microbatch import reduction_of
 from ..engine.plan._plan import Plan, make_plan
 from ..engine.plan._report import PlanReport
 from ..engine.plan._timeline import Timeline
 from ..engine.planner._planner import Choice, annotated
 from ..engine.runners._runners import held_devices, make_runner, resolve_launcher, runner_class
-from ..engine.split._construct import DeferralError, build_deferred
 from ..engine.split._trace import mark_split_points
 from ..engine.state._portable import PortableModule
 from ..modules import MLP
-from ._checks import check_batchnorm_rows, check_network_fits_data
-from ._data import rows_to_tensor
+from ._checks import (
+    check_batchnorm_rows,
+    check_callbacks_fit,
+    check_network_fits_data,
+    uses_checkpoints,
+)
+from ._data import FitInputs, rows_to_tensor, weighted_rows
 from ._layout import choose_layout, provisional_schedule
-from ._loop import ClassifierTrainingLoop, TrainingLoop
-from ._params import PrefixedParamsMixin, build_criterion, build_module
+from ._loop import run_loop
+from ._params import (
+    NOT_DEFERRED,
+    PARAMETER_CONSTRAINTS,
+    PrefixedParamsMixin,
+    build_criterion,
+    build_network,
+)
 from ._predict import PredictMixin
-
-
-@dataclass(frozen=True)
-class FitInputs:
-    """Everything a fit needs, validated: made before any device is held or worker started."""
-
-    X: Any  # float32 array or CSR matrix
-    y: np.ndarray  # encoded targets
-    n_outputs: int
-    seed: int
-    config: PipelineConfig
-    criterion: nn.Module
-    spec: TrainSpec
-    sample: torch.Tensor  # the first rows of X, to measure the chunks on
-    checkpoint_digest: str | None  # the parameters' hash, when the fit uses checkpoints
-    sample_weight: np.ndarray | None  # per row of X, mean 1; None when every row weighs the same
-
-
-# the start of the construction note when the network could not be built where it runs
-_NOT_DEFERRED = "Note:"
 
 
 class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
     """Base of PipeNetClassifier and PipeNetRegressor; not meant to be used directly."""
 
-    _parameter_constraints: dict[str, Any] = {
-        "module": "no_validation",  # checked where the module is built, with a clearer message
-        "criterion": "no_validation",
-        "optimizer": [callable],
-        "lr": [Interval(Real, 0, None, closed="neither")],
-        "max_epochs": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"all"})],
-        "callbacks": [list, None],
-        "train_split": [callable, None],
-        "warm_start": ["boolean"],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
-        "devices": [StrOptions({"auto"}), list, tuple, str],
-        "n_stages": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "n_replicas": [Interval(Integral, 1, None, closed="left")],
-        "n_microbatches": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES) | {"auto"})],
-        "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "balance": [StrOptions({"uniform", "parameters", "time", "auto"}), list, tuple],
-        "split_points": [dict, None],
-        "checkpoint": [StrOptions(set(CHECKPOINTS))],
-        "launcher": [StrOptions(set(LAUNCHERS))],
-        "precision": [StrOptions(set(PRECISIONS))],
-        "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
-        "timeout": [Interval(Real, 0, None, closed="neither")],
-        "timeline_steps": [Interval(Integral, 0, None, closed="left")],
-        "stage_memory_budget": [Interval(Real, 0, None, closed="neither"), None],
-    }
+    _parameter_constraints: dict[str, Any] = PARAMETER_CONSTRAINTS
 
     # How X is checked everywhere, and what y must be (set by the subclasses).
     # C order: every epoch's batches are cut from X without copying it again
@@ -241,7 +192,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 module, built = copy.deepcopy(self.module_), "the fitted network, continued"
             else:
                 module, built = self._build_module(inputs)
-                if self.verbose and built.startswith(_NOT_DEFERRED):
+                if self.verbose and built.startswith(NOT_DEFERRED):
                     print(f"[skpipe] {built}", flush=True)
             mark_split_points(module, self.split_points)
             inputs, choice = self._choose_layout(module, inputs)
@@ -290,18 +241,10 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         """Validate parameters and data; resolve the configuration. Raises before any worker."""
         self._validate_params()
         self._validate_prefixed()
-        digest = params_hash(self.get_params()) if self._uses_checkpoints() else None
+        digest = params_hash(self.get_params()) if uses_checkpoints(self.callbacks) else None
         X, y = validate_data(self, X, y, reset=not warm, **self._X_CHECKS, **self._Y_CHECKS)
         X = self._to_csr(X)
-        weights = None
-        if sample_weight is not None:
-            # refuses negative, non-finite and all-zero weights and a wrong length, by name
-            weights = _check_sample_weight(
-                sample_weight, X, dtype=np.float64, ensure_non_negative=True
-            )
-            keep = weights > 0  # a row of weight 0 is a row that is not there
-            if not keep.all():
-                X, y, weights = X[keep], y[keep], weights[keep]
+        X, y, weights = weighted_rows(X, y, sample_weight)
         y_enc, n_outputs = self._validate_targets(y, reset=not warm, classes=classes)
         weights = self._row_weights(y_enc, weights)
         n_samples = X.shape[0]
@@ -347,7 +290,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         """The validated configuration for ``n_stages`` stages and ``schedule``, refusing
         callbacks its launcher cannot run."""
         launcher = resolve_launcher(self.launcher, n_stages, self.n_replicas)
-        self._check_callbacks_fit(runner_class(launcher).optimizer_in_driver, launcher)
+        check_callbacks_fit(self.callbacks, runner_class(launcher).optimizer_in_driver, launcher)
         return make_config(
             n_stages=n_stages,
             n_replicas=self.n_replicas,
@@ -391,41 +334,14 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         return weights / weights.mean()
 
     def _build_module(self, inputs: FitInputs) -> tuple[nn.Module, str]:
-        """The network, under the fit's seed, and where its values are made (for the report).
-
-        Where its layers will live in other processes (spawned workers, torchrun ranks), or
-        where the planner chooses, it is built on the meta device with its construction
-        recorded, and each process makes only its own layers' values — the values eager
-        construction gives (``engine/_construct.py``). A constructor that cannot run that way
-        is built here, and the text says why."""
-
-        def build() -> nn.Module:
-            return build_module(
-                type(self).__name__,
-                self.module,
-                self._params_for("module"),
-                inputs.X.shape[1],
-                inputs.n_outputs,
-            )
-
-        if isinstance(self.module, nn.Module):
-            return build(), "the module instance given, copied to where its layers run"
-        elsewhere = inputs.config.launcher in ("spawn", "torchrun") or self.n_stages == "auto"
-        if not elsewhere:
-            return build(), "built in this process"
-        state = torch.get_rng_state()
-        try:
-            return build_deferred(build), (
-                "built on the meta device; each process made its own layers' values"
-            )
-        except DeferralError as exc:
-            torch.set_rng_state(state)  # the eager build starts where the recording started
-            name = getattr(self.module, "__name__", repr(self.module))
-            return build(), (
-                f"{_NOT_DEFERRED} {name} is built whole in this process and its layers are "
-                f"sent to the stages: it cannot be built on the meta device ({exc}). See "
-                "'Training a network larger than one device' in the docs."
-            )
+        """The network, under the fit's seed, and where its values are made (for the report)."""
+        return build_network(
+            type(self).__name__,
+            self.module,
+            self._params_for("module"),
+            (inputs.X.shape[1], inputs.n_outputs),
+            elsewhere=inputs.config.launcher in ("spawn", "torchrun") or self.n_stages == "auto",
+        )
 
     def _make_plan(
         self, module: nn.Module, config: PipelineConfig, inputs: FitInputs, planned: bool = False
@@ -450,27 +366,6 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         )
         return plan
 
-    def _callback_list(self) -> list[Any]:
-        return [cb[1] if isinstance(cb, tuple) else cb for cb in (self.callbacks or [])]
-
-    def _uses_checkpoints(self) -> bool:
-        return any(isinstance(cb, (Checkpoint, LoadInitState)) for cb in self._callback_list())
-
-    def _check_callbacks_fit(self, optimizer_in_driver: bool, launcher: str) -> None:
-        if optimizer_in_driver:
-            return
-        for cb in self._callback_list():
-            if isinstance(cb, LRScheduler) or (
-                isinstance(cb, type) and issubclass(cb, LRScheduler)
-            ):
-                name = cb.__name__ if isinstance(cb, type) else type(cb).__name__
-                raise ValueError(
-                    f"callbacks contains {name}, which steps the optimizer, but with "
-                    f"launcher={launcher!r} each stage's optimizer "
-                    "lives in its worker process. Use launcher='local' (every stage in this "
-                    "process) or 'torchrun', or drop the scheduler."
-                )
-
     def _train(
         self,
         runner: Any,
@@ -487,36 +382,14 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             key = CheckpointKey(
                 inputs.checkpoint_digest, inputs.X, (inputs.y, inputs.sample_weight), layout
             )
-        loop = ClassifierTrainingLoop if is_classifier(self) else TrainingLoop
-        net = loop(
-            module=runner.module,
-            criterion=inputs.criterion,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            max_epochs=epochs,
-            batch_size=plan.config.batch_size,
-            callbacks=self.callbacks,
-            train_split=self.train_split,
-            verbose=self.verbose,
-            device=None,
-            iterator_train__shuffle=True,
-            iterator_train__seed=inputs.seed,
-            runner=runner,
-            timeline_steps=self.timeline_steps,
-            progress=progress,
-            estimator=self,
-            checkpoint_key=key,
-            plan=report,
-            initial_history=self.history_ if warm else None,
-            sample_weight=inputs.sample_weight,
-            **{
-                k: v
-                for k, v in self._prefixed_params().items()
-                if k.startswith(("callbacks__", "iterator_"))
-            },
+        return run_loop(
+            self, runner, inputs.X, inputs.y,
+            criterion=inputs.criterion, seed=inputs.seed, sample_weight=inputs.sample_weight,
+            batch_size=plan.config.batch_size, epochs=epochs, checkpoint_key=key, report=report,
+            history=self.history_ if warm else None, progress=progress,
+            routed={k: v for k, v in self._prefixed_params().items()
+                    if k.startswith(("callbacks__", "iterator_"))},
         )
-        net.initialize()
-        return net.run(inputs.X, inputs.y)
 
     # -- plan ------------------------------------------------------------------------------------
     def plan(self, X: Any, y: Any) -> PlanReport:

@@ -1,15 +1,19 @@
-"""Checks of the network against the data, made on the plan's sample before any worker starts:
-mistakes a user meets in the first hour get a message naming the values, not torch's shapes."""
+"""Checks made before any worker starts: the network against the data (on the plan's sample),
+and the callbacks against the launcher. Mistakes a user meets in the first hour get a message
+naming the values, not torch's shapes."""
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
+from skorch.callbacks import LRScheduler
 from torch import nn
 
 from ..engine.plan._config import PipelineConfig
+from ..callbacks import Checkpoint, LoadInitState
 from ..engine.plan._plan import Plan
 
 _BATCH_NORMS = (
@@ -90,3 +94,29 @@ def _smallest_microbatch(cfg: PipelineConfig, n_rows: int | None) -> int:
 def _ragged_note(cfg: PipelineConfig, n_rows: int | None) -> str:
     last = 0 if n_rows is None or cfg.world_size > 1 else n_rows % cfg.batch_size
     return f" (the last batch of the {n_rows} rows has {last})" if last else ""
+
+
+def _callback_list(callbacks: list[Any] | None) -> list[Any]:
+    """The callbacks given, without the names of ``(name, callback)`` pairs."""
+    return [cb[1] if isinstance(cb, tuple) else cb for cb in (callbacks or [])]
+
+
+def uses_checkpoints(callbacks: list[Any] | None) -> bool:
+    return any(isinstance(cb, (Checkpoint, LoadInitState)) for cb in _callback_list(callbacks))
+
+
+def check_callbacks_fit(
+    callbacks: list[Any] | None, optimizer_in_driver: bool, launcher: str
+) -> None:
+    """Refuse, by name, a callback that steps an optimizer the launcher keeps in its workers."""
+    if optimizer_in_driver:
+        return
+    for cb in _callback_list(callbacks):
+        if isinstance(cb, LRScheduler) or (isinstance(cb, type) and issubclass(cb, LRScheduler)):
+            name = cb.__name__ if isinstance(cb, type) else type(cb).__name__
+            raise ValueError(
+                f"callbacks contains {name}, which steps the optimizer, but with "
+                f"launcher={launcher!r} each stage's optimizer "
+                "lives in its worker process. Use launcher='local' (every stage in this "
+                "process) or 'torchrun', or drop the scheduler."
+            )

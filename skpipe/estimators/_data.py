@@ -1,16 +1,50 @@
-"""Validated arrays to tensors, one batch at a time (sparse matrices are densified per batch)."""
+"""What a fit is given, validated (``FitInputs``, weighted rows), and arrays to tensors one batch
+at a time (sparse matrices are densified per batch)."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from sklearn.utils.validation import _check_sample_weight
+from torch import nn
 from torch.utils.data import Subset
+
+from ..engine.plan._config import PipelineConfig, TrainSpec
+
+
+@dataclass(frozen=True)
+class FitInputs:
+    """Everything a fit needs, validated: made before any device is held or worker started."""
+
+    X: Any  # float32 array or CSR matrix
+    y: np.ndarray  # encoded targets
+    n_outputs: int
+    seed: int
+    config: PipelineConfig
+    criterion: nn.Module
+    spec: TrainSpec
+    sample: torch.Tensor  # the first rows of X, to measure the chunks on
+    checkpoint_digest: str | None  # the parameters' hash, when the fit uses checkpoints
+    sample_weight: np.ndarray | None  # per row of X, mean 1; None when every row weighs the same
+
+
+def weighted_rows(X: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, np.ndarray | None]:
+    """``X``, ``y`` and the weights checked (negative, non-finite and all-zero weights and a
+    wrong length refused by name), without the rows of weight 0: a row that is not there."""
+    if sample_weight is None:
+        return X, y, None
+    weights = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+    keep = weights > 0
+    if keep.all():
+        return X, y, weights
+    return X[keep], y[keep], weights[keep]
 
 
 def rows_to_tensor(X: np.ndarray | sp.spmatrix, rows: np.ndarray | slice) -> torch.Tensor:

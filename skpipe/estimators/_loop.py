@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import is_classifier
 from skorch import NeuralNet
 from skorch.dataset import unpack_data
 from skorch.history import History
@@ -188,3 +189,51 @@ class ClassifierTrainingLoop(TrainingLoop):
 
     def predict(self, X: Any) -> Any:
         return self.predict_proba(X).argmax(axis=1)
+
+
+def run_loop(
+    estimator: Any,
+    runner: Any,
+    X: Any,
+    y: np.ndarray,
+    *,
+    criterion: torch.nn.Module,
+    seed: int,
+    sample_weight: np.ndarray | None,
+    batch_size: int,
+    epochs: int,
+    checkpoint_key: Any,
+    report: Any,
+    history: History | None,
+    progress: Any,
+    routed: dict[str, Any],
+) -> History:
+    """The epochs of one fit: a skorch loop with the estimator's settings, each step handed to
+    ``runner``; ``history`` is the one a warm start continues, ``routed`` the ``callbacks__*``
+    and ``iterator_*`` parameters."""
+    loop = ClassifierTrainingLoop if is_classifier(estimator) else TrainingLoop
+    net = loop(
+        module=runner.module,
+        criterion=criterion,
+        optimizer=estimator.optimizer,
+        lr=estimator.lr,
+        max_epochs=epochs,
+        batch_size=batch_size,
+        callbacks=estimator.callbacks,
+        train_split=estimator.train_split,
+        verbose=estimator.verbose,
+        device=None,
+        iterator_train__shuffle=True,
+        iterator_train__seed=seed,
+        runner=runner,
+        timeline_steps=estimator.timeline_steps,
+        progress=progress,
+        estimator=estimator,
+        checkpoint_key=checkpoint_key,
+        plan=report,
+        initial_history=history,
+        sample_weight=sample_weight,
+        **routed,
+    )
+    net.initialize()
+    return net.run(X, y)

@@ -10,15 +10,55 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+from numbers import Integral, Real
 from typing import Any
 
+import torch
 from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
+
+from ..engine.plan import _schedules
+from ..engine.plan._config import CHECKPOINTS, LAUNCHERS, PRECISIONS
+from ..engine.split._construct import DeferralError, build_deferred
 
 PREFIXES = ("module", "optimizer", "criterion", "iterator_train", "iterator_valid", "callbacks")
 
 # Sizes the estimator passes to a module class whose constructor declares them.
 SIZE_ARGS = ("n_features_in", "n_outputs")
+
+# What each parameter of the estimators may be (scikit-learn's ``_parameter_constraints``).
+PARAMETER_CONSTRAINTS: dict[str, Any] = {
+    "module": "no_validation",  # checked where the module is built, with a clearer message
+    "criterion": "no_validation",
+    "optimizer": [callable],
+    "lr": [Interval(Real, 0, None, closed="neither")],
+    "max_epochs": [Interval(Integral, 1, None, closed="left")],
+    "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"all"})],
+    "callbacks": [list, None],
+    "train_split": [callable, None],
+    "warm_start": ["boolean"],
+    "random_state": ["random_state"],
+    "verbose": ["verbose"],
+    "devices": [StrOptions({"auto"}), list, tuple, str],
+    "n_stages": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+    "n_replicas": [Interval(Integral, 1, None, closed="left")],
+    "n_microbatches": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+    "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES) | {"auto"})],
+    "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+    "balance": [StrOptions({"uniform", "parameters", "time", "auto"}), list, tuple],
+    "split_points": [dict, None],
+    "checkpoint": [StrOptions(set(CHECKPOINTS))],
+    "launcher": [StrOptions(set(LAUNCHERS))],
+    "precision": [StrOptions(set(PRECISIONS))],
+    "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
+    "timeout": [Interval(Real, 0, None, closed="neither")],
+    "timeline_steps": [Interval(Integral, 0, None, closed="left")],
+    "stage_memory_budget": [Interval(Real, 0, None, closed="neither"), None],
+}
+
+# the start of the construction note when the network could not be built where it runs
+NOT_DEFERRED = "Note:"
 
 
 class PrefixedParamsMixin(BaseEstimator):
@@ -126,6 +166,44 @@ def build_module(
             kwargs[name] = value
     built: nn.Module = module(**kwargs)
     return built
+
+
+def build_network(
+    owner: str,
+    module: Any,
+    params: dict[str, Any],
+    sizes: tuple[int, int],
+    elsewhere: bool,
+) -> tuple[nn.Module, str]:
+    """The network (``build_module``) and where its values are made, for the report.
+
+    Where its layers will live in other processes (``elsewhere``: spawned workers, torchrun
+    ranks, or where the planner chooses), it is built on the meta device with its construction
+    recorded, and each process makes only its own layers' values — the values eager
+    construction gives (``engine/split/_construct.py``). A constructor that cannot run that way
+    is built here, and the text says why (it starts with ``NOT_DEFERRED``)."""
+
+    def build() -> nn.Module:
+        return build_module(owner, module, params, *sizes)
+
+    if isinstance(module, nn.Module):
+        return build(), "the module instance given, copied to where its layers run"
+    if not elsewhere:
+        return build(), "built in this process"
+    state = torch.get_rng_state()
+    try:
+        return build_deferred(build), (
+            "built on the meta device; each stage's process makes only its own layers' values "
+            "when it starts"
+        )
+    except DeferralError as exc:
+        torch.set_rng_state(state)  # the eager build starts where the recording started
+        name = getattr(module, "__name__", repr(module))
+        return build(), (
+            f"{NOT_DEFERRED} {name} is built whole in this process and its layers are "
+            f"sent to the stages: it cannot be built on the meta device ({exc}). See "
+            "'Training a network larger than one device' in the docs."
+        )
 
 
 def build_criterion(
