@@ -29,7 +29,7 @@ from ..engine.plan._report import PlanReport
 from ..engine.plan._timeline import Timeline
 from ..engine.planner._planner import Choice, annotated
 from ..engine.runners._runners import held_devices, make_runner, resolve_launcher, runner_class
-from ..engine.split._trace import mark_split_points
+from ..engine.split._marks import mark_split_points
 from ..engine.state._portable import PortableModule
 from ..modules import MLP
 from ._checks import (

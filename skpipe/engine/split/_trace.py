@@ -39,15 +39,10 @@ with a row per sample.
 
 from __future__ import annotations
 
-import difflib
 import inspect
-import operator
-import re
 import traceback
-import types
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from copy import deepcopy
 from itertools import chain
 from typing import Any
@@ -59,65 +54,10 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ._construct import named_tensors, real_copy
+from ._cut import check_crossing, cut_graph, piece_label, piece_names
+from ._marks import marks_call, split_here, split_point
 from ._partition import named_layers
 from ._pieces import PieceCode, SplitTrace
-
-
-def split_here() -> None:
-    """What a traced graph records where ``forward`` called ``pipe_split()`` (a no-op)."""
-
-
-@contextmanager
-def _marks_call(fn: Callable[[], Any]) -> Iterator[None]:
-    """``pipe_split()`` calls ``fn`` instead of torch's no-op op while this lasts (it looks the
-    op up on ``torch.ops.pippy`` at every call, wherever it was imported from)."""
-    namespace: Any = torch.ops.pippy
-    original = namespace._pipe_split
-    namespace._pipe_split = fn
-    try:
-        yield
-    finally:
-        namespace._pipe_split = original
-
-
-# -- marks given from outside the network: split points -------------------------------------------
-SPLIT_POINTS = ("beginning", "end")
-_SPLIT_ATTR = "_skpipe_split_point"  # on a submodule: 'beginning' or 'end' (travels, pickles)
-
-
-def mark_split_points(module: nn.Module, split_points: Mapping[str, Any] | None) -> None:
-    """Mark the submodules named in ``split_points`` as cut points: before ('beginning') or
-    after ('end') every call of them, as if ``pipe_split()`` were called there (torch's
-    ``SplitPoint.BEGINNING``/``END`` are taken too). The mark is an attribute of the submodule,
-    so it travels and pickles with the network; marks of an earlier call are removed first.
-    Raises ValueError naming an unknown submodule or a bad value."""
-    for m in module.modules():
-        if hasattr(m, _SPLIT_ATTR):
-            delattr(m, _SPLIT_ATTR)
-    names = [n for n, _ in module.named_modules() if n]
-    for name, where in (split_points or {}).items():
-        kind = getattr(where, "name", where)
-        kind = kind.lower() if isinstance(kind, str) else kind
-        if kind not in SPLIT_POINTS:
-            raise ValueError(
-                f"split_points[{name!r}] must be 'beginning', 'end' or a "
-                f"torch.distributed.pipelining.SplitPoint; got {where!r}."
-            )
-        if not isinstance(name, str) or name not in names:
-            close = difflib.get_close_matches(str(name), names, n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else (
-                f" Its submodules: {', '.join(names[:8])}{'...' if len(names) > 8 else ''}."
-            )
-            raise ValueError(
-                f"split_points names {name!r}, which is not a submodule of "
-                f"{type(module).__name__}.{hint}"
-            )
-        setattr(module.get_submodule(name), _SPLIT_ATTR, kind)
-
-
-def _split_point(m: nn.Module) -> str | None:
-    """'beginning' or 'end' where ``split_points`` marked ``m``."""
-    return getattr(m, _SPLIT_ATTR, None)
 
 
 # -- finding the pieces ---------------------------------------------------------------------------
@@ -147,7 +87,7 @@ def trace_marks(
     when forward calls no ``pipe_split()``); kept per network. Raises TypeError naming what
     cannot be traced or cannot cross a mark."""
     marks = tuple(
-        (name, _split_point(m)) for name, m in module.named_modules() if _split_point(m)
+        (name, split_point(m)) for name, m in module.named_modules() if split_point(m)
     )
     key = (row_shape, dtype, marks)
     kept = _TRACES.setdefault(module, {})
@@ -187,8 +127,8 @@ def _trace_marks(
             "torch.utils.checkpoint). Call pipe_split() in the forward of a module, between "
             "its calls of submodules."
         )
-    train, crossing = _cut(graph, name)
-    evals, eval_crossing = _cut(modes[False], name)
+    train, crossing = cut_graph(graph, name)
+    evals, eval_crossing = cut_graph(modes[False], name)
     if [len(c) for c in crossing] != [len(c) for c in eval_crossing]:  # one entry per piece
         raise TypeError(
             f"module {name} is cut differently in train and eval mode (its forward's marks or "
@@ -196,7 +136,7 @@ def _trace_marks(
             "values that cross them the same in both modes."
         )
     twin.train(True)
-    _check_crossing(twin, graph, x, crossing, name)
+    check_crossing(twin, graph, x, crossing, name)
     constants = {
         n.target: getattr(twin, n.target)
         for n in chain(graph.nodes, modes[False].nodes)
@@ -211,14 +151,14 @@ def _trace_marks(
             PieceCode(
                 train=src_t,
                 eval=src_e,
-                names=_names({**dict(names_t), **dict(names_e)}),
+                names=piece_names({**dict(names_t), **dict(names_e)}),
                 targets=tuple(u for u in used if u not in constants),
                 transient=frozenset(
                     u for u in used
                     if u not in kept and u not in constants and _is_buffer_like(twin, u)
                 ),
                 constants={u: constants[u] for u in used if u in constants},
-                label=_label(used, constants),
+                label=piece_label(used, constants),
             )
         )
     return SplitTrace(pieces=tuple(pieces), module_type=name)
@@ -258,13 +198,13 @@ def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
     stacks: list[tuple[str, ...]] = []
 
     def enter(m: nn.Module, args: Any) -> None:
-        if _split_point(m) == "beginning":  # a split point: a mark in its caller's code
+        if split_point(m) == "beginning":  # a split point: a mark in its caller's code
             stacks.append(tuple(stack))
         stack.append(names.get(id(m), "?"))
 
     def leave(m: nn.Module, args: Any, out: Any) -> None:
         stack.pop()
-        if _split_point(m) == "end":
+        if split_point(m) == "end":
             stacks.append(tuple(stack))
 
     def mark() -> None:
@@ -272,7 +212,7 @@ def _mark_stacks(twin: nn.Module, x: torch.Tensor) -> list[tuple[str, ...]]:
 
     pre, post = register_module_forward_pre_hook(enter), register_module_forward_hook(leave)
     try:
-        with _marks_call(mark), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with marks_call(mark), torch.no_grad(), torch.random.fork_rng(devices=[]):
             twin(x)
     finally:
         pre.remove()
@@ -307,7 +247,7 @@ class _Tracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
     ) -> Any:
-        where = _split_point(m)  # a split point given from outside: marked around the call
+        where = split_point(m)  # a split point given from outside: marked around the call
         if where == "beginning":
             self.create_proxy("call_function", split_here, (), {})
         out = super().call_module(m, forward, args, kwargs)
@@ -320,7 +260,7 @@ def _trace(twin: nn.Module, through: set[str], concrete: dict[str, Any], name: s
     tracer = _Tracer(through)
     mark = lambda: tracer.create_proxy("call_function", split_here, (), {})  # noqa: E731
     try:
-        with _marks_call(mark), torch.random.fork_rng(devices=[]):
+        with marks_call(mark), torch.random.fork_rng(devices=[]):
             return tracer.trace(twin, concrete_args=concrete or None)
     except Exception as exc:  # noqa: BLE001 - whatever torch.fx cannot follow
         where = _user_frame(exc)
@@ -346,152 +286,3 @@ def _user_frame(exc: BaseException) -> str:
         return ""
     f = frames[-1]
     return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
-
-
-def _source_line(node: fx.Node) -> str:
-    """The user's line that made ``node`` (from the trace's stack), or ''."""
-    lines = [ln.strip() for ln in (node.stack_trace or "").strip().splitlines()]
-    for i in range(len(lines) - 2, -1, -1):
-        where = re.match(r'File "(.+)", line (\d+)', lines[i])
-        if where and "/torch/" not in where[1]:
-            return f" (made by `{lines[i + 1]}` at {where[1]}:{where[2]})"
-    return ""
-
-
-_Code = tuple[str, dict[str, Any], list[str]]  # source, its globals, the names it reads
-
-
-def _cut(graph: fx.Graph, name: str) -> tuple[list[_Code], list[list[fx.Node]]]:
-    """The pieces of a traced graph (code of each), and what crosses into each piece (the
-    network's input for the first)."""
-    segment: dict[fx.Node, int] = {}
-    parts: list[list[fx.Node]] = [[]]
-    inputs, output = [], None
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            inputs.append(n)
-            segment[n] = -1
-        elif n.op == "output":
-            output = n
-        elif n.op == "call_function" and n.target is split_here:
-            parts.append([])
-        else:
-            parts[-1].append(n)
-    assert output is not None
-    # a part that computes nothing (marks in a row, a mark first or last) is no piece
-    parts = [p for p in parts if any(n.op != "get_attr" for n in p)]
-    if len(inputs) != 1:
-        raise TypeError(
-            f"module {name}'s forward takes {len(inputs)} inputs without defaults; skpipe "
-            "calls the network with one (the batch of X)."
-        )
-    for k, part in enumerate(parts):
-        for n in part:
-            segment[n] = k
-    last = len(parts) - 1
-    segment[output] = last
-    # what crosses into piece k: values made before it (not tensors read by name, which every
-    # piece reads itself) and used in it or after it
-    reach = {
-        n: max((segment.get(u, last) for u in n.users), default=-1)
-        for n in segment
-        if n.op != "get_attr" and n is not output
-    }
-    crossing = [inputs] + [
-        [n for n in reach if segment[n] < k <= reach[n]] for k in range(1, len(parts))
-    ]
-    codes = []
-    for k, part in enumerate(parts):
-        outs: Any = crossing[k + 1] if k < last else output.args[0]
-        codes.append(_piece_code(part, crossing[k], outs, single_out=k == last))
-    for k in range(1, len(parts)):
-        if not crossing[k]:
-            raise TypeError(
-                f"nothing computed before pipe_split() number {k} of module {name} is used "
-                "after it: the pieces after it do not depend on the input."
-            )
-    return codes, crossing
-
-
-def _piece_code(part: list[fx.Node], ins: list[fx.Node], outs: Any, single_out: bool) -> _Code:
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    boundary = g.placeholder("boundary")
-    if len(ins) == 1:
-        env[ins[0]] = boundary
-    else:
-        for i, n in enumerate(ins):
-            env[n] = g.call_function(operator.getitem, (boundary, i))
-            env[n].name = n.name if n.name != "boundary" else env[n].name
-
-    def look(n: fx.Node) -> fx.Node:
-        if n not in env:  # a tensor another piece read by name: read it here too
-            assert n.op == "get_attr", n
-            env[n] = g.get_attr(str(n.target))
-        return env[n]
-
-    for n in part:
-        env[n] = g.node_copy(n, look)
-    if single_out:
-        g.output(fx.graph.map_arg(outs, look))
-    else:
-        got = [look(n) for n in outs]
-        g.output(got[0] if len(got) == 1 else tuple(got))
-    g.lint()
-    code = g.python_code(root_module="self")
-    targets = [str(n.target) for n in g.nodes if n.op in ("get_attr", "call_module")]
-    return code.src, dict(code.globals), targets
-
-
-def _names(scope: dict[str, Any]) -> tuple[tuple[str, str, Any], ...]:
-    """The generated code's globals, modules by name (so that the pieces pickle)."""
-    return tuple(
-        (k, "module", v.__name__) if isinstance(v, types.ModuleType) else (k, "value", v)
-        for k, v in sorted(scope.items())
-    )
-
-
-def _label(used: list[str], constants: dict[str, torch.Tensor]) -> str:
-    mods = [u for u in used if u not in constants]
-    if not mods:
-        return "(ops)"
-    return ",".join(mods) if len(mods) <= 3 else f"{mods[0]}..{mods[-1]}"
-
-
-def _check_crossing(
-    twin: nn.Module, graph: fx.Graph, x: torch.Tensor, crossing: list[list[fx.Node]], name: str
-) -> None:
-    """Run the traced graph once (on ``twin``, on meta when it is) and refuse a value crossing a
-    mark that cannot cross a stage boundary, naming it and the line that made it."""
-    watched = {n for ins in crossing[1:] for n in ins}
-    values: dict[fx.Node, Any] = {}
-
-    class _Watch(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n in watched:
-                values[n] = out
-            return out
-
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            _Watch(fx.GraphModule(twin, graph)).run(x)
-    except (NotImplementedError, RuntimeError):  # pragma: no cover - the plan checks chunks
-        return
-    for k, ins in enumerate(crossing[1:], start=1):
-        for n in ins:
-            v = values.get(n)
-            problem = None
-            if not isinstance(v, torch.Tensor):
-                problem = f"is of type {type(v).__name__}, not a tensor"
-            elif not v.is_floating_point():
-                problem = f"is a {v.dtype} tensor (tensors crossing carry gradients: float)"
-            elif v.dim() == 0 or v.shape[0] != x.shape[0]:
-                problem = f"has shape {tuple(v.shape)}, no row per sample"
-            if problem:
-                raise TypeError(
-                    f"`{n.name}`{_source_line(n)} is made before pipe_split() number {k} of "
-                    f"module {name} and used after it, but it {problem}: only float tensors "
-                    "with a row per sample cross a stage boundary. Compute it again after the "
-                    "mark (sizes from a tensor's shape there), or move the mark."
-                )

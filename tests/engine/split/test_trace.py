@@ -16,7 +16,8 @@ from torch.distributed.pipelining import SplitPoint, pipe_split
 
 from skpipe import PipeNetRegressor
 from skpipe.engine.plan._plan import make_plan
-from skpipe.engine.split._trace import mark_split_points, split_network
+from skpipe.engine.split._marks import mark_split_points
+from skpipe.engine.split._trace import split_network
 from tests.conftest import assert_same_weights, pipeline_config, wait_no_workers
 
 
