@@ -83,15 +83,17 @@ def test_markdown_pages_print_what_they_show(name, tmp_path, monkeypatch):
 
 def line_form(line: str) -> str:
     """A report line with what is measured or chosen masked: numbers, schedule and balance
-    names, yes/no and the chosen-plan mark."""
+    names, yes/no, a chunk's first..last layer and the chosen-plan mark."""
     import re
 
     from skpipe.engine.plan._schedules import SCHEDULE_NAMES
 
-    line = re.sub(r"\d[\d,.]*", "N", line.strip())
+    # names first: '1f1b' holds digits
     line = re.sub(r"\b(" + "|".join(sorted(SCHEDULE_NAMES, key=len, reverse=True)) + r")\b",
-                  "S", line)
+                  "S", line.strip())
+    line = re.sub(r"\d[\d,.]*", "N", line)
     line = re.sub(r"\b(uniform|parameters|time|yes|no)\b", "W", line)
+    line = re.sub(r"\b\w+\.\.\w+\b", "L..L", line)  # the layers of a chunk: first..last
     return re.sub(r"\s+", " ", line.removeprefix("* ").removeprefix("*"))
 
 
