@@ -58,7 +58,8 @@ def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) 
     for rank in {s.rank for s in timeline.spans}:
         for k, c in enumerate(sorted({s.chunk for s in timeline.spans if s.rank == rank})):
             nth[rank, c] = k
-    several = max(nth.values(), default=0) > 0
+    n_chunks = 1 + max(nth.values(), default=0)  # the most chunks one rank hosts
+    several = n_chunks > 1
     seen: list[str] = []  # the kinds drawn, in the order the legend lists them
     for s in sorted(
         timeline.spans + timeline.waits(), key=lambda s: s.kind == "wait", reverse=True
@@ -108,7 +109,7 @@ def plot_timeline(timeline: Timeline, ax: Any = None, title: str | None = None) 
     handles: list[Any] = [Patch(facecolor=COLORS[kind]) for kind in seen]
     labels = [LABELS[kind] for kind in seen]
     if several:
-        for k in range(max(nth.values()) + 1):
+        for k in range(n_chunks):
             handles.append(Patch(facecolor="white", edgecolor="#555555",
                                  hatch=HATCHES[k % len(HATCHES)]))
             labels.append(f"chunk {k + 1} of a stage (span label: micro-batch/chunk)"

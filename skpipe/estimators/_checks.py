@@ -12,8 +12,8 @@ import torch
 from skorch.callbacks import LRScheduler
 from torch import nn
 
-from ..engine.plan._config import PipelineConfig
 from ..callbacks import Checkpoint, LoadInitState
+from ..engine.plan._config import PipelineConfig
 from ..engine.plan._plan import Plan
 
 _BATCH_NORMS = (

@@ -1,4 +1,5 @@
-"""Prefixed parameters (``module__*``, ``optimizer__*`` ...) and building the parts they route to.
+"""The estimators' parameters: what each may be (``PARAMETER_CONSTRAINTS``), the prefixed ones
+(``module__*``, ``optimizer__*`` ...), and building the parts they route to (network, criterion).
 
 Like skorch, the estimators accept parameters beyond their signature when a known prefix names
 where they go; they are stored as given, and ``fit`` checks them (a name that fits no prefix

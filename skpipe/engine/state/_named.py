@@ -65,7 +65,6 @@ def state_for(named: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-
 def write_state_file(path: str, module: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
     """A checkpoint part, written atomically: tensors by their names in the whole network, and
     the optimizer's state keyed by parameter name (``state_by_name``)."""
@@ -100,4 +99,3 @@ def stage_state(
         raise ValueError(f"the checkpoint has no tensors for {missing[:5]}")
     chunks = {c: {k: saved["module"][q] for k, q in m.items()} for c, m in names.items()}
     return chunks, state_for(saved["optimizer"], parameter_names)
-

@@ -93,4 +93,3 @@ def read_tensors(
                 view = view[n:]
         out.append(t)
     return out
-
