@@ -34,10 +34,12 @@ import torch
 from skorch.callbacks import Callback
 from skorch.history import History
 
+from .engine.runners._hyper import hyperparameters
 from .engine.state._named import read_state_files
 
 _FILE = "checkpoint.pt"
-_FORMAT = 3  # 2: one file holding everything; 3: this file names the stages' parts
+_FORMAT = 4  # 2: one file holding everything; 3: this file names the stages' parts; 4: and
+# holds the LR schedules
 
 
 def params_hash(params: dict[str, Any]) -> str:
@@ -92,6 +94,8 @@ class Checkpoint(Callback):
         Save after every ``every``-th epoch (and never on other epochs).
     """
 
+    needs_weights = False  # each stage saves its own weights, where it lives
+
     def __init__(self, dirname: str = "skpipe-checkpoints", every: int = 1) -> None:
         self.dirname = dirname
         self.every = every
@@ -123,6 +127,7 @@ class Checkpoint(Callback):
             "layout": key.layout,
             "parts": parts,
             "history": _plain(net.history.to_list()),
+            "schedules": _schedules(net),
         }
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         os.close(fd)
@@ -150,6 +155,8 @@ class LoadInitState(Callback):
     that are left, with the shuffling continued where the saved fit left it.
     """
 
+    needs_weights = False  # each stage loads its own part
+
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
 
@@ -164,6 +171,7 @@ class LoadInitState(Callback):
         net.runner.load_state_files(folder, payload["parts"])
         net.history_ = History(payload["history"])
         net.skip_epochs = payload["epoch"]
+        net.resumed_schedules = payload["schedules"]  # put back once every callback began
 
     def load(self, fingerprint: str, layout: dict[str, Any]) -> dict[str, Any] | None:
         path = self.checkpoint.path_for(fingerprint)
@@ -204,6 +212,22 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     folder = os.path.dirname(path)
     state = read_state_files([os.path.join(folder, n) for n in payload["parts"]])
     return {**state, "epoch": payload["epoch"], "history": payload["history"]}
+
+
+def _schedules(net: Any) -> dict[str, Any]:
+    """The optimizer's settings and each LR scheduler callback's state (what the next epoch's
+    learning rate follows from), as a resumed fit puts them back."""
+    schedulers, batch_idx = {}, {}
+    for name, cb in net.callbacks_:
+        scheduler = getattr(cb, "lr_scheduler_", None)
+        if scheduler is not None and hasattr(scheduler, "state_dict"):
+            schedulers[name] = scheduler.state_dict()
+            batch_idx[name] = int(getattr(cb, "batch_idx_", 0))
+    return {
+        "hyperparameters": hyperparameters(net.optimizer_),
+        "schedulers": schedulers,
+        "batch_idx": batch_idx,
+    }
 
 
 def _plain(obj: Any) -> Any:

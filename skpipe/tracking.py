@@ -52,6 +52,8 @@ class MlflowLogger(Callback):
         With ``timeline_steps > 0``, log the recorded timeline as ``timeline.png``.
     """
 
+    needs_weights = False  # logs the history and the plan, never the weights
+
     def __init__(
         self, run_name: str | None = None, log_params: bool = True, log_timeline: bool = True
     ) -> None:

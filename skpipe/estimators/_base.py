@@ -36,6 +36,8 @@ from ._checks import (
     check_batchnorm_rows,
     check_callbacks_fit,
     check_network_fits_data,
+    check_optimizer,
+    grad_clips,
     uses_checkpoints,
 )
 from ._data import FitInputs, rows_to_tensor, weighted_rows
@@ -271,7 +273,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             optimizer=self.optimizer,
             optimizer_kwargs={"lr": self.lr, **self._params_for("optimizer")},
             criterion=copy.deepcopy(criterion),
+            grad_clips=grad_clips(self.callbacks),
         )
+        check_optimizer(spec)
         sample = rows_to_tensor(X, slice(0, min(config.microbatch_rows, n_samples)))
         return FitInputs(
             X=X,
@@ -290,7 +294,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         """The validated configuration for ``n_stages`` stages and ``schedule``, refusing
         callbacks its launcher cannot run."""
         launcher = resolve_launcher(self.launcher, n_stages, self.n_replicas)
-        check_callbacks_fit(self.callbacks, runner_class(launcher).optimizer_in_driver, launcher)
+        check_callbacks_fit(self.callbacks, runner_class(launcher).weights_in_driver, launcher)
         return make_config(
             n_stages=n_stages,
             n_replicas=self.n_replicas,

@@ -9,12 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from skorch.callbacks import LRScheduler
+from skorch.callbacks import GradientNormClipping
 from torch import nn
 
 from ..callbacks import Checkpoint, LoadInitState
-from ..engine.plan._config import PipelineConfig
+from ..engine.plan._config import PipelineConfig, TrainSpec
+from ..engine.plan._microbatch import class_weighted, reduction_of
 from ..engine.plan._plan import Plan
+from ._mirror import reads_gradients
 
 _BATCH_NORMS = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -61,6 +63,36 @@ def check_network_fits_data(
             f"(shape {tuple(outputs.shape)}, {outputs.dtype}) with the targets {owner} passes it "
             f"(shape {tuple(targets.shape)}, {targets.dtype}: {kind}): {exc}"
         ) from None
+    cfg = plan.config
+    if cfg.n_microbatches > 1 or cfg.n_replicas > 1:
+        _check_mean_splits(criterion, out_shape, y, cfg)
+
+
+def _check_mean_splits(
+    criterion: nn.Module, out_shape: tuple[int, ...], y: np.ndarray, cfg: PipelineConfig
+) -> None:
+    """A 'mean' criterion whose mean is not a plain mean over rows (and not the class-weighted
+    mean the engine splits exactly) cannot be cut into micro-batches exactly: refuse it."""
+    if reduction_of(criterion) != "mean" or class_weighted(criterion) or len(y) < 2:
+        return
+    rows = min(8, len(y))
+    outputs = torch.randn((rows,) + out_shape, generator=torch.Generator().manual_seed(0))
+    targets = torch.from_numpy(np.ascontiguousarray(y[:rows]))
+    with torch.no_grad():
+        whole = float(criterion(outputs, targets))
+        half = rows // 2
+        parts = sum(
+            float(criterion(outputs[s], targets[s])) * len(targets[s]) / rows
+            for s in (slice(0, half), slice(half, rows))
+        )
+    if not np.isclose(whole, parts, rtol=1e-4, atol=1e-6):
+        raise ValueError(
+            f"criterion {type(criterion).__name__}'s mean over a batch is not the mean of its "
+            f"rows' losses, so n_microbatches={cfg.n_microbatches} with n_replicas="
+            f"{cfg.n_replicas} cannot train what one device trains. Say the weighting with "
+            "class_weight or sample_weight (exact for every split), or use n_microbatches=1 "
+            "and n_replicas=1."
+        )
 
 
 def check_batchnorm_rows(module: nn.Module, config: PipelineConfig, n_rows: int | None) -> None:
@@ -105,18 +137,44 @@ def uses_checkpoints(callbacks: list[Any] | None) -> bool:
     return any(isinstance(cb, (Checkpoint, LoadInitState)) for cb in _callback_list(callbacks))
 
 
+def check_optimizer(spec: TrainSpec) -> None:
+    """The optimizer built with the fit's settings, here, on a stand-in parameter: a setting it
+    does not take is refused by name before any worker starts."""
+    try:
+        spec.optimizer([nn.Parameter(torch.zeros(0))], **spec.optimizer_kwargs)
+    except (TypeError, ValueError) as exc:
+        name = getattr(spec.optimizer, "__name__", repr(spec.optimizer))
+        given = ", ".join(f"{k}={v!r}" for k, v in spec.optimizer_kwargs.items())
+        raise ValueError(
+            f"optimizer {name} cannot be built with the fit's settings ({given}; optimizer__* "
+            f"parameters and lr): {exc}"
+        ) from None
+
+
+def grad_clips(callbacks: list[Any] | None) -> tuple[tuple[float, float], ...]:
+    """The (max_norm, norm_type) of each GradientNormClipping, in order: where the gradients
+    live in the stages' processes, the stages clip by the global norm as the callback would."""
+    clips = []
+    for cb in _callback_list(callbacks):
+        if isinstance(cb, GradientNormClipping) and cb.gradient_clip_value is not None:
+            clips.append((float(cb.gradient_clip_value), float(cb.gradient_clip_norm_type)))
+    return tuple(clips)
+
+
 def check_callbacks_fit(
-    callbacks: list[Any] | None, optimizer_in_driver: bool, launcher: str
+    callbacks: list[Any] | None, weights_in_driver: bool, launcher: str
 ) -> None:
-    """Refuse, by name, a callback that steps an optimizer the launcher keeps in its workers."""
-    if optimizer_in_driver:
+    """Refuse, by name, a callback that reads the gradients where the launcher keeps them in
+    other processes (GradientNormClipping is run by the stages themselves)."""
+    if weights_in_driver:
         return
     for cb in _callback_list(callbacks):
-        if isinstance(cb, LRScheduler) or (isinstance(cb, type) and issubclass(cb, LRScheduler)):
-            name = cb.__name__ if isinstance(cb, type) else type(cb).__name__
+        cls = cb if isinstance(cb, type) else type(cb)
+        if not issubclass(cls, GradientNormClipping) and reads_gradients(cls):
             raise ValueError(
-                f"callbacks contains {name}, which steps the optimizer, but with "
-                f"launcher={launcher!r} each stage's optimizer "
-                "lives in its worker process. Use launcher='local' (every stage in this "
-                "process) or 'torchrun', or drop the scheduler."
+                f"callbacks contains {cls.__name__}, whose on_grad_computed reads the gradients, "
+                f"but with launcher={launcher!r} they live in the stages' processes and are not "
+                "shown to callbacks. Use launcher='local' (every stage in this process) or "
+                "n_stages=1; to clip gradients, GradientNormClipping and max_grad_norm work "
+                "with every launcher."
             )

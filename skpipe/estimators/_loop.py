@@ -18,11 +18,15 @@ import numpy as np
 import torch
 from sklearn.base import is_classifier
 from skorch import NeuralNet
-from skorch.dataset import unpack_data
+from skorch.callbacks import EpochScoring
+from skorch.dataset import ValidSplit, unpack_data
+from skorch.utils import TeeGenerator
 from skorch.history import History
 
 from ..engine.plan._microbatch import WeightedLoss
+from ..engine.runners._hyper import set_hyperparameters
 from ._data import BatchIterator
+from ._mirror import WeightMirror, reads_gradients
 
 
 class UserInterrupt(KeyboardInterrupt):
@@ -48,17 +52,6 @@ class _InterruptGuard:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-class _OptimizerInWorkers:
-    """Stands for ``optimizer_`` where each stage's optimizer lives in its worker process."""
-
-    def __getattr__(self, name: str) -> Any:
-        raise RuntimeError(
-            "net.optimizer_ is not available in this process with launcher='spawn': each stage's "
-            "optimizer lives in its worker. Callbacks that read or change the optimizer (skorch's "
-            "LRScheduler and the like) need launcher='local' or 'torchrun'."
-        )
 
 
 class TrainingLoop(NeuralNet):
@@ -88,6 +81,7 @@ class TrainingLoop(NeuralNet):
         self.initial_history = initial_history
         self.sample_weight = sample_weight  # one per row of the X given to run(), or None
         self.skip_epochs = 0  # epochs a resumed fit already ran (set by LoadInitState)
+        self.resumed_schedules: dict[str, Any] | None = None  # ... and its LR schedules
         # steps taken, in a list: skorch's __setattr__ costs microseconds on every assignment
         self.steps_taken = [0]
         self.epoch_progress: Any = None
@@ -101,9 +95,23 @@ class TrainingLoop(NeuralNet):
         return self
 
     def initialize_optimizer(self, triggered_directly: object = None) -> TrainingLoop:
-        optimizer = self.runner.optimizer
-        self.optimizer_ = optimizer if optimizer is not None else _OptimizerInWorkers()
+        # the stages' own optimizer, or one carrying their hyperparameters (spawned stages)
+        self.optimizer_ = self.runner.optimizer
         return self
+
+    def initialize_callbacks(self) -> TrainingLoop:
+        super().initialize_callbacks()
+        self.mirror = WeightMirror(self.runner, self.callbacks_)
+        # gradients are shown where the network trains in this process; elsewhere the
+        # stages clip them (GradientNormClipping, refused otherwise before any worker)
+        self.shows_gradients = self.runner.weights_in_driver and any(
+            reads_gradients(cb) for _, cb in self.callbacks_
+        )
+        return self
+
+    def notify(self, method_name: str, **cb_kwargs: Any) -> None:
+        with self.mirror.around(method_name):
+            super().notify(method_name, **cb_kwargs)
 
     def initialize_history(self) -> TrainingLoop:
         self.history_ = copy.deepcopy(self.initial_history) or History()
@@ -113,6 +121,7 @@ class TrainingLoop(NeuralNet):
         """Train for what is left of ``max_epochs``; Ctrl-C stops the fit, EarlyStopping ends it."""
         with _InterruptGuard():
             self.notify("on_train_begin", X=X, y=y)  # LoadInitState resumes here
+            self.resume_schedules()
             try:
                 self.fit_loop(X, y, epochs=max(0, self.max_epochs - self.skip_epochs))
             except UserInterrupt:
@@ -123,6 +132,19 @@ class TrainingLoop(NeuralNet):
                 pass  # skorch's EarlyStopping ends training this way
             self.notify("on_train_end", X=X, y=y)
         return self.history_
+
+    def resume_schedules(self) -> None:
+        """A resumed fit's optimizer settings and LR schedulers' states, as the checkpointed
+        fit left them (after every callback built its scheduler in on_train_begin)."""
+        saved = self.resumed_schedules
+        if saved is None:
+            return
+        set_hyperparameters(self.optimizer_, saved["hyperparameters"])
+        for name, cb in self.callbacks_:
+            state = saved["schedulers"].get(name)
+            if state is not None and getattr(cb, "lr_scheduler_", None) is not None:
+                cb.lr_scheduler_.load_state_dict(state)
+                cb.batch_idx_ = saved["batch_idx"].get(name, cb.batch_idx_)
 
     def get_iterator(self, dataset: Any, training: bool = False) -> BatchIterator:
         prefix = "iterator_train" if training else "iterator_valid"
@@ -142,7 +164,17 @@ class TrainingLoop(NeuralNet):
             # record from the second step: the first one also pays one-off set-up costs
             self.runner.record_timeline(self.timeline_steps)
         self.steps_taken[0] += 1
-        loss, y_pred = self.runner.train_step(Xi, yi, wi)
+        on_grads = None
+        if self.shows_gradients:
+            def on_grads() -> None:
+                self.notify(
+                    "on_grad_computed",
+                    named_parameters=TeeGenerator(self.get_all_learnable_params()),
+                    batch=batch,
+                    training=True,
+                )
+        loss, y_pred = self.runner.train_step(Xi, yi, wi, on_grads)
+        self.mirror.stale = True
         return {"loss": loss, "y_pred": y_pred}
 
     # scikit-learn's callbacks (ProgressBar...) see one sub-task per epoch
@@ -185,10 +217,36 @@ def _unpack(batch: Any) -> tuple[Any, Any, Any]:
 
 
 class ClassifierTrainingLoop(TrainingLoop):
-    """Scoring callbacks (``EpochScoring('accuracy')``) see class indices, as y does here."""
+    """A classifier to scikit-learn's scorers: ``EpochScoring('accuracy')`` sees class indices,
+    as y does here, and probability scorers (``'roc_auc'``, ``'neg_log_loss'``) the estimator's
+    probabilities; with a validation split, ``valid_acc`` is recorded, as skorch's
+    ``NeuralNetClassifier`` does."""
+
+    @property
+    def _default_callbacks(self) -> list[tuple[str, Any]]:
+        defaults = list(super()._default_callbacks)
+        scoring = ("valid_acc", EpochScoring(
+            "accuracy", name="valid_acc", lower_is_better=False, on_train=False
+        ))
+        return defaults[:-1] + [scoring] + defaults[-1:]  # print_log stays last
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.arange(len(self.estimator.classes_))
+
+    def __sklearn_tags__(self):  # noqa: ANN204 - sklearn's Tags type is private
+        tags = super().__sklearn_tags__()
+        tags.estimator_type = "classifier"
+        return tags
 
     def predict(self, X: Any) -> Any:
         return self.predict_proba(X).argmax(axis=1)
+
+
+def probabilities(out: torch.Tensor) -> torch.Tensor:
+    """The network's outputs as class probabilities, as the estimator's ``predict_proba`` makes
+    them: a softmax of the logits (of the log-probabilities, for NLLLoss: the same as exp)."""
+    return torch.softmax(out, dim=-1)
 
 
 def run_loop(
@@ -211,7 +269,14 @@ def run_loop(
     """The epochs of one fit: a skorch loop with the estimator's settings, each step handed to
     ``runner``; ``history`` is the one a warm start continues, ``routed`` the ``callbacks__*``
     and ``iterator_*`` parameters."""
-    loop = ClassifierTrainingLoop if is_classifier(estimator) else TrainingLoop
+    classifier = is_classifier(estimator)
+    loop = ClassifierTrainingLoop if classifier else TrainingLoop
+    train_split = estimator.train_split
+    if isinstance(train_split, float):  # a fraction, as skorch's ValidSplit takes it
+        train_split = ValidSplit(train_split, stratified=classifier, random_state=seed)
+    # the fit's own shuffling, unless the user set it (iterator_train__shuffle / __seed)
+    routed = {"iterator_train__shuffle": True, "iterator_train__seed": seed, **routed}
+    extra = {"predict_nonlinearity": probabilities} if classifier else {}
     net = loop(
         module=runner.module,
         criterion=criterion,
@@ -220,11 +285,9 @@ def run_loop(
         max_epochs=epochs,
         batch_size=batch_size,
         callbacks=estimator.callbacks,
-        train_split=estimator.train_split,
+        train_split=train_split,
         verbose=estimator.verbose,
         device=None,
-        iterator_train__shuffle=True,
-        iterator_train__seed=seed,
         runner=runner,
         timeline_steps=estimator.timeline_steps,
         progress=progress,
@@ -233,6 +296,7 @@ def run_loop(
         plan=report,
         initial_history=history,
         sample_weight=sample_weight,
+        **extra,
         **routed,
     )
     net.initialize()

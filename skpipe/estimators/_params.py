@@ -25,6 +25,12 @@ from ..engine.split._construct import DeferralError, build_deferred
 
 PREFIXES = ("module", "optimizer", "criterion", "iterator_train", "iterator_valid", "callbacks")
 
+# What the estimators' batch iterator takes, per prefix (others are refused by name at fit).
+ITERATOR_PARAMS = {
+    "iterator_train": ("batch_size", "shuffle", "seed", "drop_last"),
+    "iterator_valid": ("batch_size",),
+}
+
 # Sizes the estimator passes to a module class whose constructor declares them.
 SIZE_ARGS = ("n_features_in", "n_outputs")
 
@@ -37,7 +43,7 @@ PARAMETER_CONSTRAINTS: dict[str, Any] = {
     "max_epochs": [Interval(Integral, 1, None, closed="left")],
     "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"all"})],
     "callbacks": [list, None],
-    "train_split": [callable, None],
+    "train_split": [callable, Interval(Real, 0, 1, closed="neither"), None],
     "warm_start": ["boolean"],
     "random_state": ["random_state"],
     "verbose": ["verbose"],
@@ -129,6 +135,26 @@ class PrefixedParamsMixin(BaseEstimator):
                 raise TypeError(
                     f"{type(self).__name__} got an unexpected parameter {key!r}.{hint} Prefixed "
                     f"parameters are routed by prefix: {', '.join(p + '__*' for p in PREFIXES)}."
+                )
+        batch = self._params_for("iterator_train").get("batch_size")
+        for prefix, accepted in ITERATOR_PARAMS.items():
+            for key, value in self._params_for(prefix).items():
+                if key not in accepted:
+                    raise ValueError(
+                        f"{prefix}__{key} is not a setting of skpipe's batch iterator (it cuts "
+                        f"batches from the arrays itself, without a DataLoader); {prefix} takes "
+                        f"{', '.join(prefix + '__' + a for a in accepted)}."
+                    )
+        if batch is not None:
+            if isinstance(batch, bool) or not isinstance(batch, Integral) or batch < 1:
+                raise ValueError(
+                    f"iterator_train__batch_size must be a positive int; got {batch!r}."
+                )
+            if self.batch_size != "all" and batch > self.batch_size:  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"iterator_train__batch_size={batch} is larger than batch_size="
+                    f"{self.batch_size}: a pipelined step holds at most batch_size rows "  # type: ignore[attr-defined]
+                    "(its shapes are fixed by it). Set batch_size instead."
                 )
 
 

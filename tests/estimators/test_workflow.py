@@ -156,36 +156,72 @@ def test_lr_scheduler_with_local_stages(classification_data):
     assert (w - w_other).abs().max() > 1e-3
 
 
-def test_lr_scheduler_is_refused_under_spawn_before_any_worker(classification_data, monkeypatch):
+def test_a_gradient_reading_callback_is_refused_under_spawn_before_any_worker(
+    classification_data, monkeypatch
+):
+    from skorch.callbacks import Callback
+
     from skpipe.engine.workers import _pool
+
+    class GradNorms(Callback):
+        def on_grad_computed(self, net, named_parameters, **kw):
+            pass
 
     def no_workers(*a, **k):
         raise AssertionError("a stage worker was started")
 
     monkeypatch.setattr(_pool.WorkerGroup, "__init__", no_workers)
     est = PipeNetClassifier(max_epochs=2, n_stages=2, launcher="spawn", n_microbatches=2,
-                            callbacks=[LRScheduler("StepLR", step_size=1)])
-    with pytest.raises(ValueError, match=r"callbacks contains LRScheduler, which steps the "
-                                         r"optimizer, but with launcher='spawn'"):
+                            callbacks=[GradNorms()])
+    with pytest.raises(ValueError, match=r"callbacks contains GradNorms, whose on_grad_computed "
+                                         r"reads the gradients, but with launcher='spawn'"):
         est.fit(*classification_data)
 
 
 @pytest.mark.distributed
-def test_a_callback_reading_the_optimizer_under_spawn_gets_a_clear_error(classification_data):
-    import skpipe
+@pytest.mark.parametrize("launcher", ["local", "spawn"])
+def test_callbacks_read_the_scheduled_lr_on_every_launcher(classification_data, launcher):
     from skorch.callbacks import Callback
 
     class ReadsLR(Callback):
-        def on_epoch_end(self, net, **kw):
-            net.optimizer_.param_groups[0]["lr"]
+        def initialize(self):
+            self.lrs_ = []
+            return self
 
-    est = PipeNetClassifier(max_epochs=2, n_stages=2, launcher="spawn", n_microbatches=2,
-                            callbacks=[ReadsLR()])
-    with pytest.raises(RuntimeError, match=r"net.optimizer_ is not available in this process "
-                                           r"with launcher='spawn'"):
-        est.fit(*classification_data)
-    assert not hasattr(est, "module_")
-    skpipe.shutdown_workers()
+        def on_epoch_end(self, net, **kw):
+            self.lrs_.append(net.optimizer_.param_groups[0]["lr"])
+
+    reads = ReadsLR()
+    est = PipeNetClassifier(
+        max_epochs=3, n_stages=2, launcher=launcher, n_microbatches=2, lr=0.4,
+        callbacks=[LRScheduler("StepLR", step_size=1, gamma=0.5), reads],
+    ).fit(*classification_data)
+    np.testing.assert_allclose(est.history_[:, "event_lr"], [0.4, 0.2, 0.1])
+    np.testing.assert_allclose(reads.lrs_, [0.2, 0.1, 0.05])
+
+
+@pytest.mark.parametrize("n_stages", [1, 2])
+def test_on_grad_computed_sees_the_gradients_where_they_live(classification_data, n_stages):
+    from skorch.callbacks import Callback
+
+    class GradNorms(Callback):
+        def initialize(self):
+            self.norms_ = []
+            return self
+
+        def on_grad_computed(self, net, named_parameters, **kw):
+            self.norms_.append(float(sum(p.grad.norm() for _, p in named_parameters)))
+
+    norms = GradNorms()
+    PipeNetClassifier(max_epochs=1, n_stages=n_stages, launcher="auto" if n_stages == 1
+                      else "local", n_microbatches=2, random_state=0, batch_size=50,
+                      callbacks=[norms]).fit(*classification_data)
+    assert len(norms.norms_) == 2 and all(n > 0 for n in norms.norms_)  # 90 rows, 2 steps
+    if n_stages == 2:
+        one = GradNorms()
+        PipeNetClassifier(max_epochs=1, n_microbatches=2, random_state=0, batch_size=50,
+                          callbacks=[one]).fit(*classification_data)
+        np.testing.assert_allclose(norms.norms_, one.norms_, rtol=1e-5)
 
 
 def test_warm_start_continues(classification_data):

@@ -85,11 +85,14 @@ class PipelineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec:
-    """What every stage needs to train: the optimizer recipe and the criterion."""
+    """What every stage needs to train: the optimizer recipe, the criterion, and the
+    global-norm gradient clips the fit's callbacks ask for ((max_norm, norm_type), in order;
+    ``max_grad_norm`` comes after them)."""
 
     optimizer: Callable[..., torch.optim.Optimizer]
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     criterion: nn.Module
+    grad_clips: tuple[tuple[float, float], ...] = ()
 
 
 def make_config(

@@ -2,9 +2,11 @@
 
 torch's stages freeze their shapes at the first step and refuse uneven micro-batches, so every
 training batch is padded to one fixed row count that splits evenly into ``m`` micro-batches.
-Padding rows never reach the loss: the schedule's target is the row index of each row (-1 for
-padding), and each micro-batch's loss is weighted by its share of real rows, so the summed
-gradient equals the gradient of the loss over the real batch, whatever the micro-batch sizes.
+Each micro-batch holds the real rows one device's micro-batch would (``real_positions``), then
+padding. Padding rows never reach the loss: the schedule's target is the row index of each row
+(-1 for padding), and each micro-batch's loss is weighted by its share of real rows, so the
+summed gradient equals the gradient of the loss over the real batch, whatever the micro-batch
+sizes; nor BatchNorm's statistics (``workers._chunk``).
 """
 
 from __future__ import annotations
@@ -33,21 +35,49 @@ def replica_shares(n_rows: int, n_replicas: int) -> list[slice]:
     return out
 
 
-def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x`` with zero rows appended up to ``rows`` rows (``x`` itself when already that long)."""
+def microbatch_counts(n_real: int, n_microbatches: int) -> list[int]:
+    """Real rows of each micro-batch of a step of ``n_real`` rows: as ``tensor_split`` cuts
+    them on one device (the first ``n_real % m`` micro-batches one row more)."""
+    base, extra = divmod(n_real, n_microbatches)
+    return [base + (1 if j < extra else 0) for j in range(n_microbatches)]
+
+
+def real_positions(
+    n_real: int, rows: int, n_microbatches: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Where the ``n_real`` rows sit in a padded step of ``rows`` rows: each micro-batch of
+    ``rows / m`` rows holds its share of the real rows (``microbatch_counts``) first, then
+    padding; so every micro-batch sees the rows one device's would."""
+    size = rows // n_microbatches
+    starts = torch.arange(n_microbatches, device=device) * size
+    counts = torch.tensor(microbatch_counts(n_real, n_microbatches), device=device)
+    within = torch.arange(n_real, device=device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
+    return torch.repeat_interleave(starts, counts) + within
+
+
+def pad_rows(x: torch.Tensor, rows: int, n_microbatches: int = 1) -> torch.Tensor:
+    """``x`` laid out in a step of ``rows`` rows (``real_positions``), zeros elsewhere (``x``
+    itself when it fills the step)."""
     n = x.shape[0]
     if n == rows:
         return x
     if n > rows:
         raise ValueError(f"a batch of {n} rows does not fit the fixed step size of {rows} rows")
-    pad = x.new_zeros((rows - n,) + tuple(x.shape[1:]))
-    return torch.cat([x, pad], dim=0)
+    out = x.new_zeros((rows,) + tuple(x.shape[1:]))
+    out[real_positions(n, rows, n_microbatches, x.device)] = x
+    return out
 
 
-def row_targets(n_real: int, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Row index of each padded row, -1 for padding."""
+def row_targets(
+    n_real: int, rows: int, device: torch.device | str = "cpu", n_microbatches: int = 1
+) -> torch.Tensor:
+    """Row index of each position of a padded step (``pad_rows``), -1 for padding."""
     idx = torch.full((rows,), -1, dtype=torch.long, device=device)
-    idx[:n_real] = torch.arange(n_real, device=device)
+    idx[real_positions(n_real, rows, n_microbatches, device)] = torch.arange(
+        n_real, device=device
+    )
     return idx
 
 
@@ -61,6 +91,24 @@ def reduction_of(criterion: nn.Module) -> str:
     return reduction
 
 
+def class_weighted(criterion: nn.Module) -> bool:
+    """Whether ``criterion``'s mean is over its class weights, not its rows: CrossEntropyLoss or
+    NLLLoss with ``weight`` and reduction 'mean' divide by the batch's sum of weight[y_i]."""
+    return (
+        isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
+        and getattr(criterion, "weight", None) is not None
+        and getattr(criterion, "reduction", "mean") == "mean"
+    )
+
+
+def class_weight_sum(criterion: nn.Module, y: torch.Tensor) -> float:
+    """The denominator of a class-weighted mean over targets ``y`` (ignored targets left out)."""
+    weight: torch.Tensor = criterion.weight  # type: ignore[assignment]
+    ignore = getattr(criterion, "ignore_index", -100)
+    y = y[y != ignore]
+    return float(weight.to(y.device)[y].double().sum()) if y.numel() else 0.0
+
+
 class WeightedLoss:
     """Loss of one micro-batch, weighted so that micro-batch losses sum to the batch loss.
 
@@ -71,12 +119,19 @@ class WeightedLoss:
 
     A replica holding a share of a batch passes the whole batch's ``total_rows`` (and
     ``total_weight``): its micro-batch losses are then its part of the batch loss, and the parts
-    (and their gradients) of all replicas sum to the batch's.
+    (and their gradients) of all replicas sum to the batch's. A class-weighted mean
+    (``class_weighted``) divides each micro-batch's summed loss by the whole batch's class-weight
+    sum instead (a replica is given it as ``denominator``).
     """
 
     def __init__(self, criterion: nn.Module) -> None:
         self.criterion = criterion
         self.reduction = reduction_of(criterion)
+        self.summed: nn.Module | None = None  # the criterion reducing by 'sum', when class-weighted
+        if class_weighted(criterion):
+            self.summed = copy.copy(criterion)
+            self.summed.__dict__["reduction"] = "sum"
+        self._denominator = 0.0
         self.y: torch.Tensor | None = None
         self.w: torch.Tensor | None = None
         self.total_rows = 0  # rows of the whole batch (over all replicas)
@@ -89,8 +144,13 @@ class WeightedLoss:
         *,
         total_rows: int | None = None,
         total_weight: float | None = None,
+        denominator: float | None = None,
     ) -> None:
         self.y = y
+        if self.summed is not None:
+            self._denominator = (
+                class_weight_sum(self.criterion, y) if denominator is None else denominator
+            )
         self.total_rows = n_real if total_rows is None else total_rows
         self.w = w
         if w is None:
@@ -112,6 +172,11 @@ class WeightedLoss:
             per_row = row_losses(self.criterion, self.reduction, out, self.y[rows])
             weighted = (per_row * self.w[rows].to(per_row.dtype)).sum()
             return weighted / self._w_total if self.reduction == "mean" else weighted
+        if self.summed is not None:
+            if self._denominator == 0:
+                return output.sum() * 0.0
+            summed: torch.Tensor = self.summed(out, self.y[rows])
+            return summed / self._denominator
         loss = self.criterion(out, self.y[rows])
         if self.reduction == "mean":
             loss = loss * (n / self.total_rows)

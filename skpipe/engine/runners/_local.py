@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,7 +27,8 @@ class LocalRunner(InProcessState, Runner):
         self.host = StageHost(
             plan.chunks(module),
             self.config,
-            spec,
+            # the callbacks clip the gradients themselves here (on_grad_computed)
+            dataclasses.replace(spec, grad_clips=()),
             plan.shapes,
             rank=0,
             device=device,
@@ -36,9 +40,13 @@ class LocalRunner(InProcessState, Runner):
         return self.host.optimizer
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None = None,
+        on_grads: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, out = self.host.train_step(x, y, x.shape[0], w)
+        loss, out = self.host.train_step(x, y, x.shape[0], w, on_grads=on_grads)
         if loss is None or out is None:  # pragma: no cover - the one process holds the last chunk
             raise RuntimeError("the local pipeline returned no loss")
         return loss.cpu(), out.cpu()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -41,9 +41,12 @@ class Runner(ABC):
 
     # Whether this home takes a device lease (a torchrun job owns its devices by itself) ...
     leases_devices: ClassVar[bool] = True
-    # ... and whether the optimizer lives in this process (callbacks such as skorch's
-    # LRScheduler need it; spawned workers keep theirs to themselves).
-    optimizer_in_driver: ClassVar[bool] = True
+    # ... and whether the stages train ``module``'s own layers in this process: where they do
+    # not, callbacks see the weights through pull_weights / push_weights, and gradients are
+    # not shown to them (on_grad_computed).
+    weights_in_driver: ClassVar[bool] = True
+    # whether what callbacks change in ``module`` must be sent to the stages (push_weights)
+    pushes_weights: ClassVar[bool] = False
 
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         self.plan = plan
@@ -58,15 +61,31 @@ class Runner(ABC):
         return seed
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer, where it lives in this process; None where the stages keep theirs."""
-        return None
+    @abstractmethod
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer callbacks step and read: the stages' own where they live in this
+        process, else one carrying their hyperparameters (``_hyper.driver_optimizer``)."""
 
     @abstractmethod
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None = None,
+        on_grads: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch; ``w`` the rows' sample weights (None: unweighted)."""
+        """One optimizer step on a batch; ``w`` the rows' sample weights (None: unweighted);
+        ``on_grads`` called with the batch's gradients in ``module``, before clipping and the
+        step (only where ``weights_in_driver``)."""
+
+    def pull_weights(self) -> None:  # noqa: B027 - in this process: module is the trained network
+        """Bring the stages' current weights into ``module`` (for the callbacks to read)."""
+
+    def push_weights(  # noqa: B027 - in this process: the callbacks wrote the trained network
+        self, values: dict[str, torch.Tensor], requires_grad: dict[str, bool]
+    ) -> None:
+        """Give the stages what callbacks changed in ``module``: tensors by name, and every
+        parameter's requires_grad."""
 
     @abstractmethod
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...

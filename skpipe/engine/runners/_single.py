@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..plan._config import TrainSpec
 from ..plan._memory import ActivationMeter, out_of_memory
@@ -52,7 +54,14 @@ class SingleRunner(InProcessState, Runner):
                 torch.cuda.synchronize(self.device)
             self._spans.append(Span(self._step, 0, 0, kind, mb, t0, time.time()))
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """The network's output; ``recompute``: keep no activations for backward, run the
+        forward again there (``checkpoint``)."""
+        if recompute and torch.is_grad_enabled():
+            recomputed: torch.Tensor = activation_checkpoint(
+                self._forward, x, use_reentrant=False
+            )
+            return recomputed
         if self._bf16:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                 return self.module(x).float()
@@ -60,13 +69,17 @@ class SingleRunner(InProcessState, Runner):
         return out
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None = None,
+        on_grads: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             if self._meter is not None:
                 with self._meter.track():
-                    return self._train_step(x, y, w)
-            return self._train_step(x, y, w)
+                    return self._train_step(x, y, w, on_grads)
+            return self._train_step(x, y, w, on_grads)
         except torch.OutOfMemoryError as exc:
             params = sum(p.numel() * p.element_size() for p in self.module.parameters())
             raise out_of_memory(
@@ -74,7 +87,11 @@ class SingleRunner(InProcessState, Runner):
             ) from None
 
     def _train_step(
-        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None,
+        on_grads: Callable[[], None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.module.training:  # predict switched it to eval (checked, not reset, per step)
             self.module.train()
@@ -85,9 +102,12 @@ class SingleRunner(InProcessState, Runner):
             w = None if w is None else w.to(self.device, non_blocking=True)
         n = x.shape[0]
         m = min(self.config.n_microbatches, n)
+        policy = self.config.checkpoint  # as ChunkModule recomputes on the stages
+        recompute = [policy == "always" or (policy == "except_last" and mb < m - 1)
+                     for mb in range(m)]
         if m == 1:
             t0 = time.time()
-            out = self._forward(x)
+            out = self._forward(x, recompute[0])
             if w is None:
                 loss = self.loss.criterion(out, y)
             else:
@@ -102,7 +122,7 @@ class SingleRunner(InProcessState, Runner):
             outs, total = [], torch.zeros((), device=self.device)
             for mb, idx in enumerate(torch.arange(n, device=self.device).tensor_split(m)):
                 t0 = time.time()
-                out_mb = self._forward(x[idx])
+                out_mb = self._forward(x[idx], recompute[mb])
                 loss_mb = self.loss(out_mb, idx)
                 self._span("F", mb, t0)
                 t0 = time.time()
@@ -114,6 +134,8 @@ class SingleRunner(InProcessState, Runner):
         if self._record_left > 0:
             self._record_left -= 1
         self._step += 1
+        if on_grads is not None:
+            on_grads()
         if self.config.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
         self._optimizer.step()

@@ -4,19 +4,21 @@ training loop stays in this process and every step is one message to each worker
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..plan._config import TrainSpec
-from ..plan._microbatch import replica_shares
+from ..plan._microbatch import class_weight_sum, class_weighted, replica_shares
 from ..plan._plan import Plan
 from ..plan._timeline import Span
 from ..split._construct import program_for
+from ..state._named import state_by_name, state_for
 from ..workers import _protocol as P
 from ..workers._pool import STARTUP_TIMEOUT, acquire_group, release_group
+from ._hyper import HyperChannel, driver_optimizer
 from ._runner import Runner
 
 
@@ -24,7 +26,8 @@ class SpawnRunner(Runner):
     """Drives one worker per rank of the (replica x stage) mesh: with one replica, one per
     pipeline stage."""
 
-    optimizer_in_driver: ClassVar[bool] = False
+    weights_in_driver: ClassVar[bool] = False
+    pushes_weights: ClassVar[bool] = True
 
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         super().__init__(plan, module, spec, seed)
@@ -53,6 +56,55 @@ class SpawnRunner(Runner):
         except BaseException:
             self.group.close()
             raise
+        # the hyperparameters live here (callbacks change them); the state in the workers
+        self._optimizer = driver_optimizer(spec, self._optimizer_state, self._load_optimizer)
+        self.hyper = HyperChannel(self._optimizer)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def _parameter_names(self) -> list[str]:
+        """The network's parameters in the order one device's optimizer holds them."""
+        return [name for name, _ in self.module.named_parameters()]
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The stages' optimizer state as one device's optimizer over the network has it."""
+        self._send_hyper()
+        return state_for(self._named(self._rank_states(optimizers=True)), self._parameter_names())
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        self.load_optimizer_state(state_by_name(state, self._parameter_names()))
+
+    def _send_hyper(self) -> None:
+        """Give the stages the hyperparameters callbacks changed since the last step (before
+        their state is saved or read)."""
+        groups = self.hyper.pending()
+        if groups is not None:
+            self.group.ask_all(P.Hyper(groups))
+
+    def _adopt_hyper(self) -> None:
+        """After the stages loaded a state: its hyperparameters are the driver's too."""
+        replies = self.group.ask(range(self.config.n_stages), P.Hyper(None))
+        self.hyper.adopt(next((groups for groups in replies if groups), []))
+
+    def pull_weights(self) -> None:
+        self._load_chunks(self._rank_states(optimizers=False))
+
+    def push_weights(
+        self, values: dict[str, torch.Tensor], requires_grad: dict[str, bool]
+    ) -> None:
+        cfg = self.config
+        messages = []
+        for stage in range(cfg.n_stages):
+            names = self.plan.state_names(self.module, stage)
+            messages.append(P.SetWeights(
+                {c: {k: values[q] for k, q in keys.items() if q in values}
+                 for c, keys in names.items()},
+                {c: {k: requires_grad[q] for k, q in keys.items() if q in requires_grad}
+                 for c, keys in names.items()},
+            ))
+        self.group.ask_all([messages[cfg.stage_of(rank)] for rank in range(cfg.world_size)])
 
     def _rows_for(
         self,
@@ -79,16 +131,27 @@ class SpawnRunner(Runner):
         return [r * self.config.n_stages + self.last for r in range(self.config.n_replicas)]
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None = None,
+        on_grads: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if on_grads is not None:  # the estimator refuses such callbacks before any worker
+            raise RuntimeError("spawned stages do not show their gradients to this process")
         n = x.shape[0]
         total_weight = None if w is None else float(w.sum())
         shares = replica_shares(n, self.config.n_replicas)
+        hyper = self.hyper.pending()
+        denominator = None
+        if self.config.n_replicas > 1 and class_weighted(self.spec.criterion):
+            denominator = class_weight_sum(self.spec.criterion, y)
         messages = []
         for rank in range(self.config.world_size):
             xs, ys, ws, n_share = self._rows_for(rank, shares, x, y, w)
-            messages.append(P.Step(xs, ys, n_share, ws, n, total_weight))
+            messages.append(P.Step(xs, ys, n_share, ws, n, total_weight, hyper, denominator))
         replies = self.group.ask_all(messages)
+        self._optimizer.step()  # steps nothing; LR schedulers check that a step came first
         parts = [replies[r] for r in self._last_ranks()]
         loss = torch.stack([torch.from_numpy(loss) for loss, _ in parts]).sum()
         return loss, torch.cat([torch.from_numpy(out) for _, out in parts])
@@ -122,6 +185,7 @@ class SpawnRunner(Runner):
         # the replicas hold the same weights and optimizer state: the first one's suffice
         stages = range(self.config.n_stages)
         if optimizers:
+            self._send_hyper()
             return list(self.group.ask(stages, P.GetState()))
         return [(chunks, None) for chunks in self.group.ask(stages, P.Collect())]
 
@@ -130,6 +194,7 @@ class SpawnRunner(Runner):
         hold the same state); nothing of it passes through this process."""
         cfg = self.config
         names = [f"stage{s}-{tag}.pt" for s in range(cfg.n_stages)]
+        self._send_hyper()
         self.group.ask(
             range(cfg.n_stages),
             [
@@ -154,12 +219,14 @@ class SpawnRunner(Runner):
             for s in range(cfg.n_stages)
         ]
         self.group.ask_all([per_stage[cfg.stage_of(rank)] for rank in range(cfg.world_size)])
+        self._adopt_hyper()
 
     def _load_rank_states(self, states: Sequence[tuple[dict[int, Any], dict[str, Any]]]) -> None:
         cfg = self.config
         self.group.ask_all(
             [P.SetState(*states[cfg.stage_of(rank)]) for rank in range(cfg.world_size)]
         )
+        self._adopt_hyper()
 
     def close(self, keep_warm: bool = False) -> None:
         """Healthy workers go back warm when asked; any other end stops them."""

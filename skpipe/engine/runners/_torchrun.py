@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..parallel._groups import broadcast_object, job_world, mesh_groups
 from ..plan._config import TrainSpec
-from ..plan._microbatch import replica_shares
+from ..plan._microbatch import class_weight_sum, class_weighted, replica_shares
 from ..plan._plan import Plan
 from ..plan._timeline import Span
 from ..split._construct import materialize, materialize_all
@@ -25,6 +25,8 @@ from ._runner import Runner
 class TorchrunRunner(Runner):
     # the job's launcher gave each process its device: nothing to lease
     leases_devices: ClassVar[bool] = False
+    # each rank trains its own stage's layers of ``module`` in place; the others are copies
+    weights_in_driver: ClassVar[bool] = False
 
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         super().__init__(plan, module, spec, seed)
@@ -96,10 +98,19 @@ class TorchrunRunner(Runner):
         return buf[:, 0].sum(), torch.cat(outs)
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None = None,
+        on_grads: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if on_grads is not None:  # the estimator refuses such callbacks before any rank trains
+            raise RuntimeError("a torchrun rank holds one stage's gradients, not the network's")
         n = x.shape[0]
         rows = replica_shares(n, self.config.n_replicas)[self.replica]
+        denominator = None
+        if self.config.n_replicas > 1 and class_weighted(self.spec.criterion):
+            denominator = class_weight_sum(self.spec.criterion, y)
         loss, out = self.host.train_step(
             x[rows],
             y[rows],
@@ -107,6 +118,7 @@ class TorchrunRunner(Runner):
             None if w is None else w[rows],
             total_rows=n,
             total_weight=None if w is None else float(w.sum()),
+            denominator=denominator,
         )
         return self._gather_rows(n, loss, out)
 
@@ -123,10 +135,20 @@ class TorchrunRunner(Runner):
         are dropped first)."""
         if last:
             self.drop_training_state()
+        self._broadcast_chunks(keep_own=False)
+        return self.module.to("cpu")
+
+    def pull_weights(self) -> None:
+        """The other stages' weights into ``module``; this rank's own layers are the ones it
+        trains (a callback's change to them is made in place, nothing to push)."""
+        self._broadcast_chunks(keep_own=True)
+
+    def _broadcast_chunks(self, keep_own: bool) -> None:
         cfg = self.config
         device = self.device if str(self.device).startswith("cuda") else "cpu"
         mine = self.host.state_dicts() if self.replica == 0 else {}
         layers = self.plan.chunks(self.module)
+        own = set(cfg.chunks_of(self.stage)) if keep_own else set()
         received: dict[int, dict[str, Any]] = {}
         for stage in range(cfg.n_stages):  # replica 0's stage s is global rank s
             for c in cfg.chunks_of(stage):
@@ -138,9 +160,10 @@ class TorchrunRunner(Runner):
                         t = torch.empty(like.shape, dtype=like.dtype, device=device)
                     dist.broadcast(t, src=stage)
                     received[c][key] = t.cpu()
+        for c in own:
+            del received[c]
         self.plan.load_chunk_states(self.module, received)
         materialize(self.module)  # what state dicts leave out (non-persistent buffers)
-        return self.module.to("cpu")
 
     def _everyone(self, mine: Any) -> list[Any]:
         everyone: list[Any] = [None] * dist.get_world_size()

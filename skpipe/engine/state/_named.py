@@ -55,10 +55,8 @@ def merge_by_name(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def state_for(named: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """A torch optimizer ``state_dict`` for parameters ``names``, taken from a named state."""
-    missing = [n for n in names if n not in named["state"]]
-    if missing and len(missing) != len(names):  # all missing: a state saved before any step
-        raise ValueError(f"the saved optimizer state has no entry for parameters {missing[:5]}")
+    """A torch optimizer ``state_dict`` for parameters ``names``, taken from a named state
+    (a parameter without state, frozen or not yet stepped, has none here either)."""
     return {
         "state": {i: named["state"][n] for i, n in enumerate(names) if n in named["state"]},
         "param_groups": [{**named["hyper"], "params": list(range(len(names)))}],

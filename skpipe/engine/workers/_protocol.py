@@ -51,6 +51,8 @@ class Step(Message):
     w: Any = None
     total_rows: int | None = None
     total_weight: float | None = None
+    hyper: list[dict[str, Any]] | None = None  # the optimizer's new settings, when changed
+    denominator: float | None = None  # the batch's class-weight sum (class-weighted means)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,22 @@ class LoadStage(Message):
     paths: list[str]
     names: dict[int, dict[str, str]]
     parameter_names: list[str]
+
+
+@dataclass(frozen=True)
+class Hyper(Message):
+    """Give the optimizer the settings ``groups`` (None: leave them). Reply: its settings."""
+
+    groups: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class SetWeights(Message):
+    """Copy what a callback changed into this rank's chunks: per chunk, state-dict key ->
+    tensor (changed values) and parameter key -> requires_grad (all parameters)."""
+
+    values: dict[int, dict[str, Any]]
+    requires_grad: dict[int, dict[str, bool]]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ chunks in a spawned worker, or one rank's chunks under ``torchrun``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from math import inf
 from typing import Any
 
 import torch
@@ -16,15 +17,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..parallel._replicas import ReplicaGradients
 from ..plan import _schedules
 from ..plan._config import PipelineConfig, TrainSpec
 from ..plan._memory import ActivationMeter
-from ..plan._microbatch import WeightedLoss, pad_rows, row_targets
+from ..plan._microbatch import (
+    WeightedLoss,
+    microbatch_counts,
+    pad_rows,
+    real_positions,
+    row_targets,
+)
 from ..plan._timeline import Recorder, Span
 from ..split._partition import Boundary, boundary_tensors, leaves
+from ._chunk import ChunkModule
 from ..state._named import (
     cpu_copy,
     read_state_files,
@@ -32,65 +39,6 @@ from ..state._named import (
     state_by_name,
     write_state_file,
 )
-
-
-class ChunkModule(nn.Module):
-    """One chunk of layers, with per-micro-batch activation recomputation and autocast.
-
-    ``checkpoint``: 'never'; 'always' (recompute every micro-batch in backward); 'except_last'
-    (every micro-batch but the last of a step, as torchgpipe defines it). Forwards of one chunk
-    run in micro-batch order in every schedule, so a counter reset at each step knows the index.
-    """
-
-    def __init__(
-        self,
-        layers: Sequence[nn.Module],
-        *,
-        index: int,
-        checkpoint: str = "never",
-        n_microbatches: int = 1,
-        precision: str = "float32",
-    ) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(*layers)
-        self.index = index
-        self.checkpoint = checkpoint
-        self.n_microbatches = n_microbatches
-        self.precision = precision
-        self.calls = 0
-
-    def _run(self, *args: torch.Tensor) -> Any:
-        # a boundary carrying several tensors reaches the first layer as one tuple, as in
-        # nn.Sequential
-        x: Any = args[0] if len(args) == 1 else args
-        if self.precision == "bf16":
-            with torch.autocast(device_type=args[0].device.type, dtype=torch.bfloat16):
-                out = self.layers(x)
-        else:
-            out = self.layers(x)
-        if isinstance(out, torch.Tensor):
-            return _float32(out)
-        if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
-            return tuple(_float32(t) for t in out)
-        raise TypeError(  # the plan refused it already, but a layer may change its mind
-            f"pipeline chunk {self.index} returned {type(out).__name__}: a stage boundary "
-            "carries one tensor or a tuple of tensors."
-        )
-
-    def forward(self, *args: torch.Tensor) -> Any:
-        mb = self.calls % self.n_microbatches
-        self.calls += 1
-        recompute = (
-            self.training
-            and torch.is_grad_enabled()
-            and (
-                self.checkpoint == "always"
-                or (self.checkpoint == "except_last" and mb != self.n_microbatches - 1)
-            )
-        )
-        if recompute:
-            return activation_checkpoint(self._run, *args, use_reentrant=False)
-        return self._run(*args)
 
 
 class StageHost:
@@ -135,6 +83,10 @@ class StageHost:
         self.holds_first = 0 in self.chunks
         self.holds_last = (config.n_chunks - 1) in self.chunks
         self.loss = WeightedLoss(spec.criterion.to(self.device))
+        # the global-norm clips: the callbacks' (GradientNormClipping), then max_grad_norm
+        self.clips = list(spec.grad_clips) + (
+            [] if config.max_grad_norm is None else [(config.max_grad_norm, 2.0)]
+        )
         params = [p for c in self.chunk_ids for p in self.chunks[c].parameters()]
         # a stage of parameter-free layers (an activation alone) has nothing to step
         self.optimizer = (
@@ -232,6 +184,9 @@ class StageHost:
         *,
         total_rows: int | None = None,
         total_weight: float | None = None,
+        hyper: list[dict[str, Any]] | None = None,
+        denominator: float | None = None,
+        on_grads: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One optimizer step over a batch of ``n_real`` rows.
 
@@ -239,16 +194,24 @@ class StageHost:
         where the last one lives. With replicas these are this replica's share of a batch of
         ``total_rows`` rows (of weight ``total_weight``). Returns the loss of these rows (their
         part of the batch loss) and their outputs on the process holding the last chunk.
+        ``hyper``: the optimizer's settings, when the driver's callbacks changed them;
+        ``denominator``: the whole batch's class-weight sum (``WeightedLoss``); ``on_grads``:
+        called with the batch's gradients, before they are clipped and stepped.
         """
+        if hyper is not None:
+            self.hyperparameters(hyper)
         self.train(True)
         self.optimizer.zero_grad(set_to_none=True)
+        m = self.config.n_microbatches
+        counts = microbatch_counts(n_real, m)
         for chunk in self.chunks.values():
             chunk.calls = 0
+            chunk.real_rows = counts
         rows = self.config.batch_rows
         args: tuple[torch.Tensor, ...] = ()
         if self.holds_first:
             x = _given(x, f"the batch's inputs (rank {self.rank} holds the first chunk)")
-            args = (pad_rows(x.to(self.device, non_blocking=True), rows),)
+            args = (pad_rows(x.to(self.device, non_blocking=True), rows, m),)
         target = None
         losses: list[torch.Tensor] = []
         if self.holds_last:
@@ -259,8 +222,9 @@ class StageHost:
                 None if w is None else w.to(self.device, non_blocking=True),
                 total_rows=total_rows,
                 total_weight=total_weight,
+                denominator=denominator,
             )
-            target = row_targets(n_real, rows, self.device)
+            target = row_targets(n_real, rows, self.device, m)
         if self.replica_grads is not None:
             self.replica_grads.begin()
         uninstall = None
@@ -280,34 +244,63 @@ class StageHost:
             self.recorder.step += 1
         if self.replica_grads is not None:
             self.replica_grads.finish()  # the batch's gradient: the replicas' parts summed
-        self.clip_gradients()
+        if on_grads is not None:
+            on_grads()
+        for max_norm, norm_type in self.clips:
+            self.clip_gradients(max_norm, norm_type)
         self.optimizer.step()
         if not self.holds_last:
             return None, None
         total = torch.stack([loss.detach().float() for loss in losses]).sum()
-        return total, out[:n_real].detach()
+        if n_real != rows:
+            out = out[real_positions(n_real, rows, m, out.device)]
+        return total, out.detach()
 
-    def clip_gradients(self) -> None:
-        """Clip by the global norm over every stage of the pipeline (all ranks agree)."""
-        max_norm = self.config.max_grad_norm
-        if max_norm is None:
-            return
+    def clip_gradients(self, max_norm: float, norm_type: float = 2.0) -> None:
+        """Clip by the global ``norm_type``-norm over every stage of the pipeline (all ranks
+        agree), as ``torch.nn.utils.clip_grad_norm_`` clips one device's gradients."""
         grads = [
             p.grad
             for c in self.chunk_ids
             for p in self.chunks[c].parameters()
             if p.grad is not None
         ]
-        sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        acc = torch.zeros((), device=self.device, dtype=torch.float64)
         for g in grads:
-            sq += g.detach().double().pow(2).sum()
+            a = g.detach().double().abs()
+            acc = torch.maximum(acc, a.max()) if norm_type == inf else acc + a.pow(norm_type).sum()
         if self.world_size > 1:
-            dist.all_reduce(sq, group=self.group)
-        total = float(sq.sqrt())
+            op = dist.ReduceOp.MAX if norm_type == inf else dist.ReduceOp.SUM
+            dist.all_reduce(acc, op=op, group=self.group)
+        total = float(acc) if norm_type == inf else float(acc) ** (1.0 / norm_type)
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:
             for g in grads:
                 g.mul_(coef)
+
+    # -- what the driver's callbacks change ------------------------------------------------
+    def hyperparameters(self, groups: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Give the optimizer the settings ``groups`` (None: leave them); its settings."""
+        if groups is not None:
+            for group, settings in zip(self.optimizer.param_groups, groups, strict=False):
+                group.update(settings)
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+
+    def set_weights(
+        self,
+        values: dict[int, dict[str, torch.Tensor]],
+        requires_grad: dict[int, dict[str, bool]],
+    ) -> None:
+        """Copy changed tensors into the chunks and set which parameters train."""
+        with torch.no_grad():
+            for c, state in values.items():
+                own = self.chunks[c].layers.state_dict(keep_vars=True)
+                for key, value in state.items():
+                    own[key].copy_(value)
+        for c, flags in requires_grad.items():
+            for key, p in self.chunks[c].layers.named_parameters():
+                if key in flags:
+                    p.requires_grad_(flags[key])
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -391,6 +384,8 @@ class StageHost:
     def close(self) -> None:
         if self.replica_grads is not None:
             self.replica_grads.close()
+        for chunk in self.chunks.values():
+            chunk.release()
         self._schedule = None
         self.chunks.clear()
         self.optimizer = None  # type: ignore[assignment]
@@ -416,10 +411,6 @@ class _NoParameters(torch.optim.Optimizer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-def _float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype != torch.float32 and t.is_floating_point() else t
 
 
 def _given(value: Any, what: str) -> Any:

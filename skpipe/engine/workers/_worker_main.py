@@ -123,6 +123,8 @@ class Worker:
                 _tensor(m.w),
                 total_rows=m.total_rows,
                 total_weight=m.total_weight,
+                hyper=m.hyper,
+                denominator=m.denominator,
             )
         except Exception as exc:
             oom = out_of_memory_in(exc)  # torch's schedule wraps what a stage raised
@@ -164,6 +166,12 @@ class Worker:
     def load_stage(self, m: P.LoadStage) -> None:
         self.stages().load_parts(m.paths, m.names, m.parameter_names)
 
+    def hyper(self, m: P.Hyper) -> Any:
+        return self.stages().hyperparameters(m.groups)
+
+    def set_weights(self, m: P.SetWeights) -> None:
+        self.stages().set_weights(m.values, m.requires_grad)
+
     def drop_training_state(self, m: P.DropTrainingState) -> None:
         self.stages().drop_training_state()
 
@@ -192,6 +200,8 @@ HANDLERS: dict[type[P.Message], Callable[[Worker, Any], Any]] = {
     P.SetState: Worker.set_state,
     P.Collect: Worker.collect,
     P.DropTrainingState: Worker.drop_training_state,
+    P.Hyper: Worker.hyper,
+    P.SetWeights: Worker.set_weights,
     P.SaveStage: Worker.save_stage,
     P.LoadStage: Worker.load_stage,
     P.RecordTimeline: Worker.record_timeline,
