@@ -84,7 +84,9 @@ class CheckpointKey:
 
 
 class Checkpoint(Callback):
-    """Save the fit's full state every ``every`` epochs (see the module docstring).
+    """Save the fit's full state every ``every`` epochs (see the module docstring), once every
+    other callback ended the epoch (an LR scheduler's step is in the saved state, wherever the
+    callbacks list puts it).
 
     Parameters
     ----------

@@ -265,3 +265,39 @@ def _same_state(state, ref_state):
             _same_state(a, b)
     else:
         assert state == ref_state or (isinstance(state, float) and np.isclose(state, ref_state))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("n_stages", [1, 2])
+def test_lr_schedule_with_replicas(n_stages, one_device, tmp_path):
+    """Every replica's stages step with the scheduled rates (the same few floats reach all)."""
+    setting = "OneCycleLR (SGD momentum)"
+    ref = one_device(setting)[0]
+    params = {**BASE, **SETTINGS[setting](str(tmp_path)), "n_replicas": 2, "n_stages": n_stages}
+    est = PipeNetClassifier(**params).fit(X, Y)
+    _same_state(est.module_.state_dict(), ref.module_.state_dict())
+
+
+class Counted(nn.Linear):
+    """Counts its forwards in training (a recomputed forward counts again)."""
+
+    calls = 0
+
+    def forward(self, x):
+        if self.training:
+            type(self).calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("launcher", ["auto", "local"])
+def test_checkpoint_always_recomputes_with_one_stage_too(launcher):
+    def forwards(checkpoint):
+        Counted.calls = 0
+        net = nn.Sequential(Counted(30, 8), nn.ReLU(), Counted(8, 2))
+        PipeNetClassifier(net, max_epochs=1, batch_size=60, n_microbatches=2, checkpoint=checkpoint,
+                          n_stages=1 if launcher == "auto" else 2, launcher=launcher,
+                          random_state=0).fit(X, Y)
+        return Counted.calls
+
+    # 4 steps x 2 micro-batches x 2 layers, each once more in backward when recomputing
+    assert forwards("always") - forwards("never") == 16

@@ -214,3 +214,36 @@ def test_time_balanced_fit_resumes_when_the_measured_split_changes(tmp_path, cla
     assert ran.epochs == [5, 6]
     for a, b in zip(resumed.module_.state_dict().values(), full.module_.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", [
+    dict(),
+    pytest.param(dict(n_stages=2, n_microbatches=2, launcher="spawn"),
+                 marks=pytest.mark.distributed),
+])
+@pytest.mark.parametrize("step_every", ["epoch", "batch"])
+def test_resume_continues_the_lr_schedule(tmp_path, classification_data, config, step_every):
+    """The schedulers' state and the optimizer's settings are in the checkpoint: a resumed fit
+    follows the learning rates of the uninterrupted one (the scheduler is listed before
+    LoadInitState, so it is built before the state comes back, and still continues)."""
+    from skorch.callbacks import LRScheduler
+
+    X, y = classification_data
+
+    def schedule():
+        return LRScheduler(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=5,
+                           step_every=step_every)
+
+    full = make(tmp_path / "full", extra=[schedule()], **config)
+    full.callbacks = [schedule()]  # no checkpoint
+    full.fit(X, y)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make(tmp_path, extra=[schedule(), CrashAt(4)], **config).fit(X, y)
+    resumed = make(tmp_path, **config)
+    resumed.callbacks = [schedule(), *resumed.callbacks]
+    resumed.fit(X, y)
+    np.testing.assert_allclose(resumed.history_[:, "train_loss"], full.history_[:, "train_loss"],
+                               atol=1e-6)
+    for (k, a), b in zip(resumed.module_.state_dict().items(), full.module_.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    skpipe.shutdown_workers()

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.distributed
 TWO_NODES = """
 import os, sys
 import numpy as np, torch.distributed as dist
+from skorch.callbacks import Freezer, LRScheduler
 from skpipe import PipeNetClassifier
 n_replicas = int(sys.argv[1])
 dist.init_process_group("gloo")
@@ -41,6 +42,16 @@ for schedule, m in cases.items():
     name = schedule if schedule != "auto" else "auto:" + piped.config_.schedule  # rank 0's choice
     os.write(1, (f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} {name} launcher "
                  f"{piped.config_.launcher} difference {max(diff, loss):.3g}\\n").encode())
+# the training recipe on torchrun: an LR schedule and a callback that writes the weights
+def recipe():
+    return [LRScheduler("StepLR", step_size=1, gamma=0.5), Freezer(["0.*"])]
+one = PipeNetClassifier(callbacks=recipe(), **kw).fit(X, y)
+piped = PipeNetClassifier(n_stages=2, n_replicas=n_replicas, n_microbatches=2,
+                          callbacks=recipe(), **kw).fit(X, y)
+diff = max(float((a - b).abs().max()) for a, b in zip(piped.module_.state_dict().values(),
+                                                       one.module_.state_dict().values()))
+os.write(1, (f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} callbacks launcher "
+             f"{piped.config_.launcher} difference {diff:.3g}\\n").encode())
 dist.destroy_process_group()
 """
 
@@ -78,7 +89,8 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path, n_repl
     logs = [(tmp_path / f"node_{n}.txt").read_text() for n in "ab"]
     assert out.returncode == 0, "\n".join(log[-2000:] for log in logs)
     lines = [line for log in logs for line in log.splitlines() if line.startswith("node ")]
-    n_schedules = 2 if n_replicas == 1 else 7  # with one replica: 1f1b, and the planner's pick
+    # with one replica: 1f1b, and the planner's pick; and the fit with callbacks
+    n_schedules = (2 if n_replicas == 1 else 7) + 1
     ranks = {(line.split()[1], line.split()[3]) for line in lines}
     shown = "\n".join(log[-3000:] for log in logs)
     # two nodes; each holds n_replicas ranks (with replicas: the ranks of one replica)

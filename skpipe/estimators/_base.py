@@ -354,7 +354,8 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         (unless the planner chose it), and the network checked against the data on the plan's
         sample (before any worker)."""
         n_rows = len(inputs.y) if self.train_split is None else None
-        check_batchnorm_rows(module, config, n_rows)  # measuring would run into it first
+        step = self._params_for("iterator_train").get("batch_size")
+        check_batchnorm_rows(module, config, n_rows, step)  # measuring would run into it first
         plan = make_plan(module, config, inputs.sample)
         budget = self.stage_memory_budget
         if (
@@ -364,7 +365,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             and config.n_stages > 1
         ):
             plan = fit_budget(plan, float(budget))
-            check_batchnorm_rows(module, plan.config, n_rows)
+            check_batchnorm_rows(module, plan.config, n_rows, step)
         check_network_fits_data(
             type(self).__name__, plan, inputs.criterion, inputs.y, inputs.n_outputs
         )

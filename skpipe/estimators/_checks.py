@@ -95,37 +95,27 @@ def _check_mean_splits(
         )
 
 
-def check_batchnorm_rows(module: nn.Module, config: PipelineConfig, n_rows: int | None) -> None:
+def check_batchnorm_rows(
+    module: nn.Module, config: PipelineConfig, n_rows: int | None, step: int | None = None
+) -> None:
     """BatchNorm cannot train on a micro-batch of one row: say which parameters make one.
 
     ``n_rows``: the rows the fit trains on when known (no ``train_split``), for the ragged last
-    batch.
+    batch; ``step``: the rows of a step when ``iterator_train__batch_size`` sets them. Every
+    launcher cuts a step's rows into the micro-batches one device does (``real_positions``).
     """
     if not any(isinstance(m, _BATCH_NORMS) for m in module.modules()):
         return
-    smallest = _smallest_microbatch(config, n_rows)
+    batch = step or config.batch_size
+    batches = [batch] + ([n_rows % batch] if n_rows is not None and n_rows % batch else [])
+    smallest = min(b // min(config.n_microbatches, b) for b in batches)
     if smallest < 2:
+        last = f" (the last batch of the {n_rows} rows has {batches[-1]})" if len(batches) > 1 else ""
         raise ValueError(
             f"BatchNorm needs at least 2 rows per micro-batch in training, but batch_size="
-            f"{config.batch_size} with n_microbatches={config.n_microbatches} makes micro-batches "
-            f"of {smallest} row(s){_ragged_note(config, n_rows)}. Lower n_microbatches or raise "
-            "batch_size."
+            f"{batch} with n_microbatches={config.n_microbatches} makes micro-batches "
+            f"of {smallest} row(s){last}. Lower n_microbatches or raise batch_size."
         )
-
-
-def _smallest_microbatch(cfg: PipelineConfig, n_rows: int | None) -> int:
-    """Rows of the smallest micro-batch a training step sees (over full and ragged batches)."""
-    if cfg.world_size > 1:  # every batch is padded to a fixed micro-batch size
-        return cfg.microbatch_rows
-    batches = [cfg.batch_size]
-    if n_rows is not None and n_rows % cfg.batch_size:
-        batches.append(n_rows % cfg.batch_size)
-    return min(b // min(cfg.n_microbatches, b) for b in batches)
-
-
-def _ragged_note(cfg: PipelineConfig, n_rows: int | None) -> str:
-    last = 0 if n_rows is None or cfg.world_size > 1 else n_rows % cfg.batch_size
-    return f" (the last batch of the {n_rows} rows has {last})" if last else ""
 
 
 def _callback_list(callbacks: list[Any] | None) -> list[Any]:

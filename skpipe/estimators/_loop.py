@@ -23,6 +23,7 @@ from skorch.dataset import ValidSplit, unpack_data
 from skorch.utils import TeeGenerator
 from skorch.history import History
 
+from ..callbacks import Checkpoint
 from ..engine.plan._microbatch import WeightedLoss
 from ..engine.runners._hyper import set_hyperparameters
 from ._data import BatchIterator
@@ -111,7 +112,15 @@ class TrainingLoop(NeuralNet):
 
     def notify(self, method_name: str, **cb_kwargs: Any) -> None:
         with self.mirror.around(method_name):
-            super().notify(method_name, **cb_kwargs)
+            if method_name != "on_epoch_end":
+                super().notify(method_name, **cb_kwargs)
+                return
+            # skpipe's Checkpoint saves the epoch once every other callback ended it (an LR
+            # scheduler's step included), whatever their order
+            getattr(self, method_name)(self, **cb_kwargs)
+            ordered = sorted(self.callbacks_, key=lambda item: isinstance(item[1], Checkpoint))
+            for _, cb in ordered:
+                getattr(cb, method_name)(self, **cb_kwargs)
 
     def initialize_history(self) -> TrainingLoop:
         self.history_ = copy.deepcopy(self.initial_history) or History()
