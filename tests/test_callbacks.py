@@ -33,8 +33,6 @@ from torch import nn
 from torch.optim import lr_scheduler as sched
 
 from skpipe import PipeNetClassifier
-from skpipe.callbacks import Checkpoint as StageCheckpoint
-from skpipe.callbacks import LoadInitState as StageLoadInitState
 
 X_ALL, Y_ALL = load_breast_cancer(return_X_y=True)
 X = StandardScaler().fit_transform(X_ALL).astype(np.float32)[:240]
@@ -151,6 +149,11 @@ SETTINGS = {
         callbacks=[Checkpoint(dirname=os.path.join(d, "cp"), monitor=None),
                    TrainEndCheckpoint(dirname=os.path.join(d, "end"))],
     ),
+    "skorch Checkpoint, then LoadInitState resumes (load_params)": lambda d: dict(
+        _twice=True,
+        callbacks=[cp := Checkpoint(dirname=os.path.join(d, "resume"), monitor=None),
+                   LoadInitState(cp)],
+    ),
     "max_grad_norm": lambda d: dict(max_grad_norm=0.05),
     "class_weight='balanced'": lambda d: dict(class_weight="balanced", n_microbatches=4),
     "checkpoint='always'": lambda d: dict(checkpoint="always"),
@@ -198,6 +201,9 @@ def _fit(setting, mode, tmp_path):
         # are per micro-batch by definition, so there one device takes the same micro-batches)
         params["n_microbatches"] = 1
     params = {k: v for k, v in params.items() if v is not None}  # None: not this row's
+    if params.pop("_twice", False):  # a first fit writes what the second one resumes from
+        PipeNetClassifier(**params).fit(X, Y)
+        params["callbacks"] = SETTINGS[setting](str(folder))["callbacks"]
     return PipeNetClassifier(**params).fit(X, Y), params, folder
 
 
@@ -301,3 +307,21 @@ def test_checkpoint_always_recomputes_with_one_stage_too(launcher):
 
     # 4 steps x 2 micro-batches x 2 layers, each once more in backward when recomputing
     assert forwards("always") - forwards("never") == 16
+
+
+@pytest.mark.distributed
+def test_warm_start_and_partial_fit_continue_the_lr_schedule():
+    """A warm-started fit (a fresh optimizer, as MLPClassifier's) resumes its LR scheduler at
+    the history's epoch, on spawned stages as on one device; partial_fit continues the
+    optimizer's state and settings."""
+
+    def fits(**mode):
+        est = PipeNetClassifier(**{**BASE, **mode, "max_epochs": 2}, warm_start=True,
+                                callbacks=[LRScheduler("StepLR", step_size=1, gamma=0.5)])
+        est.fit(X, Y).fit(X, Y).partial_fit(X, Y)
+        return est
+
+    ref, est = fits(n_microbatches=1), fits(n_stages=2, launcher="spawn")
+    np.testing.assert_allclose(est.history_[:, "event_lr"], ref.history_[:, "event_lr"])
+    assert len(est.history_) == 5
+    _same_state(est.module_.state_dict(), ref.module_.state_dict())

@@ -19,13 +19,14 @@ from skpipe.callbacks import Checkpoint, LoadInitState
 
 
 class CrashAt(Callback):
-    """Stands in for a machine that dies after a checkpoint was written."""
+    """Stands in for a machine that dies after the checkpoint of epoch ``epoch`` was written
+    (as the next epoch begins: a checkpoint is written once every callback ended its epoch)."""
 
     def __init__(self, epoch):
         self.epoch = epoch
 
-    def on_epoch_end(self, net, **kw):
-        if len(net.history) == self.epoch:
+    def on_epoch_begin(self, net, **kw):
+        if len(net.history) == self.epoch + 1:
             raise RuntimeError("simulated crash")
 
 

@@ -102,3 +102,22 @@ def test_a_network_split_over_gpus_predicts_on_them():
     with torch.no_grad():
         on_cpu = torch.softmax(est.module_(torch.from_numpy(X)), dim=1).numpy()
     np.testing.assert_allclose(est.predict_proba(X), on_cpu, atol=1e-4)
+
+
+@pytest.mark.parametrize("setting", [
+    "OneCycleLR (SGD momentum)", "Freezer", "GradientNormClipping", "criterion__weight",
+    "iterator_train__batch_size below batch_size, BatchNorm", "ragged last batch, BatchNorm",
+    "EarlyStopping(load_best=True)", "checkpoint='always'",
+])
+def test_callback_settings_on_a_gpu_pipeline_match_one_gpu(setting, tmp_path):
+    """The callbacks matrix's rows with CUDA stages: two stages on the GPU against one GPU."""
+    from tests.test_callbacks import BASE, SETTINGS, X as XC, Y as YC
+
+    def fit(**mode):
+        params = {**BASE, **SETTINGS[setting](str(tmp_path)), "devices": ["cuda:0"], **mode}
+        return PipeNetClassifier(**{k: v for k, v in params.items() if v is not None}).fit(XC, YC)
+
+    ref = fit(**({} if "BatchNorm" in setting else {"n_microbatches": 1}))
+    est = fit(n_stages=2, launcher="local")
+    for (k, a), b in zip(est.module_.state_dict().items(), ref.module_.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=k)

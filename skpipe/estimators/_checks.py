@@ -110,7 +110,9 @@ def check_batchnorm_rows(
     batches = [batch] + ([n_rows % batch] if n_rows is not None and n_rows % batch else [])
     smallest = min(b // min(config.n_microbatches, b) for b in batches)
     if smallest < 2:
-        last = f" (the last batch of the {n_rows} rows has {batches[-1]})" if len(batches) > 1 else ""
+        last = (
+            f" (the last batch of the {n_rows} rows has {batches[-1]})" if len(batches) > 1 else ""
+        )
         raise ValueError(
             f"BatchNorm needs at least 2 rows per micro-batch in training, but batch_size="
             f"{batch} with n_microbatches={config.n_microbatches} makes micro-batches "

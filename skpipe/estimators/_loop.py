@@ -98,6 +98,9 @@ class TrainingLoop(NeuralNet):
     def initialize_optimizer(self, triggered_directly: object = None) -> TrainingLoop:
         # the stages' own optimizer, or one carrying their hyperparameters (spawned stages)
         self.optimizer_ = self.runner.optimizer
+        if self.initial_history:  # warm start: a fresh optimizer, whose LR schedulers resume
+            for group in self.optimizer_.param_groups:  # at the history's epoch
+                group.setdefault("initial_lr", group["lr"])
         return self
 
     def initialize_callbacks(self) -> TrainingLoop:

@@ -138,7 +138,7 @@ class PrefixedParamsMixin(BaseEstimator):
                 )
         batch = self._params_for("iterator_train").get("batch_size")
         for prefix, accepted in ITERATOR_PARAMS.items():
-            for key, value in self._params_for(prefix).items():
+            for key in self._params_for(prefix):
                 if key not in accepted:
                     raise ValueError(
                         f"{prefix}__{key} is not a setting of skpipe's batch iterator (it cuts "
@@ -150,10 +150,10 @@ class PrefixedParamsMixin(BaseEstimator):
                 raise ValueError(
                     f"iterator_train__batch_size must be a positive int; got {batch!r}."
                 )
-            if self.batch_size != "all" and batch > self.batch_size:  # type: ignore[attr-defined]
+            if self.batch_size != "all" and batch > self.batch_size:
                 raise ValueError(
                     f"iterator_train__batch_size={batch} is larger than batch_size="
-                    f"{self.batch_size}: a pipelined step holds at most batch_size rows "  # type: ignore[attr-defined]
+                    f"{self.batch_size}: a pipelined step holds at most batch_size rows "
                     "(its shapes are fixed by it). Set batch_size instead."
                 )
 

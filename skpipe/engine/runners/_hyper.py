@@ -55,7 +55,7 @@ def driver_optimizer(
     stand_in = nn.Parameter(torch.zeros(0))
     optimizer = spec.optimizer([stand_in], **spec.optimizer_kwargs)
     optimizer.state_dict = state_dict  # type: ignore[method-assign]
-    optimizer.load_state_dict = load_state_dict  # type: ignore[method-assign]
+    optimizer.load_state_dict = load_state_dict  # type: ignore[method-assign,assignment]
     return optimizer
 
 
