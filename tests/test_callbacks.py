@@ -325,3 +325,14 @@ def test_warm_start_and_partial_fit_continue_the_lr_schedule():
     np.testing.assert_allclose(est.history_[:, "event_lr"], ref.history_[:, "event_lr"])
     assert len(est.history_) == 5
     _same_state(est.module_.state_dict(), ref.module_.state_dict())
+
+
+@pytest.mark.parametrize("callback", [Checkpoint(), TrainEndCheckpoint(), LoadInitState(Checkpoint())])
+def test_skorch_checkpoints_are_refused_under_torchrun_by_name(callback):
+    """Every torchrun rank runs the callbacks: skorch's would write the same files from each."""
+    from skpipe.estimators._checks import check_callbacks_fit
+
+    check_callbacks_fit([callback], weights_in_driver=False, launcher="spawn")  # one writer
+    with pytest.raises(ValueError, match=rf"skorch's {type(callback).__name__}, but with "
+                                         r"launcher='torchrun'.*Use skpipe.callbacks.Checkpoint"):
+        check_callbacks_fit([callback], weights_in_driver=False, launcher="torchrun")

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from skorch.callbacks import GradientNormClipping
+from skorch.callbacks import Checkpoint as SkorchCheckpoint
+from skorch.callbacks import GradientNormClipping, TrainEndCheckpoint
+from skorch.callbacks import LoadInitState as SkorchLoadInitState
 from torch import nn
 
 from ..callbacks import Checkpoint, LoadInitState
@@ -143,6 +145,9 @@ def check_optimizer(spec: TrainSpec) -> None:
         ) from None
 
 
+_SKORCH_CHECKPOINTS = (SkorchCheckpoint, TrainEndCheckpoint, SkorchLoadInitState)
+
+
 def grad_clips(callbacks: list[Any] | None) -> tuple[tuple[float, float], ...]:
     """The (max_norm, norm_type) of each GradientNormClipping, in order: where the gradients
     live in the stages' processes, the stages clip by the global norm as the callback would."""
@@ -157,11 +162,20 @@ def check_callbacks_fit(
     callbacks: list[Any] | None, weights_in_driver: bool, launcher: str
 ) -> None:
     """Refuse, by name, a callback that reads the gradients where the launcher keeps them in
-    other processes (GradientNormClipping is run by the stages themselves)."""
+    other processes (GradientNormClipping is run by the stages themselves), and skorch's
+    checkpoint callbacks under torchrun (every rank would write the same files)."""
     if weights_in_driver:
         return
     for cb in _callback_list(callbacks):
         cls = cb if isinstance(cb, type) else type(cb)
+        if launcher == "torchrun" and issubclass(cls, _SKORCH_CHECKPOINTS):
+            raise ValueError(
+                f"callbacks contains skorch's {cls.__name__}, but with launcher='torchrun' "
+                "every rank runs the callbacks and would write (or read) the same files, each "
+                "holding one stage's optimizer. Use skpipe.callbacks.Checkpoint and "
+                "LoadInitState: each stage writes its own part, once, and a resumed fit "
+                "continues exactly."
+            )
         if not issubclass(cls, GradientNormClipping) and reads_gradients(cls):
             raise ValueError(
                 f"callbacks contains {cls.__name__}, whose on_grad_computed reads the gradients, "

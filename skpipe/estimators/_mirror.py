@@ -98,8 +98,7 @@ class WeightMirror:
         if not self.pushes:
             yield
             return
-        before = {k: t.detach().clone() for k, t in module.state_dict(keep_vars=True).items()}
-        flags = {n: p.requires_grad for n, p in module.named_parameters()}
+        before, flags = self._snapshot(module)
         try:
             yield
         except KeyboardInterrupt:  # EarlyStopping ends the fit this way, after its hook
@@ -107,14 +106,26 @@ class WeightMirror:
             raise
         self._push(module, before, flags)
 
+    def _snapshot(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+        """A copy of the network's tensors and which parameters train, to see what a hook
+        changed (exactly: in-place writes through ``.data`` too)."""
+        values = {k: t.detach().clone() for k, t in module.state_dict(keep_vars=True).items()}
+        return values, {n: p.requires_grad for n, p in module.named_parameters()}
+
     def _push(
         self, module: nn.Module, before: dict[str, torch.Tensor], flags: dict[str, bool]
     ) -> None:
+        changed, now = self._changes(module, before, flags)
+        if changed or now != flags:
+            self.runner.push_weights(changed, now)
+
+    def _changes(
+        self, module: nn.Module, before: dict[str, torch.Tensor], flags: dict[str, bool]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+        """The tensors a hook changed, and which parameters train now."""
         changed = {
             k: t.detach()
             for k, t in module.state_dict(keep_vars=True).items()
             if k not in before or t.shape != before[k].shape or not torch.equal(t, before[k])
         }
-        now = {n: p.requires_grad for n, p in module.named_parameters()}
-        if changed or now != flags:
-            self.runner.push_weights(changed, now)
+        return changed, {n: p.requires_grad for n, p in module.named_parameters()}
