@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import signal
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from sklearn.base import is_classifier
 from skorch import NeuralNet
 from skorch.callbacks import EpochScoring
 from skorch.dataset import ValidSplit, unpack_data
+from skorch.exceptions import DeviceWarning
 from skorch.utils import TeeGenerator
 from skorch.history import History
 
@@ -144,6 +146,13 @@ class TrainingLoop(NeuralNet):
                 pass  # skorch's EarlyStopping ends training this way
             self.notify("on_train_end", X=X, y=y)
         return self.history_
+
+    def load_params(self, *args: Any, **kwargs: Any) -> None:
+        """skorch's, which warns that the loop has no device: the tensors load on the CPU, and
+        the stages (wherever they are) take them from the network."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeviceWarning)
+            super().load_params(*args, **kwargs)
 
     def resume_schedules(self) -> None:
         """A resumed fit's optimizer settings and LR schedulers' states, as the checkpointed
