@@ -117,6 +117,9 @@ SETTINGS = {
         callbacks=[EarlyStopping(patience=2, load_best=True)],
     ),
     "Freezer": lambda d: dict(callbacks=[Freezer(["0.*"])]),
+    "Freezer on the whole first stage": lambda d: dict(
+        callbacks=[Freezer(["0.*", "2.*"])], schedule="zbv"
+    ),
     "Freezer then Unfreezer": lambda d: dict(
         callbacks=[Freezer(["2.*"]), Unfreezer(["2.*"], at=3)]
     ),
