@@ -1,10 +1,10 @@
-"""What the planner measures: each layer's forward, input-gradient and weight-gradient seconds
-at two micro-batch sizes (a straight line in the rows between them), the activation bytes it
-holds per row, its output bytes per row and its parameter bytes (``measure``, kept per network
-signature, device, threads and rows for the life of the process, so a grid search measures
-once); and the costs of stage-to-stage messages between two processes as the launcher places
-them (``message_cost``: latency, bandwidth, and torch's own time per schedule action; nothing
-for stages that share a process).
+"""What the planner measures: each layer's forward, input-gradient, weight-gradient and full
+backward seconds (as torch's schedules run them) at two micro-batch sizes (a straight line in
+the rows between them), the activation bytes it holds per row, its output bytes per row and its
+parameter bytes (``measure``, kept per network signature, device, threads and rows for the life
+of the process, so a grid search measures once); and the costs of stage-to-stage messages
+between two processes as the launcher places them (``message_cost``: latency, bandwidth, and
+torch's own time per schedule action; nothing for stages that share a process).
 """
 
 from __future__ import annotations
@@ -36,25 +36,26 @@ class LayerProfile:
     """What the planner knows of a network's layers (see the module's doc)."""
 
     rows: tuple[int, int]  # the two micro-batch sizes measured
-    fiw: tuple[tuple[tuple[float, float, float], ...], ...]  # [size][layer] -> (F, I, W) s
+    # [size][layer] -> (F, I, W, B) seconds: I and W as a zero-bubble schedule splits the
+    # backward, B the full backward
+    fiw: tuple[tuple[tuple[float, float, float, float], ...], ...]
     activation_bytes_per_row: tuple[float, ...]
     output_bytes_per_row: tuple[float, ...]
     parameter_bytes: tuple[int, ...]
     threads: int
 
-    def costs(self, rows: int) -> list[tuple[float, float, float]]:
-        """Each layer's (F, I, W) seconds for a micro-batch of ``rows`` rows."""
+    def costs(self, rows: int) -> list[tuple[float, ...]]:
+        """Each layer's (F, I, W, B) seconds for a micro-batch of ``rows`` rows."""
         (r0, r1), (a, b) = self.rows, self.fiw
-        out = []
+        out: list[tuple[float, ...]] = []
         for la, lb in zip(a, b, strict=True):
             if r1 == r0:
                 out.append(la)
                 continue
-            f, i, w = (
+            out.append(tuple(
                 max(0.0, x0 + (x1 - x0) * (rows - r0) / (r1 - r0))
                 for x0, x1 in zip(la, lb, strict=True)
-            )
-            out.append((f, i, w))
+            ))
         return out
 
 

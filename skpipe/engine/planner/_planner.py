@@ -86,8 +86,8 @@ def predict(
     balance = config.balance if balance is None else balance
     if not isinstance(balance, str) and len(balance) != n_chunks:
         balance = "uniform"  # a list for another chunk count cannot apply
-    if balance == "time":  # the measured times, not measured again
-        sizes = split_by_costs([sum(c) for c in layer_costs], n_chunks)
+    if balance == "time":  # the measured times (forward + full backward), not measured again
+        sizes = split_by_costs([c[0] + c[3] for c in layer_costs], n_chunks)
     elif balance == "parameters":
         sizes = split_by_costs([float(b) + 1.0 for b in profile.parameter_bytes], n_chunks)
     else:
@@ -97,14 +97,15 @@ def predict(
     spec = _schedules.SCHEDULES[schedule]
     o = message.per_action  # torch's time per action, the messages' latency included
     for s, e in bounds:
-        f, i, w = (sum(c[k] for c in layer_costs[s:e]) for k in range(3))
+        f, i, w, b = (sum(c[k] for c in layer_costs[s:e]) for k in range(4))
         # a split backward is two actions, so 'I' and 'W' each pay the per-action time
         costs.append(
             ChunkCost(
                 f + o,
-                i + (o if spec.zero_bubble else o / 2),
-                w + (o if spec.zero_bubble else o / 2),
+                i + o,
+                w + o,
                 rows * sum(profile.activation_bytes_per_row[s:e]),
+                full_backward=None if spec.zero_bubble else b + o,
             )
         )
     messages = [
@@ -180,8 +181,9 @@ def candidates(
 
 
 def one_stage_ms(profile: LayerProfile, rows: int) -> float:
-    """Predicted step of the whole network on one device for ``rows`` rows (one micro-batch)."""
-    return 1e3 * sum(sum(c) for c in profile.costs(rows))
+    """Predicted step of the whole network on one device for ``rows`` rows (one micro-batch):
+    each layer's forward and full backward."""
+    return 1e3 * sum(c[0] + c[3] for c in profile.costs(rows))
 
 
 def one_stage_bytes(profile: LayerProfile, rows: int) -> float:

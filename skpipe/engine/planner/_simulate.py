@@ -32,16 +32,20 @@ Action = tuple[str, int, int]  # (kind 'F' | 'B' | 'I' | 'W', chunk, micro-batch
 
 @dataclass(frozen=True)
 class ChunkCost:
-    """Seconds per micro-batch of one chunk: forward, input gradient, weight gradient (a full
-    backward is the two), and the activation bytes its forward holds until its backward."""
+    """Seconds per micro-batch of one chunk: forward, input gradient, weight gradient (as a
+    zero-bubble schedule splits the backward), the activation bytes its forward holds until its
+    backward, and the full backward as the other schedules run it (None: the two halves)."""
 
     forward: float
     input_grad: float
     weight_grad: float
     activation_bytes: float = 0.0
+    full_backward: float | None = None
 
     @property
     def backward(self) -> float:
+        if self.full_backward is not None:
+            return self.full_backward
         return self.input_grad + self.weight_grad
 
 

@@ -128,11 +128,19 @@ def split_by_costs(costs: Sequence[float], n_chunks: int) -> list[int]:
 
 def split_time_costs(
     layers: Sequence[nn.Module], sample: torch.Tensor, device: str = "cpu", repeats: int = 3
-) -> list[tuple[float, float, float]]:
+) -> list[tuple[float, float, float, float]]:
     """Each layer's measured seconds on ``sample`` (medians of ``repeats``, on ``device``):
-    forward, input gradient (what a zero-bubble schedule's 'I' runs) and weight gradient ('W');
-    a full backward is about the two. Measured on copies under a forked random generator, like
-    ``time_costs``."""
+    forward 'F'; input gradient 'I' and weight gradient 'W' as a zero-bubble schedule runs
+    them (torch's ``stage_backward_input``, then ``stage_backward_weight``, which starts from
+    the gradients 'I' kept: the part of the backward between the layer's output and its
+    parameters is not run twice); and a full backward 'B', as the other schedules run it.
+    Measured on copies under a forked random generator, like ``time_costs``."""
+    # torch's own split of the backward (autograd only; imported here, where it is used)
+    from torch.distributed.pipelining._backward import (
+        stage_backward_input,
+        stage_backward_weight,
+    )
+
     dev = torch.device(device)
 
     def now() -> float:
@@ -140,17 +148,16 @@ def split_time_costs(
             torch.cuda.synchronize(dev)
         return time.perf_counter()
 
-    costs: list[tuple[float, float, float]] = []
+    costs: list[tuple[float, float, float, float]] = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         x: Any = sample.to(dev)
         for layer in layers:
             twin = real_copy(layer).to(dev).train()
             params = [p for p in twin.parameters() if p.requires_grad]
             inp = fresh_inputs(x)
-            inputs = [t for t in leaves(inp) if t.requires_grad]
             with torch.no_grad():
                 twin(inp)  # warm-up: first calls pay one-off costs that are not the layer's
-            times: list[list[float]] = [[], [], []]
+            times: list[list[float]] = [[], [], [], []]
             out = inp
             for _ in range(repeats):
                 t0 = now()
@@ -159,20 +166,24 @@ def split_time_costs(
                 times[0].append(t1 - t0)
                 outs = [t for t in leaves(out) if t.requires_grad]
                 if not outs:
-                    times[1].append(0.0)
-                    times[2].append(0.0)
+                    for t in times[1:]:
+                        t.append(0.0)
                     continue
                 grads = [torch.ones_like(t) for t in outs]
-                if inputs:
-                    torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
+                _, groups = stage_backward_input(outs, grads, list(leaves(inp)), iter(params))
                 t2 = now()
                 if params:
-                    torch.autograd.grad(outs, params, grads, allow_unused=True)
+                    stage_backward_weight(iter(params), groups)
                 t3 = now()
                 times[1].append(t2 - t1)
                 times[2].append(t3 - t2)
-            f, i, w = (sorted(t)[len(t) // 2] for t in times)
-            costs.append((f, i, w))
+                full = [t for t in leaves(twin(inp)) if t.requires_grad]
+                t4 = now()
+                torch.autograd.backward(full, grads)
+                times[3].append(now() - t4)
+                twin.zero_grad(set_to_none=True)
+            f, i, w, b = (sorted(t)[len(t) // 2] for t in times)
+            costs.append((f, i, w, b))
             x = map_boundary(out, torch.Tensor.detach)
             del twin
     return costs

@@ -11,12 +11,12 @@ from skpipe.engine.planner import _measure as PL
 
 
 def test_costs_are_a_line_through_the_two_measured_sizes():
-    p = PL.LayerProfile(rows=(4, 12), fiw=(((1.0, 2.0, 3.0),), ((3.0, 2.0, 7.0),)),
+    p = PL.LayerProfile(rows=(4, 12), fiw=(((1.0, 2.0, 3.0, 5.0),), ((3.0, 2.0, 7.0, 9.0),)),
                         activation_bytes_per_row=(0.0,), output_bytes_per_row=(0.0,),
                         parameter_bytes=(0,), threads=1)
-    assert p.costs(8) == [(2.0, 2.0, 5.0)]
+    assert p.costs(8) == [(2.0, 2.0, 5.0, 7.0)]
     assert p.costs(1)[0][0] == 0.25  # extrapolated, never below zero
-    assert p.costs(0) == [(0.0, 2.0, 1.0)]
+    assert p.costs(0) == [(0.0, 2.0, 1.0, 3.0)]
 
 
 def test_measurements_are_kept_for_the_process():
@@ -26,12 +26,48 @@ def test_measurements_are_kept_for_the_process():
     x = torch.randn(64, 16)
     first = PL.measure(net(), x, (4, 32), "cpu", 1)
     assert len(first.fiw[0]) == 5 and first.threads == 1
-    assert all(f > 0 for f, _, _ in first.fiw[1])
+    assert all(f > 0 and b > 0 for f, _, _, b in first.fiw[1])
     t0 = time.perf_counter()
     again = PL.measure(net(), x, (4, 32), "cpu", 1)
     assert again is first and time.perf_counter() - t0 < 1.0
     assert first.activation_bytes_per_row[0] > 0 and first.output_bytes_per_row[-1] == 3 * 4
     assert first.parameter_bytes[0] == (16 * 64 + 64) * 4
+
+
+class SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps: a non-parameter op that costs time in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.03)
+        return grad
+
+
+class Block(nn.Module):
+    """A parameter op followed by ops that cost time in the backward: the shape of a residual
+    or attention block."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return SlowBackward.apply(torch.tanh(self.lin(x)))
+
+
+def test_input_and_weight_gradients_are_timed_as_torch_splits_the_backward():
+    """I runs the whole backward to the input (the sleep once); W starts from the gradients I
+    kept (no sleep): I + W is one backward, not two, and a full backward B is about the same."""
+    from skpipe.engine.split._partition import split_time_costs
+
+    (f, i, w, b), = split_time_costs([Block()], torch.randn(8, 16), repeats=3)
+    assert i >= 0.03 and b >= 0.03
+    assert w < 0.015, f"W ran the sleeping part of the backward again ({w:.3f} s)"
+    assert abs((i + w) - b) < 0.015
 
 
 @pytest.mark.distributed

@@ -9,8 +9,10 @@ FREE = PL.MessageCost(0.0, 0.0, 0.0)
 
 
 def profile(fiw, act=1000.0, params=4000, out=32.0):
-    """A synthetic profile: the same (F, I, W) seconds per row at any size, per layer."""
+    """A synthetic profile: the same (F, I, W) seconds per row at any size, per layer (the full
+    backward B is I + W)."""
     n = len(fiw)
+    fiw = [layer if len(layer) == 4 else (*layer, layer[1] + layer[2]) for layer in fiw]
     at = lambda rows: tuple(tuple(x * rows for x in layer) for layer in fiw)  # noqa: E731
     return PL.LayerProfile(rows=(1, 2), fiw=(at(1), at(2)), activation_bytes_per_row=(act,) * n,
                            output_bytes_per_row=(out,) * n, parameter_bytes=(params,) * n,
