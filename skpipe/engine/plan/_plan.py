@@ -24,6 +24,7 @@ from ..split._partition import (
     as_boundary,
     backward_from,
     balance_sizes,
+    boundary_bytes_per_row,
     boundary_shapes,
     check_boundary,
     chunk_bounds,
@@ -142,17 +143,29 @@ class Plan:
     def stage_bytes(self, n_microbatches: int | None = None) -> list[float]:
         """Estimated peak bytes of each stage: 4 x its parameter bytes (weights, gradients and
         two Adam moments: an upper bound for SGD) plus the activations of the micro-batches it
-        holds at its peak."""
+        holds at its peak (``held_bytes_per_row``)."""
         cfg = self.config
         m = cfg.n_microbatches if n_microbatches is None else n_microbatches
         rows = -(-cfg.share_rows // m)  # a replica's share of the batch, per micro-batch
         held = _schedules.in_flight(cfg.schedule, cfg.n_stages, cfg.chunks_per_stage, m)
         need = [0.0] * cfg.n_stages
         for c, rank in enumerate(self.owners):
-            need[rank] += (
-                4 * self.parameter_bytes[c] + held * rows * self.activation_bytes_per_row[c]
-            )
+            need[rank] += 4 * self.parameter_bytes[c] + rows * self.held_bytes_per_row(c, held)
         return need
+
+    def held_bytes_per_row(self, chunk: int, held: int) -> float:
+        """Bytes per row chunk ``chunk`` holds for backward with ``held`` micro-batches in
+        flight: all their activations ('never'); with recomputation only each micro-batch's
+        input, and the activations of the one being recomputed ('always'), or of the last
+        micro-batch too ('except_last')."""
+        act = self.activation_bytes_per_row[chunk]
+        policy = self.config.checkpoint
+        if policy == "never" or held < 1:
+            return held * act
+        inputs = boundary_bytes_per_row(self.shapes[chunk])
+        if policy == "always":
+            return min(held * act, held * inputs + act)
+        return min(held * act, (held - 1) * inputs + 2 * act)
 
     def report(self) -> PlanReport:
         cfg = self.config
