@@ -27,7 +27,7 @@ from ..engine.plan._microbatch import reduction_of
 from ..engine.plan._plan import Plan, make_plan
 from ..engine.plan._report import PlanReport
 from ..engine.plan._timeline import Timeline
-from ..engine.planner._planner import Choice, annotated
+from ..engine.planner._planner import Choice, annotated, chosen_sizes
 from ..engine.runners._runners import held_devices, make_runner, resolve_launcher, runner_class
 from ..engine.split._marks import mark_split_points
 from ..engine.state._portable import PortableModule
@@ -202,7 +202,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
                 print(f"[skpipe] {choice.advice}", flush=True)
             # concurrent fits (GridSearchCV(n_jobs>1)) never share a device
             with held_devices(inputs.config, self.devices) as config:
-                plan = self._make_plan(module, config, inputs, planned=choice is not None)
+                plan = self._make_plan(module, config, inputs, planned=chosen_sizes(choice))
                 with make_runner(plan, module, inputs.spec, inputs.seed) as runner:
                     resumed = getattr(self, "optimizer_state_", None) if partial and warm else None
                     if resumed is not None:  # the weights came with the stages; only this moves
@@ -348,19 +348,20 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         )
 
     def _make_plan(
-        self, module: nn.Module, config: PipelineConfig, inputs: FitInputs, planned: bool = False
+        self, module: nn.Module, config: PipelineConfig, inputs: FitInputs,
+        planned: tuple[int, ...] | None = None,
     ) -> Plan:
         """The plan of the fit, with the micro-batch count chosen under the memory budget
-        (unless the planner chose it), and the network checked against the data on the plan's
-        sample (before any worker)."""
+        (unless the planner chose it, and the split it predicted for: ``planned``), and the
+        network checked against the data on the plan's sample (before any worker)."""
         n_rows = len(inputs.y) if self.train_split is None else None
         step = self._params_for("iterator_train").get("batch_size")
         check_batchnorm_rows(module, config, n_rows, step)  # measuring would run into it first
-        plan = make_plan(module, config, inputs.sample)
+        plan = make_plan(module, config, inputs.sample, planned)
         budget = self.stage_memory_budget
         if (
             budget is not None
-            and not planned
+            and planned is None
             and self.n_microbatches == "auto"
             and config.n_stages > 1
         ):
@@ -428,7 +429,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             module, built = est._build_module(inputs)
         mark_split_points(module, est.split_points)
         inputs, choice = est._choose_layout(module, inputs)
-        plan = est._make_plan(module, inputs.config, inputs, planned=choice is not None)
+        plan = est._make_plan(module, inputs.config, inputs, planned=chosen_sizes(choice))
         return dataclasses.replace(annotated(plan.report(), choice), construction=built)
 
     # -- pickling --------------------------------------------------------------------------------

@@ -93,3 +93,20 @@ def test_balance_auto_tries_every_rule_and_trains_like_one_device():
     assert est.config_.balance == chosen["balance"]
     for k, v in ref.module_.state_dict().items():
         torch.testing.assert_close(est.module_.state_dict()[k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def test_the_plan_takes_the_split_the_planner_predicted(monkeypatch):
+    """One split for the prediction and the fit: the plan does not measure the layers again
+    (here a re-measurement would put the split elsewhere)."""
+    from skpipe.engine.split import _partition
+
+    monkeypatch.setattr(_partition, "time_costs",
+                        lambda layers, *a, **k: [1.0] * (len(layers) - 1) + [100.0])
+    net = torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8),
+                              torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 3))
+    est = PipeNetClassifier(net, n_stages=2, schedule="auto", balance="time", launcher="local",
+                            batch_size=32)
+    report = est.plan(X, Y)
+    chosen = next(c for c in report.candidates if c["chosen"])
+    assert [c.n_layers for c in report.chunks] == list(chosen["sizes"]) != [6, 1]

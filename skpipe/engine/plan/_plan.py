@@ -233,22 +233,29 @@ class Plan:
         )
 
 
-def make_plan(module: nn.Module, config: PipelineConfig, sample: torch.Tensor) -> Plan:
+def make_plan(
+    module: nn.Module,
+    config: PipelineConfig,
+    sample: torch.Tensor,
+    sizes: tuple[int, ...] | None = None,
+) -> Plan:
     """Split ``module`` for ``config``; ``sample`` (a few rows of X) is what the chunks are
-    measured on. Nothing of ``module`` changes: measuring runs on copies."""
+    measured on. Nothing of ``module`` changes: measuring runs on copies. ``sizes``: the layers
+    per chunk the planner predicted for (its split is taken, not measured again); else
+    ``config.balance`` splits."""
     named, trace = split_network(
         module, config.n_chunks, tuple(sample.shape[1:]), sample.dtype
     )
     layers = [layer for _, layer in named]
-    sizes, costs = balance_sizes(
+    split, costs = balance_sizes(
         layers,
         config.n_chunks,
-        config.balance,
+        config.balance if sizes is None else sizes,
         sample[: config.microbatch_rows],
         config.devices[0],
         traced=trace is not None,
     )
-    bounds = chunk_bounds(sizes)
+    bounds = chunk_bounds(split)
     _check_unshared(named, bounds)
     # one stage: any module, whatever it does inside; its output shape is measured below
     shapes = boundary_shapes(layers, bounds, sample.shape[1]) if config.n_chunks > 1 else None

@@ -30,7 +30,8 @@ from ._simulate import ChunkCost, action_order, simulate
 
 __all__ = [
     "BALANCES", "Candidate", "Choice", "LayerProfile", "MessageCost", "annotated",
-    "candidates", "choose", "fits_one_device", "layer_list", "measure", "message_cost",
+    "candidates", "choose", "chosen_sizes", "fits_one_device", "layer_list", "measure",
+    "message_cost",
     "one_stage_bytes", "one_stage_ms", "predict", "rows_to_measure",
 ]
 
@@ -48,6 +49,7 @@ class Candidate:
     fits: bool
     chosen: bool = False
     balance: str = "uniform"
+    sizes: tuple[int, ...] = ()  # layers per chunk: the split predicted, which the plan takes
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,19 +81,9 @@ def predict(
 ) -> tuple[float, float, list[float]]:
     """(step seconds, bubble, peak bytes per stage) of one candidate (with ``balance``, or
     the configuration's)."""
-    n_chunks = config.n_stages * v
-    n_layers = len(profile.parameter_bytes)
     rows = step_rows(config.share_rows, m) // m
     layer_costs = profile.costs(rows)
-    balance = config.balance if balance is None else balance
-    if not isinstance(balance, str) and len(balance) != n_chunks:
-        balance = "uniform"  # a list for another chunk count cannot apply
-    if balance == "time":  # the measured times (forward + full backward), not measured again
-        sizes = split_by_costs([c[0] + c[3] for c in layer_costs], n_chunks)
-    elif balance == "parameters":
-        sizes = split_by_costs([float(b) + 1.0 for b in profile.parameter_bytes], n_chunks)
-    else:
-        sizes, _ = balance_sizes([nn.Identity()] * n_layers, n_chunks, balance)
+    sizes = split_sizes(profile, config, m, v, balance)
     bounds = chunk_bounds(sizes)
     costs = []
     spec = _schedules.SCHEDULES[schedule]
@@ -123,6 +115,32 @@ def predict(
     else:
         peaks = [p + a for p, a in zip(peaks, sim.peak_activation_bytes, strict=True)]
     return sim.step_seconds, sim.bubble, peaks
+
+
+def split_sizes(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    m: int,
+    v: int,
+    balance: str | tuple[int, ...] | None = None,
+) -> tuple[int, ...]:
+    """Layers per chunk of a candidate: the split its prediction is for, and the one the fit's
+    plan takes (``make_plan(..., sizes=...)``): 'time' from the profile's forward + full
+    backward at the candidate's micro-batch rows, 'parameters' from the parameter sizes,
+    'uniform' or a list as given."""
+    n_chunks = config.n_stages * v
+    n_layers = len(profile.parameter_bytes)
+    balance = config.balance if balance is None else balance
+    if not isinstance(balance, str) and len(balance) != n_chunks:
+        balance = "uniform"  # a list for another chunk count cannot apply
+    if balance == "time":  # the measured times (forward + full backward), not measured again
+        rows = step_rows(config.share_rows, m) // m
+        sizes = split_by_costs([c[0] + c[3] for c in profile.costs(rows)], n_chunks)
+    elif balance == "parameters":
+        sizes = split_by_costs([float(b) + 1.0 for b in profile.parameter_bytes], n_chunks)
+    else:
+        sizes, _ = balance_sizes([nn.Identity()] * n_layers, n_chunks, balance)
+    return tuple(sizes)
 
 
 BALANCES = ("uniform", "parameters", "time")
@@ -172,6 +190,7 @@ def candidates(
                             peak_stage_MiB=max(peaks) / 2**20,
                             fits=budget is None or max(peaks) <= budget,
                             balance=rule or own,
+                            sizes=split_sizes(profile, config, m, v, rule),
                         )
                     )
     found.sort(key=lambda c: (not c.fits, c.predicted_step_ms))
@@ -222,6 +241,12 @@ class Choice:
         return next((c for c in self.candidates if c.chosen), None)
 
     @property
+    def sizes(self) -> tuple[int, ...] | None:
+        """The chosen plan's layers per chunk (None where nothing was chosen)."""
+        best = self.chosen
+        return best.sizes if best is not None and best.sizes else None
+
+    @property
     def advice(self) -> str | None:
         """Said when one stage is predicted faster and the network fits one device."""
         best = self.chosen
@@ -235,6 +260,11 @@ class Choice:
                 "fits one device; consider n_stages=1."
             )
         return None
+
+
+def chosen_sizes(choice: Choice | None) -> tuple[int, ...] | None:
+    """The split the planner predicted its choice for (None: nothing was planned)."""
+    return None if choice is None else choice.sizes
 
 
 def choose(
