@@ -23,6 +23,7 @@ from torch import nn
 from ..engine.parallel._devices import threads_per_worker
 from ..engine.parallel._groups import broadcast_object, job_world
 from ..engine.plan._config import PipelineConfig
+from ..engine.plan._memory import human_bytes
 from ..engine.planner import _planner
 
 
@@ -110,7 +111,7 @@ def choose_layout(
         return choice.config, choice
     raise ValueError(
         f"n_stages='auto': no number of stages up to {counts[-1]} fits stage_memory_budget "
-        f"({(budget or 0) / 2**20:.1f} MiB per stage). {last_error or ''}"
+        f"({human_bytes(budget or 0)} per stage). {last_error or ''}"
     )
 
 

@@ -7,14 +7,16 @@ A stage's peak is the plan's estimate (``Plan.stage_bytes``):
 
     4 x parameter bytes + in_flight(m) x rows_per_microbatch(m) x activation_bytes_per_row
 
-with the activation bytes per row measured when the plan was made and ``in_flight`` the
-schedule's own rule (its row in ``_schedules.SCHEDULES``). The split is the plan's: nothing is
-measured again.
+(with ``checkpoint='always'``, each micro-batch in flight holds only its input, and one
+micro-batch's activations are rebuilt at a time: ``Plan.held_bytes_per_row``), the activation
+bytes per row measured when the plan was made and ``in_flight`` the schedule's own rule (its row
+in ``_schedules.SCHEDULES``). The split is the plan's: nothing is measured again.
 """
 
 from __future__ import annotations
 
 from . import _schedules
+from ._memory import human_bytes
 from ._plan import Plan
 
 
@@ -36,9 +38,10 @@ def fit_budget(plan: Plan, budget: float) -> Plan:
     static = sum(
         4 * b for b, rank in zip(plan.parameter_bytes, plan.owners, strict=True) if rank == worst
     )
+    more = "" if cfg.checkpoint == "always" else ", or use checkpoint='always'"
     raise ValueError(
-        f"stage_memory_budget ({budget / 2**20:.1f} MiB) is too small: even with one row per "
-        f"micro-batch, stage {worst} needs about {least[worst] / 2**20:.1f} MiB (parameters, "
-        f"gradients and optimizer state {static / 2**20:.1f} MiB). Raise the budget, "
-        "add stages, or use checkpoint='always'."
+        f"stage_memory_budget ({human_bytes(budget)}) is too small: even with one row per "
+        f"micro-batch, stage {worst} needs about {human_bytes(least[worst])} (parameters, "
+        f"gradients and optimizer state {human_bytes(static)}). Raise the budget or add "
+        f"stages{more}."
     )

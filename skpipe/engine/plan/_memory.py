@@ -94,3 +94,11 @@ def out_of_memory_in(exc: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in the unit that shows them: 512 B, 12.3 KiB, 1.5 MiB, 2.10 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..plan import _schedules
 from ..plan._config import PipelineConfig
+from ..plan._memory import human_bytes
 from ..plan._microbatch import step_rows
 from ..plan._report import PlanReport
 from ..split._partition import balance_sizes, chunk_bounds, split_by_costs
@@ -318,8 +319,9 @@ def choose(
     if best is None:
         least = min((c.peak_stage_MiB for c in found), default=float("nan"))
         raise ValueError(
-            f"stage_memory_budget ({(budget or 0) / 2**20:.1f} MiB) is too small for every plan "
-            f"of n_stages={config.n_stages}: the smallest stage peak found is {least:.1f} MiB. "
+            f"stage_memory_budget ({human_bytes(budget or 0)}) is too small for every plan of "
+            f"n_stages={config.n_stages}: the smallest stage peak found is "
+            f"{human_bytes(least * 2**20)}. "
             "Raise the budget or add stages (n_stages='auto' takes the fewest that fit)."
         )
     chosen = dataclasses.replace(

@@ -36,10 +36,19 @@ def test_a_generous_budget_keeps_the_plan_and_a_tight_one_raises_m():
     assert tight.config.batch_rows % tight.config.n_microbatches == 0
 
 
-def test_an_impossible_budget_says_by_how_much():
-    with pytest.raises(ValueError, match=r"stage_memory_budget \(0.0 MiB\) is too small: even with "
-                                         r"one row per micro-batch, stage \d needs about [\d.]+ MiB"):
+def test_an_impossible_budget_says_by_how_much_in_units_that_show_it():
+    with pytest.raises(ValueError, match=r"stage_memory_budget \(1000 B\) is too small: even with "
+                                         r"one row per micro-batch, stage \d needs about [\d.]+ "
+                                         r"MiB \(parameters, gradients and optimizer state "
+                                         r"[\d.]+ MiB\).*or use checkpoint='always'"):
         fit_budget(plan_for(), 1000)
+
+
+def test_human_bytes():
+    from skpipe.engine.plan._memory import human_bytes
+
+    assert [human_bytes(b) for b in (512, 12_600, 1.5 * 2**20, 2.1 * 2**30)] == [
+        "512 B", "12.3 KiB", "1.5 MiB", "2.10 GiB"]
 
 
 def test_replicas_hold_the_activations_of_their_share_only():
