@@ -110,3 +110,19 @@ def test_the_plan_takes_the_split_the_planner_predicted(monkeypatch):
     report = est.plan(X, Y)
     chosen = next(c for c in report.candidates if c["chosen"])
     assert [c.n_layers for c in report.chunks] == list(chosen["sizes"]) != [6, 1]
+
+
+def test_plan_gives_one_peak_per_stage_and_recomputation_lowers_it():
+    """The summary line and the planner's chosen row give the same peak; checkpoint='always'
+    lowers what the planner predicts a stage holds (and costs a forward more per backward)."""
+    kw = dict(module__hidden_layer_sizes=(256,) * 6, n_stages=2, schedule="auto",
+              launcher="local", batch_size=64)
+    plans = {ck: make(checkpoint=ck, **kw).plan(X, Y) for ck in ("never", "always")}
+    for report in plans.values():
+        chosen = next(c for c in report.candidates if c["chosen"])
+        assert max(report.stage_MiB) == pytest.approx(chosen["peak_stage_MiB"])
+        assert f"{chosen['peak_stage_MiB']:.2f}" in str(report)
+    lowest = {ck: min(c["peak_stage_MiB"] for c in p.candidates) for ck, p in plans.items()}
+    assert lowest["always"] < lowest["never"]
+    fastest = {ck: min(c["predicted_step_ms"] for c in p.candidates) for ck, p in plans.items()}
+    assert fastest["always"] > fastest["never"]

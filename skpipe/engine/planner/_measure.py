@@ -43,6 +43,7 @@ class LayerProfile:
     output_bytes_per_row: tuple[float, ...]
     parameter_bytes: tuple[int, ...]
     threads: int
+    input_bytes_per_row: float = 0.0  # what enters the first layer, per row
 
     def costs(self, rows: int) -> list[tuple[float, ...]]:
         """Each layer's (F, I, W, B) seconds for a micro-batch of ``rows`` rows."""
@@ -100,6 +101,7 @@ def measure(
             sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers
         ),
         threads=threads,
+        input_bytes_per_row=float(sample[0].numel() * sample.element_size()),
     )
     _PROFILES[key] = profile
     return profile

@@ -51,6 +51,7 @@ class Candidate:
     chosen: bool = False
     balance: str = "uniform"
     sizes: tuple[int, ...] = ()  # layers per chunk: the split predicted, which the plan takes
+    stage_MiB: tuple[float, ...] = ()  # each stage's peak (the largest is peak_stage_MiB)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -89,15 +90,22 @@ def predict(
     costs = []
     spec = _schedules.SCHEDULES[schedule]
     o = message.per_action  # torch's time per action, the messages' latency included
-    for s, e in bounds:
-        f, i, w, b = (sum(c[k] for c in layer_costs[s:e]) for k in range(4))
+    recompute = config.checkpoint == "always"
+    rebuilt = [0.0] * config.n_stages  # the activations of the one micro-batch recomputed
+    for c, (s, e) in enumerate(bounds):
+        f, i, w, b = (sum(layer[k] for layer in layer_costs[s:e]) for k in range(4))
+        act = rows * sum(profile.activation_bytes_per_row[s:e])
+        held = act
+        if recompute:  # each micro-batch holds its input; the backward runs the forward again
+            entering = profile.output_bytes_per_row[s - 1] if s else profile.input_bytes_per_row
+            held = rows * entering
+            owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
+            rebuilt[owner] = max(rebuilt[owner], act)
+            i, b = i + f, b + f
         # a split backward is two actions, so 'I' and 'W' each pay the per-action time
         costs.append(
             ChunkCost(
-                f + o,
-                i + o,
-                w + o,
-                rows * sum(profile.activation_bytes_per_row[s:e]),
+                f + o, i + o, w + o, held,
                 full_backward=None if spec.zero_bubble else b + o,
             )
         )
@@ -115,6 +123,7 @@ def predict(
         peaks = [p + activation / config.n_stages for p in peaks]
     else:
         peaks = [p + a for p, a in zip(peaks, sim.peak_activation_bytes, strict=True)]
+    peaks = [p + r for p, r in zip(peaks, rebuilt, strict=True)]
     return sim.step_seconds, sim.bubble, peaks
 
 
@@ -192,6 +201,7 @@ def candidates(
                             fits=budget is None or max(peaks) <= budget,
                             balance=rule or own,
                             sizes=split_sizes(profile, config, m, v, rule),
+                            stage_MiB=tuple(p / 2**20 for p in peaks),
                         )
                     )
     found.sort(key=lambda c: (not c.fits, c.predicted_step_ms))
@@ -345,6 +355,8 @@ def annotated(report: PlanReport, choice: Choice | None) -> PlanReport:
         candidates=[c.to_dict() for c in choice.candidates],
         predicted_step_ms=best.predicted_step_ms if best else report.predicted_step_ms,
         bubble=best.bubble if best else report.bubble,
+        # one peak figure per stage: the planner's, which it chose by
+        stage_MiB=list(best.stage_MiB) if best and best.stage_MiB else report.stage_MiB,
         one_stage_step_ms=choice.one_stage_ms,
         advice=choice.advice,
         planning_seconds=choice.seconds,
