@@ -124,7 +124,61 @@ def predict(
     else:
         peaks = [p + a for p, a in zip(peaks, sim.peak_activation_bytes, strict=True)]
     peaks = [p + r for p, r in zip(peaks, rebuilt, strict=True)]
-    return sim.step_seconds, sim.bubble, peaks
+    extra = replica_sum_seconds(profile, config, bounds, v, spec, message, sim.busy_seconds)
+    if config.launcher == "spawn":  # torchrun ranks have the data; 'local' sends nothing
+        extra += driver_message_seconds(profile, config, message)
+    step = sim.step_seconds + extra
+    bubble = 1.0 - sum(sim.busy_seconds) / (config.n_stages * step) if step > 0 else 0.0
+    return step, bubble, peaks
+
+
+# what the replicas' gradient sum sends at a time (parallel._replicas.BUCKET_BYTES)
+REPLICA_BUCKET_BYTES = 4 * 2**20
+
+
+def replica_sum_seconds(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    bounds: list[tuple[int, int]],
+    v: int,
+    spec: Any,
+    message: MessageCost,
+    busy: list[float],
+) -> float:
+    """What a step waits for the replicas' gradient sum after its schedule: a ring all-reduce
+    of each stage's gradient bytes (2 (k-1)/k of them sent, at the measured message cost).
+    Zero-bubble schedules sum after their last weight gradient: all of it waits. The others
+    sum bucket by bucket while the backward runs: what the backward (half of a stage's busy
+    time) does not hide waits, and at least the last bucket."""
+    k = config.n_replicas
+    if k < 2:
+        return 0.0
+    grads = [0.0] * config.n_stages
+    for c, (s, e) in enumerate(bounds):
+        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
+        grads[owner] += float(sum(profile.parameter_bytes[s:e]))
+
+    def ring(nbytes: float) -> float:
+        return 2 * (k - 1) * message.latency + 2 * (k - 1) / k * nbytes * message.per_byte
+
+    waits = []
+    for rank, nbytes in enumerate(grads):
+        if spec.zero_bubble:
+            waits.append(ring(nbytes))
+        else:
+            hidden = busy[rank] / 2
+            waits.append(max(ring(min(nbytes, REPLICA_BUCKET_BYTES)), ring(nbytes) - hidden))
+    return max(waits)
+
+
+def driver_message_seconds(
+    profile: LayerProfile, config: PipelineConfig, message: MessageCost
+) -> float:
+    """The driver's step message (the batch's inputs to the first stage) and the reply (the
+    last stage's outputs), which the schedule waits for: each a message of the share's rows."""
+    rows = config.share_rows
+    out = profile.output_bytes_per_row[-1] if profile.output_bytes_per_row else 0.0
+    return 2 * message.latency + rows * (profile.input_bytes_per_row + out) * message.per_byte
 
 
 def split_sizes(

@@ -1,6 +1,8 @@
 """The planner: every valid candidate simulated from a profile, the fastest that fits chosen,
 and one stage named when it would be faster."""
 
+import pytest
+
 from skpipe.engine.planner import _planner as PL
 from skpipe.engine.plan._schedules import SCHEDULES, check_microbatches
 from tests.conftest import pipeline_config
@@ -74,3 +76,24 @@ def test_advice_names_one_stage_when_it_is_faster_and_fits():
     assert "5.00 ms for the best pipelined plan (1f1b, n_microbatches=4)" in choice.advice
     assert PL.Choice(cfg, (best,), 2.0, one_stage_fits=False, seconds=0.1).advice is None
     assert PL.Choice(cfg, (best,), 9.0, one_stage_fits=True, seconds=0.1).advice is None
+
+
+def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver():
+    """A ring of two replicas sends each stage's gradient bytes once: all of it after a
+    zero-bubble schedule, what the backward does not hide (at least the last bucket) after the
+    others; spawned stages also wait for the driver's step message and its reply."""
+    msg = PL.MessageCost(0.0, 1e-9, 0.0)  # 1 ns per byte
+    prof = profile([(1e-4, 1e-4, 1e-4)] * 4, params=4_000_000, out=32.0)
+    one = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    two = pipeline_config(n_stages=2, batch_size=128, n_replicas=2, launcher="spawn",
+                          devices=("cpu",) * 4)
+    gap = {}
+    for schedule, m, v in (("zbv", 4, 2), ("1f1b", 4, 1)):
+        gap[schedule] = (PL.predict(prof, two, schedule, m, v, msg, local=False)[0]
+                         - PL.predict(prof, one, schedule, m, v, msg, local=False)[0])
+    assert gap["zbv"] == pytest.approx(8e6 * 1e-9)  # 2 layers x 4 MB per stage, all waited
+    assert gap["1f1b"] == pytest.approx(4 * 2**20 * 1e-9)  # the last bucket
+    spawned = PL.predict(prof, one, "1f1b", 4, 1, msg, local=False)[0]
+    in_job = PL.predict(prof, pipeline_config(n_stages=2, batch_size=64, launcher="torchrun"),
+                        "1f1b", 4, 1, msg, local=False)[0]
+    assert spawned - in_job == pytest.approx(64 * 32 * 1e-9)  # the outputs' reply
