@@ -34,8 +34,7 @@ import torch
 from skorch.callbacks import Callback
 from skorch.history import History
 
-from .engine.runners._hyper import hyperparameters
-from .engine.state._named import read_state_files
+from .engine.state._named import hyperparameters, read_state_files
 
 _FILE = "checkpoint.pt"
 _FORMAT = 4  # 2: one file holding everything; 3: this file names the stages' parts; 4: and

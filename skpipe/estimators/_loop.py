@@ -27,7 +27,7 @@ from skorch.history import History
 
 from ..callbacks import Checkpoint
 from ..engine.plan._microbatch import WeightedLoss
-from ..engine.runners._hyper import set_hyperparameters
+from ..engine.state._named import set_hyperparameters
 from ._data import BatchIterator
 from ._mirror import WeightMirror, reads_gradients
 

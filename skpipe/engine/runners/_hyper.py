@@ -20,17 +20,7 @@ import torch
 from torch import nn
 
 from ..plan._config import TrainSpec
-
-
-def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each parameter group's settings (everything but its parameters)."""
-    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-
-
-def set_hyperparameters(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
-    """Give ``optimizer``'s groups the settings ``groups`` (in order; same number of groups)."""
-    for group, settings in zip(optimizer.param_groups, groups, strict=False):
-        group.update(settings)
+from ..state._named import hyperparameters, set_hyperparameters
 
 
 def _same(a: Any, b: Any) -> bool:

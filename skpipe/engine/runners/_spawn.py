@@ -69,8 +69,8 @@ class SpawnRunner(Runner):
         return [name for name, _ in self.module.named_parameters()]
 
     def _optimizer_state(self) -> dict[str, Any]:
-        """The stages' optimizer state as one device's optimizer over the network has it."""
-        self._send_hyper()
+        """The stages' optimizer state as one device's optimizer over the network has it (with
+        the settings the driver's callbacks made: ``_rank_states`` sends them first)."""
         return state_for(self._named(self._rank_states(optimizers=True)), self._parameter_names())
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Training state keyed by names in the whole network: CPU copies, optimizer state by parameter
-name, and the checkpoint parts each stage writes where it lives.
+name (and its groups' settings: ``hyperparameters``), and the checkpoint parts each stage writes
+where it lives.
 
 An optimizer's ``state_dict`` numbers its parameters in the order it was given them, which
 depends on how the network was split. Keyed by the parameters' names in the whole network
@@ -27,6 +28,22 @@ def cpu_copy(obj: Any) -> Any:
     return obj
 
 
+def group_settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's settings (lr, momentum...): everything but its parameters."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings, in order."""
+    return [group_settings(g) for g in optimizer.param_groups]
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Give ``optimizer``'s groups the settings ``groups`` (in order; same number of groups)."""
+    for group, settings in zip(optimizer.param_groups, groups, strict=False):
+        group.update(settings)
+
+
 def state_by_name(optimizer_state: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     """``{'state': {name: per-parameter state}, 'hyper': settings}`` from a torch optimizer
     ``state_dict`` over parameters named ``names`` (in the optimizer's order)."""
@@ -41,7 +58,7 @@ def state_by_name(optimizer_state: dict[str, Any], names: Sequence[str]) -> dict
     state = optimizer_state["state"]
     return {
         "state": {names[i]: state[index] for i, index in enumerate(order) if index in state},
-        "hyper": {k: v for k, v in groups[0].items() if k != "params"},
+        "hyper": group_settings(groups[0]),
     }
 
 

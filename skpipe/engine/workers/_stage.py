@@ -34,6 +34,8 @@ from ..split._partition import Boundary, boundary_tensors, leaves
 from ._chunk import ChunkModule
 from ..state._named import (
     cpu_copy,
+    hyperparameters,
+    set_hyperparameters,
     read_state_files,
     stage_state,
     state_by_name,
@@ -282,9 +284,8 @@ class StageHost:
     def hyperparameters(self, groups: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Give the optimizer the settings ``groups`` (None: leave them); its settings."""
         if groups is not None:
-            for group, settings in zip(self.optimizer.param_groups, groups, strict=False):
-                group.update(settings)
-        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            set_hyperparameters(self.optimizer, groups)
+        return hyperparameters(self.optimizer)
 
     def set_weights(
         self,

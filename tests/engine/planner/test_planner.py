@@ -97,3 +97,7 @@ def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver(
     in_job = PL.predict(prof, pipeline_config(n_stages=2, batch_size=64, launcher="torchrun"),
                         "1f1b", 4, 1, msg, local=False)[0]
     assert spawned - in_job == pytest.approx(64 * 32 * 1e-9)  # the outputs' reply
+    # the planner cannot import parallel/ (the floors): its bucket is the replicas' own
+    from skpipe.engine.parallel._replicas import BUCKET_BYTES
+
+    assert PL.REPLICA_BUCKET_BYTES == BUCKET_BYTES
