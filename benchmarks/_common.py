@@ -127,3 +127,33 @@ class SplitSleepLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Sleep.apply(x, self.f, self.i) * _SleepWeight.apply(self.scale, self.w)
+
+
+class BlockSleepLayer(nn.Module):
+    """A block: a parameter op (its weight gradient takes ``w`` s) followed by a non-parameter
+    op whose forward takes ``f`` s and backward ``i`` s: the shape of a residual or attention
+    block, where the input gradient runs through ops without parameters. A weight gradient
+    timed from the block's output would count ``i`` twice."""
+
+    def __init__(self, f: float, i: float, w: float, width: int = 8) -> None:
+        super().__init__()
+        self.f, self.i, self.w = f, i, w
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def extra_repr(self) -> str:  # part of the network's signature for the planner's cache
+        return f"block f={self.f}, i={self.i}, w={self.w}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Sleep.apply(x * _SleepWeight.apply(self.scale, self.w), self.f, self.i)
+
+
+class RowSleepLayer(SplitSleepLayer):
+    """A SplitSleepLayer whose times are for 16 rows and grow with the micro-batch's rows, as
+    compute does: pipelining can beat one stage on it, which fixed sleeps never let happen."""
+
+    def extra_repr(self) -> str:
+        return "per 16 rows " + super().extra_repr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = x.shape[0] / 16
+        return _Sleep.apply(x, self.f * r, self.i * r) * _SleepWeight.apply(self.scale, self.w * r)

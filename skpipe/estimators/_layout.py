@@ -98,6 +98,7 @@ def choose_layout(
                 fixed_chunks=fixed_v,
                 schedules=schedules,
                 balances=_planner.BALANCES if auto_balance else None,
+                optimizer=(est.optimizer, {"lr": est.lr, **est._params_for("optimizer")}),
             )
         except ValueError as exc:
             last_error = exc

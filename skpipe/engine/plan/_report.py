@@ -167,6 +167,10 @@ class PlanReport:
             title += f" in {self.planning_seconds:.2f} s"
         if self.one_stage_step_ms is not None:
             title += f"; one stage on one device: {self.one_stage_step_ms:.2f} ms per step"
+            best = next((c for c in self.candidates if c["chosen"]), None)
+            if best is not None and best["predicted_step_ms"] > 0:
+                ratio = self.one_stage_step_ms / best["predicted_step_ms"]
+                title += f" ({ratio:.2f}x the chosen plan's)"
         more = len(self.candidates) - len(picked)
         tail = [f"({more} more in to_dict()['candidates'])"] if more > 0 else []
         return [title, line(head), *[line(r) for r in rows], *tail]

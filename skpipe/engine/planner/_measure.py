@@ -1,5 +1,5 @@
 """What the planner measures: each layer's forward, input-gradient, weight-gradient and full
-backward seconds (as torch's schedules run them) at two micro-batch sizes (a straight line in
+backward seconds (as torch's schedules run them) at three micro-batch sizes (straight lines in
 the rows between them), the activation bytes it holds per row, its output bytes per row and its
 parameter bytes (``measure``, kept per network signature, device, threads and rows for the life
 of the process, so a grid search measures once); and the costs of stage-to-stage messages
@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from ._simulate import ChunkCost, action_order, simulate
 class LayerProfile:
     """What the planner knows of a network's layers (see the module's doc)."""
 
-    rows: tuple[int, int]  # the two micro-batch sizes measured
+    rows: tuple[int, ...]  # the micro-batch sizes measured, ascending
     # [size][layer] -> (F, I, W, B) seconds: I and W as a zero-bubble schedule splits the
     # backward, B the full backward
     fiw: tuple[tuple[tuple[float, float, float, float], ...], ...]
@@ -44,20 +45,25 @@ class LayerProfile:
     parameter_bytes: tuple[int, ...]
     threads: int
     input_bytes_per_row: float = 0.0  # what enters the first layer, per row
+    parameter_tensors: tuple[int, ...] = ()  # per layer: what an optimizer steps tensor by tensor
 
     def costs(self, rows: int) -> list[tuple[float, ...]]:
-        """Each layer's (F, I, W, B) seconds for a micro-batch of ``rows`` rows."""
-        (r0, r1), (a, b) = self.rows, self.fiw
-        out: list[tuple[float, ...]] = []
-        for la, lb in zip(a, b, strict=True):
-            if r1 == r0:
-                out.append(la)
-                continue
-            out.append(tuple(
+        """Each layer's (F, I, W, B) seconds for a micro-batch of ``rows`` rows: straight
+        lines between the measured sizes (the nearest two; the end lines extended beyond)."""
+        sizes = self.rows
+        if len(sizes) == 1 or sizes[0] == sizes[-1]:
+            return [tuple(layer) for layer in self.fiw[0]]
+        j = 1
+        while j < len(sizes) - 1 and rows > sizes[j]:
+            j += 1
+        (r0, r1), (a, b) = (sizes[j - 1], sizes[j]), (self.fiw[j - 1], self.fiw[j])
+        return [
+            tuple(
                 max(0.0, x0 + (x1 - x0) * (rows - r0) / (r1 - r0))
                 for x0, x1 in zip(la, lb, strict=True)
-            ))
-        return out
+            )
+            for la, lb in zip(a, b, strict=True)
+        ]
 
 
 _PROFILES: dict[tuple[Any, ...], LayerProfile] = {}
@@ -71,7 +77,7 @@ def signature(module: nn.Module) -> str:
 
 
 def measure(
-    module: nn.Module, sample: torch.Tensor, rows: tuple[int, int], device: str, threads: int
+    module: nn.Module, sample: torch.Tensor, rows: tuple[int, ...], device: str, threads: int
 ) -> LayerProfile:
     """The network's layer profile (kept for this process; see the module's doc)."""
     key = (signature(module), tuple(sample.shape[1:]), rows, device, threads)
@@ -87,7 +93,7 @@ def measure(
     finally:
         torch.set_num_threads(before)
     act, out_bytes = [], []
-    x = microbatch_of(sample, rows[1])
+    x = microbatch_of(sample, rows[min(1, len(rows) - 1)])
     for layer in layers:
         held, x = activation_bytes(layer, x)
         act.append(held / leaves(x)[0].shape[0])
@@ -102,6 +108,7 @@ def measure(
         ),
         threads=threads,
         input_bytes_per_row=float(sample[0].numel() * sample.element_size()),
+        parameter_tensors=tuple(len(list(layer.parameters())) for layer in layers),
     )
     _PROFILES[key] = profile
     return profile
@@ -146,8 +153,34 @@ for i in range(19):
     dist.barrier(); sync()
     steps.append(t1 - t0)
     barriers.append(time.perf_counter() - t1)  # what the closing barrier adds to a step
-if rank == 0:
-    print(out[0], out[1], max(0.0, sorted(steps[3:])[8] - sorted(barriers[3:])[8]))
+# contention: both ranks compute while 4 MiB cross from rank 0 to rank 1 (as a stage's
+# messages travel while it computes); what each rank's compute loses per byte
+a = torch.randn(192, 192, device=dev)
+def work():
+    for _ in range(40):
+        a @ a
+    sync()
+bufs = [torch.zeros(1 << 18, device=dev) for _ in range(4)]
+alone, loaded = [], []
+for i in range(9):
+    for busy in (False, True):
+        dist.barrier(); sync()
+        t0 = time.perf_counter()
+        if busy:
+            reqs = [dist.isend(b, 1) if rank == 0 else dist.irecv(b, 0) for b in bufs]
+        work()
+        (loaded if busy else alone).append(time.perf_counter() - t0)
+        if busy:
+            for r in reqs:
+                r.wait()
+lost = torch.tensor([max(0.0, sorted(loaded)[4] - sorted(alone)[4]) / (4 << 20)], device=dev)
+if rank == 1:
+    dist.send(lost, 0)
+else:
+    theirs = torch.zeros(1, device=dev)
+    dist.recv(theirs, 1)
+    print(out[0], out[1], max(0.0, sorted(steps[3:])[8] - sorted(barriers[3:])[8]),
+          float(lost), float(theirs))
 dist.destroy_process_group()
 """
 
@@ -156,13 +189,19 @@ _CALIBRATION_MICROBATCHES = 8
 
 @dataclass(frozen=True)
 class MessageCost:
-    """Stage-to-stage costs between two processes: seconds per byte of a message, and torch's
+    """Stage-to-stage costs between two processes: seconds per byte of a message; torch's
     own time per schedule action (its bookkeeping and the message's latency), calibrated by
-    replaying a measured 2-stage GPipe step of tiny micro-batches."""
+    replaying a measured 2-stage GPipe step of tiny micro-batches; and what the messages
+    cost the compute they travel beside, measured as the slowdown of a matmul loop on each
+    rank while 4 MiB cross between them."""
 
     latency: float
     per_byte: float
     per_action: float
+    # compute seconds a stage loses per byte its messages carry while it computes (sending;
+    # receiving): the transport's copies share the CPU with the stage (0 where they do not)
+    send_per_byte: float = 0.0
+    receive_per_byte: float = 0.0
 
 
 def message_cost(device: str) -> MessageCost:
@@ -195,14 +234,76 @@ def message_cost(device: str) -> MessageCost:
                     p.wait()
     if procs[0].returncode != 0:
         raise RuntimeError(f"measuring the stage-to-stage message cost failed:\n{err[-2000:]}")
-    small, large, step = (float(v) for v in out.split())
+    small, large, step, sending, receiving = (float(v) for v in out.split())
     unit = simulate(action_order("gpipe", 2, m, 1), [ChunkCost(1.0, 1.0, 0.0)] * 2).step_seconds
     _MESSAGES[kind] = MessageCost(
         latency=small,
         per_byte=max(0.0, (large - small) / (1 << 20)),
         per_action=step / unit,
+        send_per_byte=sending,
+        receive_per_byte=receiving,
     )
     return _MESSAGES[kind]
+
+
+@dataclass(frozen=True)
+class OptimizerCost:
+    """One optimizer step: seconds per parameter byte, and per parameter tensor."""
+
+    per_byte: float
+    per_tensor: float
+
+    def seconds(self, nbytes: float, tensors: int) -> float:
+        return self.per_byte * nbytes + self.per_tensor * tensors
+
+
+_OPTIMIZERS: dict[tuple[Any, ...], OptimizerCost] = {}
+_PROBE_ELEMENTS = 1 << 20  # the parameter elements an optimizer step is timed on
+
+
+def optimizer_cost(
+    optimizer: type[torch.optim.Optimizer], kwargs: dict[str, Any], device: str, threads: int
+) -> OptimizerCost:
+    """What a step of ``optimizer(**kwargs)`` costs on ``device`` with ``threads`` threads:
+    timed (medians of 5, after a first step that makes its state) on one tensor of 2**20
+    elements and on 32 tensors holding as many, so a stage's step is a line in its parameter
+    bytes and tensors. Kept for the process."""
+    dev = torch.device(device)
+    key = (optimizer, repr(sorted(kwargs.items())), dev.type, threads)
+    if key in _OPTIMIZERS:
+        return _OPTIMIZERS[key]
+
+    def timed(pieces: int) -> float:
+        params = [
+            nn.Parameter(torch.zeros(_PROBE_ELEMENTS // pieces, device=dev))
+            for _ in range(pieces)
+        ]
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+        opt = optimizer(params, **kwargs)
+        times = []
+        for _ in range(6):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[2]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one, many = timed(1), timed(32)
+    finally:
+        torch.set_num_threads(before)
+    per_tensor = max(0.0, (many - one) / 31)
+    cost = OptimizerCost(
+        per_byte=max(0.0, one - per_tensor) / (4 * _PROBE_ELEMENTS), per_tensor=per_tensor
+    )
+    _OPTIMIZERS[key] = cost
+    return cost
 
 
 def layer_list(module: nn.Module, sample: torch.Tensor) -> list[nn.Module]:
@@ -211,14 +312,16 @@ def layer_list(module: nn.Module, sample: torch.Tensor) -> list[nn.Module]:
     return [layer for _, layer in named]
 
 
-def rows_to_measure(share_rows: int) -> tuple[int, int]:
-    """Two micro-batch sizes spanning those the candidates step with."""
-    return (max(1, share_rows // 16), max(1, share_rows // 2))
+def rows_to_measure(share_rows: int) -> tuple[int, ...]:
+    """The micro-batch sizes measured: a sixteenth and a half of the rows each stage steps
+    with (spanning the candidates' micro-batches), and all of them (the one-stage step)."""
+    return tuple(sorted({max(1, share_rows // 16), max(1, share_rows // 2), max(1, share_rows)}))
 
 
 def forget_measurements(messages: bool = True) -> None:
     """Drop what this process measured: the layer profiles, and the message costs unless
     ``messages=False``."""
     _PROFILES.clear()
+    _OPTIMIZERS.clear()
     if messages:
         _MESSAGES.clear()

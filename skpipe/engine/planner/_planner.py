@@ -22,9 +22,11 @@ from ..split._partition import balance_sizes, chunk_bounds, split_by_costs
 from ._measure import (
     LayerProfile,
     MessageCost,
+    OptimizerCost,
     layer_list,
     measure,
     message_cost,
+    optimizer_cost,
     rows_to_measure,
 )
 from ._simulate import ChunkCost, action_order, simulate
@@ -32,7 +34,7 @@ from ._simulate import ChunkCost, action_order, simulate
 __all__ = [
     "BALANCES", "Candidate", "Choice", "LayerProfile", "MessageCost", "annotated",
     "candidates", "choose", "chosen_sizes", "fits_one_device", "layer_list", "measure",
-    "message_cost",
+    "message_cost", "OptimizerCost", "optimizer_cost",
     "one_stage_bytes", "one_stage_ms", "predict", "rows_to_measure",
 ]
 
@@ -80,9 +82,11 @@ def predict(
     message: MessageCost,
     local: bool,
     balance: str | tuple[int, ...] | None = None,
+    optimizer: OptimizerCost | None = None,
 ) -> tuple[float, float, list[float]]:
     """(step seconds, bubble, peak bytes per stage) of one candidate (with ``balance``, or
-    the configuration's)."""
+    the configuration's); ``optimizer``: what its step costs each stage after its last
+    backward (None: nothing)."""
     rows = step_rows(config.share_rows, m) // m
     layer_costs = profile.costs(rows)
     sizes = split_sizes(profile, config, m, v, balance)
@@ -92,8 +96,13 @@ def predict(
     o = message.per_action  # torch's time per action, the messages' latency included
     recompute = config.checkpoint == "always"
     rebuilt = [0.0] * config.n_stages  # the activations of the one micro-batch recomputed
+    owners = [_schedules.chunk_owner(c, config.n_stages, v, spec.placement)
+              for c in range(len(bounds))]
     for c, (s, e) in enumerate(bounds):
         f, i, w, b = (sum(layer[k] for layer in layer_costs[s:e]) for k in range(4))
+        if not local:  # messages to and from other processes slow the compute beside them
+            f, i, b = (t + _contention(profile, bounds, owners, c, rows, message)
+                       for t in (f, i, b))
         act = rows * sum(profile.activation_bytes_per_row[s:e])
         held = act
         if recompute:  # each micro-batch holds its input; the backward runs the forward again
@@ -127,9 +136,56 @@ def predict(
     extra = replica_sum_seconds(profile, config, bounds, v, spec, message, sim.busy_seconds)
     if config.launcher == "spawn":  # torchrun ranks have the data; 'local' sends nothing
         extra += driver_message_seconds(profile, config, message)
-    step = sim.step_seconds + extra
+    step = optimizer_finish(profile, config, bounds, v, spec, sim, optimizer) + extra
     bubble = 1.0 - sum(sim.busy_seconds) / (config.n_stages * step) if step > 0 else 0.0
     return step, bubble, peaks
+
+
+def optimizer_finish(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    bounds: list[tuple[int, int]],
+    v: int,
+    spec: Any,
+    sim: Any,
+    optimizer: OptimizerCost | None,
+) -> float:
+    """When the last stage's optimizer step ends: each stage steps its own parameters after
+    its last action (all of them one after the other where one process holds every stage)."""
+    if optimizer is None or not sim.finish_seconds:
+        return float(sim.step_seconds)
+    nbytes = [0.0] * config.n_stages
+    tensors = [0] * config.n_stages
+    for c, (s, e) in enumerate(bounds):
+        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
+        nbytes[owner] += float(sum(profile.parameter_bytes[s:e]))
+        tensors[owner] += sum(profile.parameter_tensors[s:e])
+    steps = [optimizer.seconds(b, t) for b, t in zip(nbytes, tensors, strict=True)]
+    if len(sim.finish_seconds) == 1:  # 'local': one process steps every stage
+        return float(sim.finish_seconds[0]) + sum(steps)
+    return max(f + o for f, o in zip(sim.finish_seconds, steps, strict=True))
+
+
+def _contention(
+    profile: LayerProfile,
+    bounds: list[tuple[int, int]],
+    owners: list[int],
+    c: int,
+    rows: int,
+    message: MessageCost,
+) -> float:
+    """What chunk ``c``'s forward (or backward) loses to its messages: it sends its output
+    (the gradient of its input) to another process and receives its input (its output's
+    gradient) from another, each at the measured compute lost per byte."""
+    s, e = bounds[c]
+    out = rows * profile.output_bytes_per_row[e - 1]
+    inp = rows * (profile.output_bytes_per_row[s - 1] if s else 0.0)
+    lost = 0.0
+    if c + 1 < len(bounds) and owners[c + 1] != owners[c]:
+        lost += out * message.send_per_byte
+    if c > 0 and owners[c - 1] != owners[c]:
+        lost += inp * message.receive_per_byte
+    return lost
 
 
 # what the replicas' gradient sum sends at a time (parallel._replicas.BUCKET_BYTES)
@@ -221,6 +277,7 @@ def candidates(
     fixed_chunks: int | None = None,
     schedules: tuple[str, ...] | None = None,
     balances: tuple[str, ...] | None = None,
+    optimizer: OptimizerCost | None = None,
 ) -> list[Candidate]:
     """Every (schedule, m, v, balance) torch would accept, simulated; sorted fastest first, the
     fastest one that fits marked chosen. ``balances``: the rules to try (default: the
@@ -240,7 +297,8 @@ def candidates(
                 for rule in balances or (None,):
                     try:
                         step, bubble, peaks = predict(
-                            profile, config, schedule, m, v, message, local, balance=rule
+                            profile, config, schedule, m, v, message, local, balance=rule,
+                            optimizer=optimizer,
                         )
                     except ValueError:
                         continue
@@ -264,10 +322,15 @@ def candidates(
     return found
 
 
-def one_stage_ms(profile: LayerProfile, rows: int) -> float:
+def one_stage_ms(
+    profile: LayerProfile, rows: int, optimizer: OptimizerCost | None = None
+) -> float:
     """Predicted step of the whole network on one device for ``rows`` rows (one micro-batch):
-    each layer's forward and full backward."""
-    return 1e3 * sum(c[0] + c[3] for c in profile.costs(rows))
+    each layer's forward and full backward, then the optimizer's step over every parameter."""
+    step = sum(c[0] + c[3] for c in profile.costs(rows))
+    if optimizer is not None:
+        step += optimizer.seconds(sum(profile.parameter_bytes), sum(profile.parameter_tensors))
+    return 1e3 * step
 
 
 def one_stage_bytes(profile: LayerProfile, rows: int) -> float:
@@ -344,9 +407,11 @@ def choose(
     fixed_chunks: int | None = None,
     schedules: tuple[str, ...] | None = None,
     balances: tuple[str, ...] | None = None,
+    optimizer: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
 ) -> Choice:
     """The fastest valid (schedule, m, chunks) for ``config``'s stages whose stages fit
-    ``budget``; ``config`` comes back with them. Raises ValueError when none fits."""
+    ``budget``; ``config`` comes back with them. Raises ValueError when none fits.
+    ``optimizer``: the fit's optimizer class and settings, whose step is timed and predicted."""
     import time
 
     t0 = time.perf_counter()
@@ -367,6 +432,7 @@ def choose(
         fixed_chunks=fixed_chunks,
         schedules=schedules,
         balances=balances,
+        optimizer=None if optimizer is None else optimizer_cost(*optimizer, device, threads),
     )
     single = profile if one_stage_threads == threads else measure(
         module, sample, rows, device, one_stage_threads
@@ -375,7 +441,11 @@ def choose(
     choice = Choice(
         config=config,
         candidates=tuple(found),
-        one_stage_ms=one_stage_ms(single, share),
+        one_stage_ms=one_stage_ms(
+            single,
+            share,
+            None if optimizer is None else optimizer_cost(*optimizer, device, one_stage_threads),
+        ),
         one_stage_fits=budget is None or one_stage_bytes(profile, share) <= budget,
         seconds=time.perf_counter() - t0,
     )

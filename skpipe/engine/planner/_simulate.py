@@ -54,6 +54,7 @@ class Simulation:
     step_seconds: float
     busy_seconds: list[float]  # compute per rank
     peak_activation_bytes: list[float]  # per rank
+    finish_seconds: tuple[float, ...] = ()  # when each rank's last action ends
 
     @property
     def bubble(self) -> float:
@@ -230,4 +231,4 @@ def simulate(
         if not progressed:
             stuck = [actions[nxt[r]] for r, actions in enumerate(order) if nxt[r] < len(actions)]
             raise RuntimeError(f"the schedule's order cannot proceed: waiting actions {stuck}")
-    return Simulation(max(free) if free else 0.0, busy, peak)
+    return Simulation(max(free) if free else 0.0, busy, peak, tuple(free))

@@ -66,7 +66,7 @@ def test_replicas_hold_the_activations_of_their_share_only():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zbv"])
 def test_recomputation_lowers_the_estimate_which_stays_above_the_measured_peaks(schedule):
     """checkpoint='always' / 'except_last' change what the plan estimates (and the budget
     checks); every estimate stays above each spawned stage's measured activation peak, or

@@ -75,3 +75,45 @@ def test_message_cost_is_measured_between_two_processes():
     cost = PL.message_cost("cpu")
     assert 0 < cost.latency < 0.1 and cost.per_byte >= 0 and 0 < cost.per_action < 0.1
     assert PL.message_cost("cpu") is cost  # once per process
+
+
+class SleepsInBackward(nn.Module):
+    """A layer whose backward sleeps ``seconds`` (through a parameter op, so it has weights)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return SlowBackward.apply(out) if self.seconds else out
+
+
+def test_each_layers_full_backward_is_the_part_of_one_backward_it_ran():
+    """B is timed inside one backward of the chain: the sleeping layer gets the sleep, its
+    neighbours (which run before and after it in the backward) do not."""
+    from skpipe.engine.split._partition import split_time_costs
+
+    costs = split_time_costs([SleepsInBackward(0), SleepsInBackward(1), SleepsInBackward(0)],
+                             torch.randn(8, 16), repeats=3)
+    b = [c[3] for c in costs]
+    assert b[1] >= 0.03
+    assert b[0] < 0.01 and b[2] < 0.01, f"the sleep went to a neighbour: {b}"
+
+
+def test_an_optimizer_step_is_timed_per_byte_and_per_tensor():
+    sgd = PL.optimizer_cost(torch.optim.SGD, {"lr": 0.1}, "cpu", 1)
+    adam = PL.optimizer_cost(torch.optim.Adam, {"lr": 0.1}, "cpu", 1)
+    assert PL.optimizer_cost(torch.optim.SGD, {"lr": 0.1}, "cpu", 1) is sgd  # kept
+    assert sgd.per_byte > 0 and adam.per_tensor >= 0
+    # Adam reads and writes two moments besides the weight: clearly more per byte than SGD
+    assert adam.per_byte > 1.5 * sgd.per_byte
+    assert adam.seconds(4e6, 10) == pytest.approx(4e6 * adam.per_byte + 10 * adam.per_tensor)
+
+
+@pytest.mark.distributed
+def test_messages_slow_the_compute_they_travel_beside():
+    cost = PL.message_cost("cpu")
+    # loopback copies share the CPU with the stages: measured, not zero
+    assert cost.send_per_byte + cost.receive_per_byte > 0

@@ -101,3 +101,36 @@ def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver(
     from skpipe.engine.parallel._replicas import BUCKET_BYTES
 
     assert PL.REPLICA_BUCKET_BYTES == BUCKET_BYTES
+
+
+def test_each_stage_steps_its_optimizer_after_its_last_action():
+    """The step ends when the last stage's optimizer step does; one process steps every stage
+    one after the other; one stage steps every parameter."""
+    prof = profile([(1e-4, 1e-4, 1e-4)] * 4, params=1_000_000)
+    prof = PL.LayerProfile(**{**prof.__dict__, "parameter_tensors": (2,) * 4})
+    opt = PL.OptimizerCost(per_byte=1e-8, per_tensor=1e-4)
+    stage = 2 * 1_000_000 * 1e-8 + 4 * 1e-4  # two layers per stage
+    cfg = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    bare = PL.predict(prof, cfg, "1f1b", 4, 1, FREE, local=False)[0]
+    stepped = PL.predict(prof, cfg, "1f1b", 4, 1, FREE, local=False, optimizer=opt)[0]
+    # stage 0 ends last in 1F1B (its last backward comes after stage 1's), then steps
+    assert stepped - bare == pytest.approx(stage)
+    local = pipeline_config(n_stages=2, batch_size=64, launcher="local")
+    gap = (PL.predict(prof, local, "1f1b", 4, 1, FREE, local=True, optimizer=opt)[0]
+           - PL.predict(prof, local, "1f1b", 4, 1, FREE, local=True)[0])
+    assert gap == pytest.approx(2 * stage)
+    assert PL.one_stage_ms(prof, 64, opt) - PL.one_stage_ms(prof, 64) == pytest.approx(
+        1e3 * 2 * stage)
+
+
+def test_messages_cost_the_compute_beside_them_only_between_processes():
+    prof = profile([(1e-4, 1e-4, 1e-4)] * 4, out=1000.0)
+    busy = PL.MessageCost(0.0, 0.0, 0.0, send_per_byte=1e-8, receive_per_byte=1e-8)
+    spawn = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
+    free = PL.predict(prof, spawn, "gpipe", 4, 1, FREE, local=False)[0]
+    slowed = PL.predict(prof, spawn, "gpipe", 4, 1, busy, local=False)[0]
+    # each of 4 micro-batches of 16 rows: 16 kB sent and received in its forward and backward
+    assert slowed > free + 4 * 16 * 1000 * 1e-8
+    local = pipeline_config(n_stages=2, batch_size=64, launcher="local")
+    assert (PL.predict(prof, local, "gpipe", 4, 1, busy, local=True)[0]
+            == PL.predict(prof, local, "gpipe", 4, 1, FREE, local=True)[0])
