@@ -323,7 +323,8 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         batch = inputs.config.batch_size
         measured_on = rows_to_tensor(inputs.X, slice(0, min(batch, inputs.X.shape[0])))
         config, choice = choose_layout(
-            self, module, measured_on, lambda n, s: self._config(n, s, batch), inputs.config
+            self, module, measured_on, lambda n, s: self._config(n, s, batch), inputs.config,
+            (self.optimizer, {"lr": self.lr, **self._params_for("optimizer")}),
         )
         if config is inputs.config:
             return inputs, choice

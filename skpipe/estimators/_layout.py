@@ -48,9 +48,11 @@ def choose_layout(
     sample: torch.Tensor,
     config_for: Callable[[int, str], PipelineConfig],
     first: PipelineConfig,
+    optimizer: tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]] | None = None,
 ) -> tuple[PipelineConfig, _planner.Choice | None]:
     """The configuration a fit runs with, and the planner's choice behind it (None when nothing
-    was 'auto'). ``config_for(n_stages, schedule)`` makes a validated configuration."""
+    was 'auto'). ``config_for(n_stages, schedule)`` makes a validated configuration;
+    ``optimizer``: the fit's optimizer class and settings (its step is predicted too)."""
     auto_schedule = est.schedule == "auto"
     auto_stages = est.n_stages == "auto"
     auto_balance = isinstance(est.balance, str) and est.balance == "auto"
@@ -98,7 +100,7 @@ def choose_layout(
                 fixed_chunks=fixed_v,
                 schedules=schedules,
                 balances=_planner.BALANCES if auto_balance else None,
-                optimizer=(est.optimizer, {"lr": est.lr, **est._params_for("optimizer")}),
+                optimizer=optimizer,
             )
         except ValueError as exc:
             last_error = exc

@@ -143,7 +143,9 @@ class Plan:
     def stage_bytes(self, n_microbatches: int | None = None) -> list[float]:
         """Estimated peak bytes of each stage: 4 x its parameter bytes (weights, gradients and
         two Adam moments: an upper bound for SGD) plus the activations of the micro-batches it
-        holds at its peak (``held_bytes_per_row``)."""
+        holds at its peak (``held_bytes_per_row``); the first chunk's stage also holds the
+        step's inputs, and the last chunk's its targets (as many bytes as the outputs: a
+        stand-in), for the whole step: every micro-batch is a view of them."""
         cfg = self.config
         m = cfg.n_microbatches if n_microbatches is None else n_microbatches
         rows = -(-cfg.share_rows // m)  # a replica's share of the batch, per micro-batch
@@ -151,21 +153,25 @@ class Plan:
         need = [0.0] * cfg.n_stages
         for c, rank in enumerate(self.owners):
             need[rank] += 4 * self.parameter_bytes[c] + rows * self.held_bytes_per_row(c, held)
+        need[self.owners[0]] += rows * m * boundary_bytes_per_row(self.shapes[0])
+        need[self.owners[-1]] += rows * m * boundary_bytes_per_row(self.shapes[-1])
         return need
 
     def held_bytes_per_row(self, chunk: int, held: int) -> float:
         """Bytes per row chunk ``chunk`` holds for backward with ``held`` micro-batches in
         flight: all their activations ('never'); with recomputation only each micro-batch's
         input, and the activations of the one being recomputed ('always'), or of the last
-        micro-batch too ('except_last')."""
+        micro-batch too ('except_last'), and on the last chunk the outputs the loss keeps."""
         act = self.activation_bytes_per_row[chunk]
         policy = self.config.checkpoint
         if policy == "never" or held < 1:
             return held * act
         inputs = boundary_bytes_per_row(self.shapes[chunk])
+        # the loss keeps the output of each micro-batch it was computed on
+        kept = held * boundary_bytes_per_row(self.shapes[-1]) if chunk == self.n_chunks - 1 else 0
         if policy == "always":
-            return min(held * act, held * inputs + act)
-        return min(held * act, (held - 1) * inputs + 2 * act)
+            return min(held * act, held * inputs + act + kept)
+        return min(held * act, (held - 1) * inputs + 2 * act + kept)
 
     def report(self) -> PlanReport:
         cfg = self.config

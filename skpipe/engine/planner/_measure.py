@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -262,7 +263,8 @@ _PROBE_ELEMENTS = 1 << 20  # the parameter elements an optimizer step is timed o
 
 
 def optimizer_cost(
-    optimizer: type[torch.optim.Optimizer], kwargs: dict[str, Any], device: str, threads: int
+    optimizer: Callable[..., torch.optim.Optimizer], kwargs: dict[str, Any], device: str,
+    threads: int,
 ) -> OptimizerCost:
     """What a step of ``optimizer(**kwargs)`` costs on ``device`` with ``threads`` threads:
     timed (medians of 5, after a first step that makes its state) on one tensor of 2**20

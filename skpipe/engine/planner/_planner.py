@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,6 +109,8 @@ def predict(
         if recompute:  # each micro-batch holds its input; the backward runs the forward again
             entering = profile.output_bytes_per_row[s - 1] if s else profile.input_bytes_per_row
             held = rows * entering
+            if c == len(bounds) - 1:  # the loss keeps the output it was computed on
+                held = min(act, held + rows * profile.output_bytes_per_row[e - 1])
             owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
             rebuilt[owner] = max(rebuilt[owner], act)
             i, b = i + f, b + f
@@ -133,6 +136,11 @@ def predict(
     else:
         peaks = [p + a for p, a in zip(peaks, sim.peak_activation_bytes, strict=True)]
     peaks = [p + r for p, r in zip(peaks, rebuilt, strict=True)]
+    # the step's inputs on the first chunk's stage, its targets (a stand-in: the outputs'
+    # bytes) on the last chunk's, whole: every micro-batch is a view of them
+    whole = rows * m
+    peaks[owners[0]] += whole * profile.input_bytes_per_row
+    peaks[owners[-1]] += whole * (profile.output_bytes_per_row[-1] if bounds else 0.0)
     extra = replica_sum_seconds(profile, config, bounds, v, spec, message, sim.busy_seconds)
     if config.launcher == "spawn":  # torchrun ranks have the data; 'local' sends nothing
         extra += driver_message_seconds(profile, config, message)
@@ -407,7 +415,7 @@ def choose(
     fixed_chunks: int | None = None,
     schedules: tuple[str, ...] | None = None,
     balances: tuple[str, ...] | None = None,
-    optimizer: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+    optimizer: tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]] | None = None,
 ) -> Choice:
     """The fastest valid (schedule, m, chunks) for ``config``'s stages whose stages fit
     ``budget``; ``config`` comes back with them. Raises ValueError when none fits.

@@ -19,10 +19,15 @@ def test_stage_bytes_follow_the_schedules_in_flight_rule():
     plan = plan_for("gpipe", m=4)
     static = [4 * sum(b for b, r in zip(plan.parameter_bytes, plan.owners) if r == s) for s in (0, 1)]
     per_row = [sum(a for a, r in zip(plan.activation_bytes_per_row, plan.owners) if r == s) for s in (0, 1)]
+    # the whole step's inputs (8 floats a row) on the first stage, its targets (as many bytes
+    # as the 3 outputs) on the last
+    ends = [64 * 8 * 4, 64 * 3 * 4]
     # GPipe holds every micro-batch: 4 x 16 rows; 1F1B on 2 stages at most 2 x 16 rows
-    assert plan.stage_bytes() == pytest.approx([static[s] + 64 * per_row[s] for s in (0, 1)])
+    assert plan.stage_bytes() == pytest.approx(
+        [static[s] + 64 * per_row[s] + ends[s] for s in (0, 1)])
     one_f = plan_for("1f1b", m=4)
-    assert one_f.stage_bytes() == pytest.approx([static[s] + 32 * per_row[s] for s in (0, 1)])
+    assert one_f.stage_bytes() == pytest.approx(
+        [static[s] + 32 * per_row[s] + ends[s] for s in (0, 1)])
 
 
 def test_a_generous_budget_keeps_the_plan_and_a_tight_one_raises_m():
@@ -58,7 +63,10 @@ def test_replicas_hold_the_activations_of_their_share_only():
     two = make_plan(net, pipeline_config(n_microbatches=2, batch_size=64, n_replicas=2,
                                          launcher="spawn", devices=("cpu",) * 4), torch.randn(64, 8))
     assert two.config.microbatch_rows == one.config.microbatch_rows == 16
-    assert two.stage_bytes() == pytest.approx(one.stage_bytes())  # 1F1B: 2 in flight of 16 rows
+    # 1F1B: 2 in flight of 16 rows; the step's inputs and targets: a replica holds its 32 rows
+    ends = lambda rows: [rows * 8 * 4, rows * 3 * 4]  # noqa: E731
+    assert [b - e for b, e in zip(two.stage_bytes(), ends(32))] == pytest.approx(
+        [b - e for b, e in zip(one.stage_bytes(), ends(64))])
     assert two.stage_bytes(4) < two.stage_bytes(2)  # 4 micro-batches of a replica's 32: 8 rows
     budget = max(two.stage_bytes(4)) + 1
     assert fit_budget(two, budget).config.n_microbatches == 4
