@@ -90,6 +90,7 @@ FLOORS = {
     "plan": {"split"},                                                # the Plan, made once
     "state": {"split"},                                               # state by name, streamed
     "planner": {"split", "plan"},                                     # measure, simulate, choose
+    "asyncpipe": {"split", "plan"},                                   # the asynchronous schedules
     "workers": {"split", "plan", "state", "parallel"},                # processes hosting stages
     "runners": {"split", "plan", "state", "parallel", "workers"},     # where the stages live
 }
@@ -159,7 +160,8 @@ def test_nothing_imports_the_workers_but_the_runners():
 
 
 @pytest.mark.parametrize("name", ["plan._schedules", "split._partition", "plan._microbatch",
-                                  "plan._budget", "plan._report", "planner._simulate"])
+                                  "plan._budget", "plan._report", "planner._simulate",
+                                  "asyncpipe._ticks", "asyncpipe._inprocess"])
 def test_pure_modules_use_no_process_machinery(name):
     full = f"{ENGINE}.{name}"
     machinery = {f"{ENGINE}.workers._pool", f"{ENGINE}.parallel._groups",

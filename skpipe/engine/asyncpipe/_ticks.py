@@ -1,0 +1,113 @@
+"""The order of work of the asynchronous schedules, pure: per stage, 1F1B across batch
+boundaries (the pipeline fills once and drains once for all the batches it is given), with
+the weight version every forward and backward uses and where each stage updates its weights.
+
+``'2bw'`` (PipeDream-2BW, Narayanan et al., ICML 2021): gradients are accumulated over a
+batch's micro-batches; a stage updates once its share of a batch is done. Batch t runs on
+W_{t-1} (W_{-1} = W_0) and W_{t+1} = opt_step(W_t, grad L_t(W_{t-1})): one step of delay, the
+same on every stage; a stage holds two versions.
+
+``'pipedream'`` (weight stashing, Narayanan et al., SOSP 2019): a stage updates after every
+micro-batch's backward; micro-batch g's forward at stage s runs on the weights after
+``version(s, g) = max(0, g - w_s + 1)`` of its updates, where ``w_s = min(p - s, n)`` is the
+stage's warm-up (the micro-batches in flight), and its backward on the same (stashed) weights.
+Stage s's delay is w_s - 1 updates: p - 1 on the first stage, none on the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ASYNC_SCHEDULES = ("2bw", "pipedream")
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One action of one stage: 'F' or 'B' of global micro-batch ``mb`` (batch ``mb // m``)
+    on weight version ``version`` (the stage's weights after that many updates), or 'U': the
+    stage's update number ``version`` (after micro-batch ``mb``'s backward)."""
+
+    kind: str
+    stage: int
+    mb: int
+    version: int
+
+
+def check_async(schedule: str, n_stages: int, n_microbatches: int) -> None:
+    """Refuse what an asynchronous schedule cannot run, naming the values."""
+    if schedule not in ASYNC_SCHEDULES:
+        raise ValueError(f"schedule must be one of {ASYNC_SCHEDULES}; got {schedule!r}")
+    if n_stages < 1 or n_microbatches < 1:
+        raise ValueError(
+            f"n_stages and n_microbatches must be positive; got {n_stages} and {n_microbatches}"
+        )
+    if schedule == "2bw" and n_microbatches < n_stages:
+        raise ValueError(
+            f"schedule='2bw' needs n_microbatches >= n_stages (got n_microbatches="
+            f"{n_microbatches} for n_stages={n_stages}): with fewer, a stage has micro-batches "
+            "of three batches in flight at once, and two weight versions are not enough. Raise "
+            "n_microbatches or use schedule='pipedream', which stashes as many as it needs."
+        )
+
+
+def warmup(stage: int, n_stages: int, total: int) -> int:
+    """Forwards stage ``stage`` runs before its first backward: the micro-batches in flight."""
+    return min(n_stages - stage, total)
+
+
+def version(schedule: str, stage: int, mb: int, n_stages: int, m: int, total: int) -> int:
+    """The weight version micro-batch ``mb``'s forward and backward use on ``stage``."""
+    if schedule == "2bw":
+        return max(0, mb // m - 1)
+    return max(0, mb - warmup(stage, n_stages, total) + 1)
+
+
+def async_order(schedule: str, n_stages: int, m: int, n_batches: int) -> list[list[Tick]]:
+    """Per stage, its actions for ``n_batches`` batches of ``m`` micro-batches: warm-up
+    forwards, then one backward and one forward alternately, then the drain; an update after
+    each batch's last backward ('2bw') or after every backward ('pipedream')."""
+    check_async(schedule, n_stages, m)
+    total = m * n_batches
+    order: list[list[Tick]] = []
+    for s in range(n_stages):
+        w = warmup(s, n_stages, total)
+        kinds = ["F"] * w
+        for _ in range(total - w):
+            kinds += ["B", "F"]
+        kinds += ["B"] * w
+        ticks: list[Tick] = []
+        f = b = 0
+        updates = 0
+        for kind in kinds:
+            if kind == "F":
+                ticks.append(Tick("F", s, f, version(schedule, s, f, n_stages, m, total)))
+                f += 1
+                continue
+            ticks.append(Tick("B", s, b, version(schedule, s, b, n_stages, m, total)))
+            if schedule == "pipedream" or b % m == m - 1:
+                updates += 1
+                ticks.append(Tick("U", s, b, updates))
+            b += 1
+        order.append(ticks)
+    return order
+
+
+def versions_held(schedule: str, n_stages: int, m: int, n_batches: int) -> list[int]:
+    """The most weight versions each stage keeps at once (besides the one its optimizer
+    updates): those that in-flight micro-batches still need, and the newest."""
+    out = []
+    for ticks in async_order(schedule, n_stages, m, n_batches):
+        alive: dict[int, int] = {0: 0}  # version -> micro-batches in flight on it
+        most = 1
+        for t in ticks:
+            if t.kind == "F":
+                alive[t.version] = alive.get(t.version, 0) + 1
+            elif t.kind == "B":
+                alive[t.version] -= 1
+            else:
+                alive.setdefault(t.version, 0)  # the newest: the next forwards' weights
+                latest = t.version
+                alive = {v: n for v, n in alive.items() if n > 0 or v == latest}
+            most = max(most, len(alive))
+        out.append(most)
+    return out
