@@ -23,12 +23,8 @@ import torch
 from torch import nn
 
 from ..plan._plan import activation_bytes, microbatch_of
-from ..split._partition import (
-    as_boundary,
-    boundary_bytes_per_row,
-    leaves,
-    split_time_costs,
-)
+from ..split._boundary import as_boundary, boundary_bytes_per_row, leaves
+from ..split._timing import split_time_costs
 from ..split._trace import split_network
 from ._simulate import ChunkCost, action_order, simulate
 

@@ -30,6 +30,13 @@ from ._measure import (
     optimizer_cost,
     rows_to_measure,
 )
+from ._costs import (
+    REPLICA_BUCKET_BYTES,
+    contention,
+    driver_message_seconds,
+    optimizer_finish,
+    replica_sum_seconds,
+)
 from ._simulate import ChunkCost, action_order, simulate
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "candidates", "choose", "chosen_sizes", "fits_one_device", "layer_list", "measure",
     "message_cost", "OptimizerCost", "optimizer_cost",
     "one_stage_bytes", "one_stage_ms", "predict", "rows_to_measure",
+    "REPLICA_BUCKET_BYTES", "driver_message_seconds", "replica_sum_seconds",
 ]
 
 
@@ -102,7 +110,7 @@ def predict(
     for c, (s, e) in enumerate(bounds):
         f, i, w, b = (sum(layer[k] for layer in layer_costs[s:e]) for k in range(4))
         if not local:  # messages to and from other processes slow the compute beside them
-            f, i, b = (t + _contention(profile, bounds, owners, c, rows, message)
+            f, i, b = (t + contention(profile, bounds, owners, c, rows, message)
                        for t in (f, i, b))
         act = rows * sum(profile.activation_bytes_per_row[s:e])
         held = act
@@ -147,102 +155,6 @@ def predict(
     step = optimizer_finish(profile, config, bounds, v, spec, sim, optimizer) + extra
     bubble = 1.0 - sum(sim.busy_seconds) / (config.n_stages * step) if step > 0 else 0.0
     return step, bubble, peaks
-
-
-def optimizer_finish(
-    profile: LayerProfile,
-    config: PipelineConfig,
-    bounds: list[tuple[int, int]],
-    v: int,
-    spec: Any,
-    sim: Any,
-    optimizer: OptimizerCost | None,
-) -> float:
-    """When the last stage's optimizer step ends: each stage steps its own parameters after
-    its last action (all of them one after the other where one process holds every stage)."""
-    if optimizer is None or not sim.finish_seconds:
-        return float(sim.step_seconds)
-    nbytes = [0.0] * config.n_stages
-    tensors = [0] * config.n_stages
-    for c, (s, e) in enumerate(bounds):
-        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
-        nbytes[owner] += float(sum(profile.parameter_bytes[s:e]))
-        tensors[owner] += sum(profile.parameter_tensors[s:e])
-    steps = [optimizer.seconds(b, t) for b, t in zip(nbytes, tensors, strict=True)]
-    if len(sim.finish_seconds) == 1:  # 'local': one process steps every stage
-        return float(sim.finish_seconds[0]) + sum(steps)
-    return max(f + o for f, o in zip(sim.finish_seconds, steps, strict=True))
-
-
-def _contention(
-    profile: LayerProfile,
-    bounds: list[tuple[int, int]],
-    owners: list[int],
-    c: int,
-    rows: int,
-    message: MessageCost,
-) -> float:
-    """What chunk ``c``'s forward (or backward) loses to its messages: it sends its output
-    (the gradient of its input) to another process and receives its input (its output's
-    gradient) from another, each at the measured compute lost per byte."""
-    s, e = bounds[c]
-    out = rows * profile.output_bytes_per_row[e - 1]
-    inp = rows * (profile.output_bytes_per_row[s - 1] if s else 0.0)
-    lost = 0.0
-    if c + 1 < len(bounds) and owners[c + 1] != owners[c]:
-        lost += out * message.send_per_byte
-    if c > 0 and owners[c - 1] != owners[c]:
-        lost += inp * message.receive_per_byte
-    return lost
-
-
-# what the replicas' gradient sum sends at a time (parallel._replicas.BUCKET_BYTES)
-REPLICA_BUCKET_BYTES = 4 * 2**20
-
-
-def replica_sum_seconds(
-    profile: LayerProfile,
-    config: PipelineConfig,
-    bounds: list[tuple[int, int]],
-    v: int,
-    spec: Any,
-    message: MessageCost,
-    busy: list[float],
-) -> float:
-    """What a step waits for the replicas' gradient sum after its schedule: a ring all-reduce
-    of each stage's gradient bytes (2 (k-1)/k of them sent, at the measured message cost).
-    Zero-bubble schedules sum after their last weight gradient: all of it waits. The others
-    sum bucket by bucket while the backward runs: what the backward (half of a stage's busy
-    time) does not hide waits, and at least the last bucket."""
-    k = config.n_replicas
-    if k < 2:
-        return 0.0
-    grads = [0.0] * config.n_stages
-    for c, (s, e) in enumerate(bounds):
-        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
-        grads[owner] += float(sum(profile.parameter_bytes[s:e]))
-
-    def ring(nbytes: float) -> float:
-        return 2 * (k - 1) * message.latency + 2 * (k - 1) / k * nbytes * message.per_byte
-
-    waits = []
-    for rank, nbytes in enumerate(grads):
-        if spec.zero_bubble:
-            waits.append(ring(nbytes))
-        else:
-            hidden = busy[rank] / 2
-            waits.append(max(ring(min(nbytes, REPLICA_BUCKET_BYTES)), ring(nbytes) - hidden))
-    return max(waits)
-
-
-def driver_message_seconds(
-    profile: LayerProfile, config: PipelineConfig, message: MessageCost
-) -> float:
-    """The driver's step message (the batch's inputs to the first stage) and the reply (the
-    last stage's outputs), which the schedule waits for: each a message of the share's rows."""
-    rows = config.share_rows
-    out = profile.output_bytes_per_row[-1] if profile.output_bytes_per_row else 0.0
-    return 2 * message.latency + rows * (profile.input_bytes_per_row + out) * message.per_byte
 
 
 def split_sizes(

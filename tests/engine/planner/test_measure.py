@@ -62,7 +62,7 @@ class Block(nn.Module):
 def test_input_and_weight_gradients_are_timed_as_torch_splits_the_backward():
     """I runs the whole backward to the input (the sleep once); W starts from the gradients I
     kept (no sleep): I + W is one backward, not two, and a full backward B is about the same."""
-    from skpipe.engine.split._partition import split_time_costs
+    from skpipe.engine.split._timing import split_time_costs
 
     (f, i, w, b), = split_time_costs([Block()], torch.randn(8, 16), repeats=3)
     assert i >= 0.03 and b >= 0.03
@@ -93,7 +93,7 @@ class SleepsInBackward(nn.Module):
 def test_each_layers_full_backward_is_the_part_of_one_backward_it_ran():
     """B is timed inside one backward of the chain: the sleeping layer gets the sleep, its
     neighbours (which run before and after it in the backward) do not."""
-    from skpipe.engine.split._partition import split_time_costs
+    from skpipe.engine.split._timing import split_time_costs
 
     costs = split_time_costs([SleepsInBackward(0), SleepsInBackward(1), SleepsInBackward(0)],
                              torch.randn(8, 16), repeats=3)
