@@ -125,26 +125,27 @@ class SplitSleepLayer(nn.Module):
     def extra_repr(self) -> str:  # part of the network's signature for the planner's cache
         return f"f={self.f}, i={self.i}, w={self.w}"
 
+    def times(self, x: torch.Tensor) -> tuple[float, float, float]:
+        """(F, I, W) seconds on ``x``."""
+        return self.f, self.i, self.w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(x, self.f, self.i) * _SleepWeight.apply(self.scale, self.w)
+        f, i, w = self.times(x)
+        return _Sleep.apply(x, f, i) * _SleepWeight.apply(self.scale, w)
 
 
-class BlockSleepLayer(nn.Module):
+class BlockSleepLayer(SplitSleepLayer):
     """A block: a parameter op (its weight gradient takes ``w`` s) followed by a non-parameter
     op whose forward takes ``f`` s and backward ``i`` s: the shape of a residual or attention
     block, where the input gradient runs through ops without parameters. A weight gradient
     timed from the block's output would count ``i`` twice."""
 
-    def __init__(self, f: float, i: float, w: float, width: int = 8) -> None:
-        super().__init__()
-        self.f, self.i, self.w = f, i, w
-        self.scale = nn.Parameter(torch.ones(width))
-
-    def extra_repr(self) -> str:  # part of the network's signature for the planner's cache
-        return f"block f={self.f}, i={self.i}, w={self.w}"
+    def extra_repr(self) -> str:
+        return "block " + super().extra_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(x * _SleepWeight.apply(self.scale, self.w), self.f, self.i)
+        f, i, w = self.times(x)
+        return _Sleep.apply(x * _SleepWeight.apply(self.scale, w), f, i)
 
 
 class RowSleepLayer(SplitSleepLayer):
@@ -154,6 +155,6 @@ class RowSleepLayer(SplitSleepLayer):
     def extra_repr(self) -> str:
         return "per 16 rows " + super().extra_repr()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def times(self, x: torch.Tensor) -> tuple[float, float, float]:
         r = x.shape[0] / 16
-        return _Sleep.apply(x, self.f * r, self.i * r) * _SleepWeight.apply(self.scale, self.w * r)
+        return self.f * r, self.i * r, self.w * r

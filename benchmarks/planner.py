@@ -104,6 +104,29 @@ def prediction(quick: bool, steps: int, layer: type[nn.Module]) -> dict:
     return {"F_s": f, "I_s": i, "W_s": w, "cases": rows, "max_abs_error": max(errors)}
 
 
+def one_stage_step(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
+) -> tuple[float, float]:
+    """The one-stage step (ms), predicted with this process's threads and measured in this
+    process, as a fit's n_stages=1 runs."""
+    threads = torch.get_num_threads()
+    single = PL.measure(net, x, PL.rows_to_measure(batch), "cpu", threads)
+    predicted = PL.one_stage_ms(single, batch, PL.optimizer_cost(*SGD0, "cpu", threads))
+    measured = runner_step_times(net, config(1, 1, "gpipe", 1, batch), x, y,  # type: ignore[arg-type]
+                                 steps, warm=2)[0]
+    return predicted, 1e3 * measured
+
+
+def advice_right(said: bool, one_over_pipelined: float) -> bool:
+    """The goal: said where one stage measures >= 10 % faster than the best pipelined step,
+    silent where pipelining does; either is right in between."""
+    if one_over_pipelined <= 1 / 1.10:
+        return said
+    if one_over_pipelined >= 1.10:
+        return not said
+    return True
+
+
 def networks(quick: bool) -> dict[str, tuple[nn.Module, int, int]]:
     """The real-compute networks: (network, input width, batch)."""
     torch.manual_seed(0)
@@ -140,16 +163,10 @@ def real_compute(quick: bool, steps: int) -> dict:
                                          "measured_ms": round(measured * 1e3, 2),
                                          "error": round(predicted / measured - 1, 3)}
         shutdown_workers()
-        threads = torch.get_num_threads()
-        single = PL.measure(net, x, PL.rows_to_measure(batch), "cpu", threads)
-        one_predicted = PL.one_stage_ms(single, batch, PL.optimizer_cost(*SGD0, "cpu", threads))
-        one_measured = 1e3 * runner_step_times(net, config(1, 1, "gpipe", 1, batch), x, y,
-                                               steps, warm=2)[0]
+        one_predicted, one_measured = one_stage_step(net, x, y, batch, steps)
         best_measured = min(r["measured_ms"] for r in rows.values())
         best_predicted = min(r["predicted_ms"] for r in rows.values())
         says_one_stage = one_predicted < best_predicted  # what Choice.advice tests
-        one_faster = one_measured <= best_measured / 1.10
-        pipe_faster = best_measured <= one_measured / 1.10
         out[name] = {
             "batch": batch, "cases": rows,
             "one_stage": {"predicted_ms": round(one_predicted, 2),
@@ -160,10 +177,7 @@ def real_compute(quick: bool, steps: int) -> dict:
             "advice": {"one_stage_over_best_pipelined_measured":
                        round(one_measured / best_measured, 3),
                        "said": says_one_stage,
-                       # goal: said where one stage measures >= 10 % faster, silent where
-                       # pipelining does; either is right in between
-                       "right": (says_one_stage if one_faster else
-                                 not says_one_stage if pipe_faster else True)},
+                       "right": advice_right(says_one_stage, one_measured / best_measured)},
         }
     return out
 
@@ -210,11 +224,7 @@ def choice(quick: bool, steps: int) -> dict:
         pick = measured[(chosen.schedule, chosen.n_microbatches, chosen.chunks_per_stage)]
         best_key = min(measured, key=measured.__getitem__)
         # the advice: the one-stage step predicted (this process's threads) and measured
-        threads = torch.get_num_threads()
-        single = PL.measure(net, x, PL.rows_to_measure(batch), "cpu", threads)
-        one_predicted = PL.one_stage_ms(single, batch, PL.optimizer_cost(*SGD0, "cpu", threads))
-        one_measured = 1e3 * runner_step_times(net, config(1, 1, "gpipe", 1, batch), x, y,
-                                               steps, warm=2)[0]
+        one_predicted, one_measured = one_stage_step(net, x, y, batch, steps)
         said = one_predicted < chosen.predicted_step_ms  # what Choice.advice tests
         ratio = one_measured / (1e3 * measured[best_key])
         out[name + "_advice"] = {
@@ -222,7 +232,7 @@ def choice(quick: bool, steps: int) -> dict:
             "one_stage_measured_ms": round(one_measured, 1),
             "one_stage_over_best_pipelined_measured": round(ratio, 3),
             "said": said,
-            "right": said if ratio <= 1 / 1.10 else (not said if ratio >= 1.10 else True),
+            "right": advice_right(said, ratio),
         }
         out[name] = {
             "candidates": len(found),

@@ -324,7 +324,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         measured_on = rows_to_tensor(inputs.X, slice(0, min(batch, inputs.X.shape[0])))
         config, choice = choose_layout(
             self, module, measured_on, lambda n, s: self._config(n, s, batch), inputs.config,
-            (self.optimizer, {"lr": self.lr, **self._params_for("optimizer")}),
+            (inputs.spec.optimizer, inputs.spec.optimizer_kwargs),
         )
         if config is inputs.config:
             return inputs, choice

@@ -66,6 +66,7 @@ def run_in_process(
     weights. '2bw' weighs each micro-batch's loss by its share of the batch's rows, so its
     gradient is the batch's; 'pipedream' steps on each micro-batch's own mean."""
     p, m = len(chunks), n_microbatches
+    two_bw = schedule == "2bw"
     order = async_order(schedule, p, m, len(batches))
     stages = [_Stage(c, o, t) for c, o, t in zip(chunks, optimizers, order, strict=True)]
     parts = [list(zip(x.tensor_split(m), y.tensor_split(m), strict=True)) for x, y in batches]
@@ -87,11 +88,11 @@ def run_in_process(
                     weights = st.weights(t.version)
                     out = functional_call(st.chunk, weights, (inp,))
                     if s == p - 1:
+                        # 2bw: each micro-batch's share of the batch's loss; pipedream: its own
                         rows = batches[batch][0].shape[0]
-                        share = y.shape[0] / rows if schedule == "2bw" else 1.0
+                        share = y.shape[0] / rows if two_bw else 1.0
                         loss = loss_fn(out, y) * share
-                        # the batch's loss: the micro-batches' shares, or their mean
-                        losses[batch] += float(loss.detach()) * (1.0 if share != 1.0 else 1 / m)
+                        losses[batch] += float(loss.detach()) * (1.0 if two_bw else 1 / m)
                         out = loss
                     else:
                         acts[(s, t.mb)] = out.detach()

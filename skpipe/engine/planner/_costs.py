@@ -6,17 +6,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..plan import _schedules
 from ..plan._config import PipelineConfig
 from ._measure import LayerProfile, MessageCost, OptimizerCost
+
+
+def stage_sums(
+    per_layer: tuple[float, ...] | tuple[int, ...],
+    bounds: list[tuple[int, int]],
+    owners: list[int],
+    n_stages: int,
+) -> list[float]:
+    """``per_layer`` summed over each stage's chunks (``owners[c]``: chunk c's stage)."""
+    out = [0.0] * n_stages
+    for (s, e), owner in zip(bounds, owners, strict=True):
+        out[owner] += float(sum(per_layer[s:e]))
+    return out
 
 
 def optimizer_finish(
     profile: LayerProfile,
     config: PipelineConfig,
     bounds: list[tuple[int, int]],
-    v: int,
-    spec: Any,
+    owners: list[int],
     sim: Any,
     optimizer: OptimizerCost | None,
 ) -> float:
@@ -24,13 +35,9 @@ def optimizer_finish(
     its last action (all of them one after the other where one process holds every stage)."""
     if optimizer is None or not sim.finish_seconds:
         return float(sim.step_seconds)
-    nbytes = [0.0] * config.n_stages
-    tensors = [0] * config.n_stages
-    for c, (s, e) in enumerate(bounds):
-        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
-        nbytes[owner] += float(sum(profile.parameter_bytes[s:e]))
-        tensors[owner] += sum(profile.parameter_tensors[s:e])
-    steps = [optimizer.seconds(b, t) for b, t in zip(nbytes, tensors, strict=True)]
+    nbytes = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
+    tensors = stage_sums(profile.parameter_tensors, bounds, owners, config.n_stages)
+    steps = [optimizer.seconds(b, int(t)) for b, t in zip(nbytes, tensors, strict=True)]
     if len(sim.finish_seconds) == 1:  # 'local': one process steps every stage
         return float(sim.finish_seconds[0]) + sum(steps)
     return max(f + o for f, o in zip(sim.finish_seconds, steps, strict=True))
@@ -66,7 +73,7 @@ def replica_sum_seconds(
     profile: LayerProfile,
     config: PipelineConfig,
     bounds: list[tuple[int, int]],
-    v: int,
+    owners: list[int],
     spec: Any,
     message: MessageCost,
     busy: list[float],
@@ -79,10 +86,7 @@ def replica_sum_seconds(
     k = config.n_replicas
     if k < 2:
         return 0.0
-    grads = [0.0] * config.n_stages
-    for c, (s, e) in enumerate(bounds):
-        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
-        grads[owner] += float(sum(profile.parameter_bytes[s:e]))
+    grads = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
 
     def ring(nbytes: float) -> float:
         return 2 * (k - 1) * message.latency + 2 * (k - 1) / k * nbytes * message.per_byte

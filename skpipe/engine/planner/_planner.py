@@ -7,8 +7,8 @@ faster.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from ._costs import (
     driver_message_seconds,
     optimizer_finish,
     replica_sum_seconds,
+    stage_sums,
 )
 from ._simulate import ChunkCost, action_order, simulate
 
@@ -119,8 +120,7 @@ def predict(
             held = rows * entering
             if c == len(bounds) - 1:  # the loss keeps the output it was computed on
                 held = min(act, held + rows * profile.output_bytes_per_row[e - 1])
-            owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
-            rebuilt[owner] = max(rebuilt[owner], act)
+            rebuilt[owners[c]] = max(rebuilt[owners[c]], act)
             i, b = i + f, b + f
         # a split backward is two actions, so 'I' and 'W' each pay the per-action time
         costs.append(
@@ -134,10 +134,8 @@ def predict(
     ]
     order = action_order(schedule, config.n_stages, m, v, local=local)
     sim = simulate(order, costs, [] if local else messages)
-    peaks = [0.0] * config.n_stages
-    for c, (s, e) in enumerate(bounds):
-        owner = _schedules.chunk_owner(c, config.n_stages, v, spec.placement)
-        peaks[owner] += 4.0 * sum(profile.parameter_bytes[s:e])
+    peaks = [4.0 * b for b in stage_sums(profile.parameter_bytes, bounds, owners,
+                                         config.n_stages)]
     if local:
         activation = sim.peak_activation_bytes[0]
         peaks = [p + activation / config.n_stages for p in peaks]
@@ -149,10 +147,10 @@ def predict(
     whole = rows * m
     peaks[owners[0]] += whole * profile.input_bytes_per_row
     peaks[owners[-1]] += whole * (profile.output_bytes_per_row[-1] if bounds else 0.0)
-    extra = replica_sum_seconds(profile, config, bounds, v, spec, message, sim.busy_seconds)
+    extra = replica_sum_seconds(profile, config, bounds, owners, spec, message, sim.busy_seconds)
     if config.launcher == "spawn":  # torchrun ranks have the data; 'local' sends nothing
         extra += driver_message_seconds(profile, config, message)
-    step = optimizer_finish(profile, config, bounds, v, spec, sim, optimizer) + extra
+    step = optimizer_finish(profile, config, bounds, owners, sim, optimizer) + extra
     bubble = 1.0 - sum(sim.busy_seconds) / (config.n_stages * step) if step > 0 else 0.0
     return step, bubble, peaks
 
@@ -216,8 +214,9 @@ def candidates(
                     continue
                 for rule in balances or (None,):
                     try:
+                        sizes = split_sizes(profile, config, m, v, rule)
                         step, bubble, peaks = predict(
-                            profile, config, schedule, m, v, message, local, balance=rule,
+                            profile, config, schedule, m, v, message, local, balance=sizes,
                             optimizer=optimizer,
                         )
                     except ValueError:
@@ -232,7 +231,7 @@ def candidates(
                             peak_stage_MiB=max(peaks) / 2**20,
                             fits=budget is None or max(peaks) <= budget,
                             balance=rule or own,
-                            sizes=split_sizes(profile, config, m, v, rule),
+                            sizes=sizes,
                             stage_MiB=tuple(p / 2**20 for p in peaks),
                         )
                     )

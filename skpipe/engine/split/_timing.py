@@ -1,6 +1,7 @@
-"""Time a network's layers as a stage runs them: forward and full backward per layer
-(``time_costs``, for ``balance='time'``), and forward, input gradient, weight gradient and full
-backward the way torch's schedules split it (``split_time_costs``, for the planner)."""
+"""Time a network's layers: forward and backward of each layer alone (``time_costs``, for
+``balance='time'``), and forward, input gradient, weight gradient and full backward as a stage
+runs them, the backward split as torch's schedules split it (``split_time_costs``, for the
+planner)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def time_costs(
     network's weights, running statistics (BatchNorm) and the random stream are as they were.
     """
     dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
+    now = _clock(dev)
     costs = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         x: Any = sample.to(dev)
@@ -37,12 +38,10 @@ def time_costs(
             times = []
             out = inp
             for _ in range(repeats):
-                sync(dev)
-                t0 = time.perf_counter()
+                t0 = now()
                 out = copy(inp)
                 backward_from(out)
-                sync(dev)
-                times.append(time.perf_counter() - t0)
+                times.append(now() - t0)
             costs.append(sorted(times)[len(times) // 2])
             x = map_boundary(out, torch.Tensor.detach)
             del copy
@@ -68,6 +67,18 @@ def chains(layers: Sequence[nn.Module], budget: int = CHAIN_BYTES) -> list[list[
     return out
 
 
+def _clock(dev: torch.device) -> Callable[[], float]:
+    """Seconds, with ``dev``'s queued work finished first (a CUDA device runs asynchronously)."""
+    if dev.type != "cuda":
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    return now
+
+
 def _chain_forward(
     twins: list[nn.Module], x: Any, times: list[list[list[float]]], now: Callable[[], float]
 ) -> tuple[list[Any], list[list[torch.Tensor]]]:
@@ -84,6 +95,29 @@ def _chain_forward(
         outs.append([t for t in leaves(out) if t.requires_grad])
         h = map_boundary(out, torch.Tensor.detach)
     return ins, outs
+
+
+def _chain_backward(
+    twins: list[nn.Module], x: Any, times: list[list[list[float]]], now: Callable[[], float]
+) -> None:
+    """The layers' forwards as one graph, then one backward; a hook on each layer's input says
+    when the backward reached it, so layer k's full backward (into ``times[k][3]``) runs from
+    the end of layer k+1's to its input's gradient (the first layer's, to the end: its weight
+    gradients may come after its input's)."""
+    reached = [0.0] * len(twins)
+    h = fresh_inputs(x)
+    for k, twin in enumerate(twins):
+        _when_reached(h, reached, k, now)
+        h = twin(h)
+    outputs = [t for t in leaves(h) if t.requires_grad]
+    start = now()
+    if outputs:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    done = now()
+    for k in reversed(range(len(twins))):
+        until = done if k == 0 else (reached[k] or start)
+        times[k][3].append(until - start)
+        start = until
 
 
 def _when_reached(x: Any, reached: list[float], k: int, now: Callable[[], float]) -> None:
@@ -134,12 +168,7 @@ def split_time_costs(
     )
 
     dev = torch.device(device)
-
-    def now() -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter()
-
+    now = _clock(dev)
     costs: list[tuple[float, float, float, float]] = []
     call = _backward_call_seconds(dev, now)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -172,25 +201,7 @@ def split_time_costs(
                     times[k][1].append(t2 - t1)
                     times[k][2].append(now() - t2)
                 del ins, outs
-                # the full backward: the chain's forward as one graph, then one backward; a hook
-                # on each layer's input says when the backward reached it
-                reached = [0.0] * len(twins)
-                h = fresh_inputs(x)
-                for k, twin in enumerate(twins):
-                    _when_reached(h, reached, k, now)
-                    h = twin(h)
-                outputs = [t for t in leaves(h) if t.requires_grad]
-                start = now()
-                if outputs:
-                    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
-                done = now()
-                # layer k's backward: from the end of layer k+1's to its input's gradient (the
-                # first layer's, to the end: its weight gradients may come after its input's)
-                for k in reversed(range(len(twins))):
-                    until = done if k == 0 else (reached[k] or start)
-                    times[k][3].append(until - start)
-                    start = until
-                del h, outputs
+                _chain_backward(twins, x, times, now)
                 for twin in twins:
                     twin.zero_grad(set_to_none=True)
             for layer_times in times:
