@@ -91,7 +91,7 @@ FLOORS = {
     "state": {"split"},                                               # state by name, streamed
     "planner": {"split", "plan"},                                     # measure, simulate, choose
     "asyncpipe": {"split", "plan"},                                   # the asynchronous schedules
-    "workers": {"split", "plan", "state", "parallel"},                # processes hosting stages
+    "workers": {"split", "plan", "state", "parallel", "asyncpipe"},   # processes hosting stages
     "runners": {"split", "plan", "state", "parallel", "workers"},     # where the stages live
 }
 # process machinery: what starts, joins or talks to other processes

@@ -32,14 +32,8 @@ from ..engine.runners._runners import held_devices, make_runner, resolve_launche
 from ..engine.split._marks import mark_split_points
 from ..engine.state._portable import PortableModule
 from ..modules import MLP
-from ._checks import (
-    check_batchnorm_rows,
-    check_callbacks_fit,
-    check_network_fits_data,
-    check_optimizer,
-    grad_clips,
-    uses_checkpoints,
-)
+from ._checks import (check_asynchronous, check_batchnorm_rows, check_callbacks_fit,
+                      check_network_fits_data, check_optimizer, grad_clips, uses_checkpoints)
 from ._data import FitInputs, rows_to_tensor, weighted_rows
 from ._layout import choose_layout, provisional_schedule
 from ._loop import run_loop
@@ -295,7 +289,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         callbacks its launcher cannot run."""
         launcher = resolve_launcher(self.launcher, n_stages, self.n_replicas)
         check_callbacks_fit(self.callbacks, runner_class(launcher).weights_in_driver, launcher)
-        return make_config(
+        config = make_config(
             n_stages=n_stages,
             n_replicas=self.n_replicas,
             n_microbatches=self.n_microbatches,
@@ -315,6 +309,8 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             max_grad_norm=self.max_grad_norm,
             timeout=float(self.timeout),
         )
+        check_asynchronous(config, self.callbacks)  # what skpipe's own schedules cannot run
+        return config
 
     def _choose_layout(
         self, module: nn.Module, inputs: FitInputs

@@ -184,3 +184,58 @@ def check_callbacks_fit(
                 "n_stages=1; to clip gradients, GradientNormClipping and max_grad_norm work "
                 "with every launcher."
             )
+
+
+def check_asynchronous(config: Any, callbacks: list[Any] | None) -> None:
+    """Refuse, by name, what skpipe's asynchronous schedules ('2bw', 'pipedream') cannot run,
+    before any worker starts: they overlap batches, so every stage needs a process of its own,
+    and a stage steps when its own share of a batch is done, not when the pipeline's is."""
+    from ..engine.plan._schedules import SCHEDULES
+    from ._mirror import hooks_of, needs_weights
+
+    name = config.schedule
+    if not SCHEDULES[name].asynchronous:
+        return
+    where = f"schedule={name!r}"
+    if config.n_stages < 2:
+        raise ValueError(
+            f"{where} overlaps the batches of a pipeline and needs n_stages >= 2 (a number); got "
+            f"n_stages={config.n_stages}. With one stage, use schedule='gpipe' (or leave it)."
+        )
+    if config.launcher not in ("spawn", "torchrun"):
+        raise ValueError(
+            f"{where} needs launcher='spawn' or 'torchrun' (got launcher={config.launcher!r}): "
+            "its stages run at the same time, each in a process of its own; with every stage in "
+            "one process nothing overlaps."
+        )
+    if name == "pipedream" and config.n_replicas > 1:
+        raise ValueError(
+            f"{where} updates after every micro-batch and does not sum replicas' gradients "
+            f"(got n_replicas={config.n_replicas}); use schedule='2bw', which sums them once "
+            "per batch."
+        )
+    if config.checkpoint != "never":
+        raise ValueError(
+            f"{where} runs each forward on a stashed weight version; checkpoint="
+            f"{config.checkpoint!r} would recompute it in the backward on the live weights. "
+            "Use checkpoint='never'."
+        )
+    clips = ["max_grad_norm"] if config.max_grad_norm is not None else []
+    clips += [type(cb).__name__ for cb in _callback_list(callbacks)
+              if isinstance(cb, GradientNormClipping)]
+    if clips:
+        raise ValueError(
+            f"{where} cannot clip by the global gradient norm (got {', '.join(clips)}): its "
+            "stages update at different times, and a norm over all of them would put the "
+            "flush between batches back. Use a synchronous schedule to clip."
+        )
+    for cb in _callback_list(callbacks):
+        batch_hooks = sorted(hooks_of(cb) & {"on_batch_begin", "on_batch_end"})
+        if needs_weights(cb) and batch_hooks:
+            raise ValueError(
+                f"callbacks contains {type(cb).__name__}, which reads or writes the weights at "
+                f"{', '.join(batch_hooks)}; with {where} the batches overlap and no single "
+                "set of weights exists between two of them. Epoch hooks see the weights of the "
+                "last completed update (the pipeline drains at every epoch's end); give the "
+                "callback a class attribute needs_weights = False if it leaves them alone."
+            )

@@ -179,6 +179,25 @@ class TrainingLoop(NeuralNet):
             iterator.skip_epochs(self.skip_epochs)
         return iterator
 
+    def run_single_epoch(self, iterator: Any, training: bool, prefix: str, step_fn: Any,
+                         **fit_params: Any) -> None:
+        """skorch's epoch; with an asynchronous schedule, the stages are told how many
+        training batches come, each step takes the next batch along (``_Ahead``), and the
+        epoch ends once the pipeline drained."""
+        if not (training and iterator is not None and self.runner.asynchronous):
+            super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
+            return
+        expected = len(iterator)
+        self.runner.begin_epoch(expected)
+        ahead = _Ahead(iterator, self.runner.prefetch)
+        super().run_single_epoch(ahead, training, prefix, step_fn, **fit_params)
+        if ahead.count != expected:
+            raise RuntimeError(
+                f"the training iterator gave {ahead.count} batches where its len() said "
+                f"{expected}; an asynchronous schedule lays an epoch's work out beforehand"
+            )
+        self.runner.end_epoch()
+
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, torch.Tensor]:
         Xi, yi, wi = _unpack(batch)
         if self.steps_taken[0] == 1 and self.timeline_steps:
@@ -227,6 +246,26 @@ class TrainingLoop(NeuralNet):
         Xi = _unpack(batch)[0]
         out: torch.Tensor = self.runner.predict(Xi)
         return out
+
+
+class _Ahead:
+    """The batches of ``iterator``, each yielded once the next one (or None, at the end) was
+    handed to ``prefetch`` as (X, y, sample weights)."""
+
+    def __init__(self, iterator: Any, prefetch: Any) -> None:
+        self.iterator = iterator
+        self.prefetch = prefetch
+        self.count = 0
+
+    def __iter__(self) -> Any:
+        batches = iter(self.iterator)
+        current = next(batches, None)
+        while current is not None:
+            upcoming = next(batches, None)
+            self.prefetch(*(_unpack(upcoming) if upcoming is not None else (None, None, None)))
+            self.count += 1
+            yield current
+            current = upcoming
 
 
 def _unpack(batch: Any) -> tuple[Any, Any, Any]:

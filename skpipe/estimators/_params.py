@@ -51,7 +51,7 @@ PARAMETER_CONSTRAINTS: dict[str, Any] = {
     "n_stages": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
     "n_replicas": [Interval(Integral, 1, None, closed="left")],
     "n_microbatches": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-    "schedule": [StrOptions(set(_schedules.SCHEDULE_NAMES) | {"auto"})],
+    "schedule": [StrOptions(set(_schedules.SCHEDULES) | {"auto"})],
     "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
     "balance": [StrOptions({"uniform", "parameters", "time", "auto"}), list, tuple],
     "split_points": [dict, None],

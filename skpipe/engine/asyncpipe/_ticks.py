@@ -9,16 +9,22 @@ same on every stage; a stage holds two versions.
 
 ``'pipedream'`` (weight stashing, Narayanan et al., SOSP 2019): a stage updates after every
 micro-batch's backward; micro-batch g's forward at stage s runs on the weights after
-``version(s, g) = max(0, g - w_s + 1)`` of its updates, where ``w_s = min(p - s, n)`` is the
-stage's warm-up (the micro-batches in flight), and its backward on the same (stashed) weights.
-Stage s's delay is w_s - 1 updates: p - 1 on the first stage, none on the last.
+``version(s, g) = max(0, g - (p - s) + 1)`` of its updates (p - s: the stage's micro-batches
+in flight), and its backward on the same (stashed) weights. Stage s's delay is p - s - 1
+updates: p - 1 on the first stage, none on the last.
+
+Batches (t) and micro-batches (g) are counted over the whole fit: the order of one epoch starts
+where the last one ended (``start``), so an epoch boundary changes nothing in the rules (the
+pipeline drains there, and the versions the rules still need are kept across it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ASYNC_SCHEDULES = ("2bw", "pipedream")
+from ..plan._schedules import ASYNC_SCHEDULE_NAMES, SCHEDULES
+
+ASYNC_SCHEDULES = ASYNC_SCHEDULE_NAMES  # ('2bw', 'pipedream')
 
 
 @dataclass(frozen=True)
@@ -41,13 +47,9 @@ def check_async(schedule: str, n_stages: int, n_microbatches: int) -> None:
         raise ValueError(
             f"n_stages and n_microbatches must be positive; got {n_stages} and {n_microbatches}"
         )
-    if schedule == "2bw" and n_microbatches < n_stages:
-        raise ValueError(
-            f"schedule='2bw' needs n_microbatches >= n_stages (got n_microbatches="
-            f"{n_microbatches} for n_stages={n_stages}): with fewer, a stage has micro-batches "
-            "of three batches in flight at once, and two weight versions are not enough. Raise "
-            "n_microbatches or use schedule='pipedream', which stashes as many as it needs."
-        )
+    why = SCHEDULES[schedule].microbatch_rule(schedule, n_stages, n_microbatches, n_stages)
+    if why is not None:
+        raise ValueError(why)
 
 
 def warmup(stage: int, n_stages: int, total: int) -> int:
@@ -55,19 +57,30 @@ def warmup(stage: int, n_stages: int, total: int) -> int:
     return min(n_stages - stage, total)
 
 
-def version(schedule: str, stage: int, mb: int, n_stages: int, m: int, total: int) -> int:
-    """The weight version micro-batch ``mb``'s forward and backward use on ``stage``."""
+def version(schedule: str, stage: int, mb: int, n_stages: int, m: int) -> int:
+    """The weight version micro-batch ``mb``'s forward and backward use on ``stage`` (``mb``
+    counted over the whole fit)."""
     if schedule == "2bw":
         return max(0, mb // m - 1)
-    return max(0, mb - warmup(stage, n_stages, total) + 1)
+    return max(0, mb - (n_stages - stage) + 1)
 
 
-def async_order(schedule: str, n_stages: int, m: int, n_batches: int) -> list[list[Tick]]:
-    """Per stage, its actions for ``n_batches`` batches of ``m`` micro-batches: warm-up
-    forwards, then one backward and one forward alternately, then the drain; an update after
-    each batch's last backward ('2bw') or after every backward ('pipedream')."""
+def updates_after(schedule: str, mb: int, m: int) -> int:
+    """The updates a stage has made once micro-batch ``mb``'s backward is done (and, for 2bw,
+    its batch's update, where ``mb`` is the batch's last)."""
+    return mb // m + (1 if mb % m == m - 1 else 0) if schedule == "2bw" else mb + 1
+
+
+def async_order(
+    schedule: str, n_stages: int, m: int, n_batches: int, start: int = 0
+) -> list[list[Tick]]:
+    """Per stage, its actions for ``n_batches`` batches of ``m`` micro-batches, the first being
+    batch ``start`` of the fit: warm-up forwards, then one backward and one forward alternately,
+    then the drain; an update after each batch's last backward ('2bw') or after every backward
+    ('pipedream')."""
     check_async(schedule, n_stages, m)
     total = m * n_batches
+    first = start * m
     order: list[list[Tick]] = []
     for s in range(n_stages):
         w = warmup(s, n_stages, total)
@@ -76,17 +89,15 @@ def async_order(schedule: str, n_stages: int, m: int, n_batches: int) -> list[li
             kinds += ["B", "F"]
         kinds += ["B"] * w
         ticks: list[Tick] = []
-        f = b = 0
-        updates = 0
+        f = b = first
         for kind in kinds:
             if kind == "F":
-                ticks.append(Tick("F", s, f, version(schedule, s, f, n_stages, m, total)))
+                ticks.append(Tick("F", s, f, version(schedule, s, f, n_stages, m)))
                 f += 1
                 continue
-            ticks.append(Tick("B", s, b, version(schedule, s, b, n_stages, m, total)))
+            ticks.append(Tick("B", s, b, version(schedule, s, b, n_stages, m)))
             if schedule == "pipedream" or b % m == m - 1:
-                updates += 1
-                ticks.append(Tick("U", s, b, updates))
+                ticks.append(Tick("U", s, b, updates_after(schedule, b, m)))
             b += 1
         order.append(ticks)
     return order

@@ -120,7 +120,7 @@ def make_config(
             "(or 'torchrun', or 'auto'), or n_replicas=1."
         )
     if schedule not in _schedules.SCHEDULES:
-        raise ValueError(f"schedule {schedule!r} is not one of {list(_schedules.SCHEDULE_NAMES)}.")
+        raise ValueError(f"schedule {schedule!r} is not one of {list(_schedules.SCHEDULES)}.")
     chunks = 1 if n_stages == 1 else _schedules.resolve_chunks(schedule, chunks_per_stage)
     n_stages, batch_size = _count("n_stages", n_stages), _count("batch_size", batch_size)
     if n_replicas > batch_size:

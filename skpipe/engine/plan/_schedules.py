@@ -46,6 +46,17 @@ def _whole_rounds(name: str, p: int, m: int, n_chunks: int) -> str | None:
     return None
 
 
+def _two_versions(name: str, p: int, m: int, n_chunks: int) -> str | None:
+    if m < p:
+        return (
+            f"schedule='2bw' needs n_microbatches >= n_stages (got n_microbatches={m} for "
+            f"n_stages={p}): with fewer, a stage has micro-batches of three batches in flight "
+            "at once, and two weight versions are not enough. Raise n_microbatches or use "
+            "schedule='pipedream', which stashes as many versions as it needs."
+        )
+    return None
+
+
 def _at_least_chunks(name: str, p: int, m: int, n_chunks: int) -> str | None:
     if m < n_chunks:
         return (
@@ -84,6 +95,9 @@ class ScheduleSpec:
     # schedule with the same stages and micro-batches instead. The arithmetic (and so every
     # number) is the same; only the order of work inside the one process differs.
     local_stand_in: str | None = None
+    # skpipe's own asynchronous schedules (engine/asyncpipe): no flush between batches, and so
+    # not what one device trains; torch has no class for them
+    asynchronous: bool = False
 
     @property
     def torch_class(self) -> str:
@@ -92,6 +106,8 @@ class ScheduleSpec:
 
     def schedule_class(self, *, local: bool) -> Any:
         """torch's class that runs this schedule (its stand-in when every stage is local)."""
+        if self.asynchronous:
+            raise ValueError(f"schedule '{self.name}' is skpipe's own: torch has no class for it")
         from torch.distributed.pipelining.schedules import get_schedule_class
 
         name = self.local_stand_in if local and self.local_stand_in else self.torch_name
@@ -160,10 +176,21 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             _one_per_chunk_in_pipe,
             "InterleavedZeroBubble",
         ),
+        ScheduleSpec(
+            "2bw", "", "single", 1, 1, False, _two_versions, _one_per_chunk_in_pipe,
+            asynchronous=True,
+        ),
+        ScheduleSpec(
+            "pipedream", "", "single", 1, 1, False, _any_count, _one_per_chunk_in_pipe,
+            asynchronous=True,
+        ),
     )
 }
 
-SCHEDULE_NAMES: tuple[str, ...] = tuple(SCHEDULES)
+# torch's schedules, each training exactly what one device trains
+SCHEDULE_NAMES: tuple[str, ...] = tuple(n for n, s in SCHEDULES.items() if not s.asynchronous)
+# skpipe's asynchronous ones (PipeDream-2BW, PipeDream): faster, and not the same training
+ASYNC_SCHEDULE_NAMES: tuple[str, ...] = tuple(n for n, s in SCHEDULES.items() if s.asynchronous)
 
 
 def resolve_chunks(schedule: str, chunks_per_stage: int | str) -> int:

@@ -87,6 +87,24 @@ class Runner(ABC):
         """Give the stages what callbacks changed in ``module``: tensors by name, and every
         parameter's requires_grad."""
 
+    # -- skpipe's asynchronous schedules: an epoch's batches overlap ---------------------------
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the schedule is one of skpipe's asynchronous ones ('2bw', 'pipedream')."""
+        from ..plan._schedules import SCHEDULES
+
+        return SCHEDULES[self.config.schedule].asynchronous
+
+    def begin_epoch(self, n_batches: int) -> None:  # noqa: B027 - synchronous: nothing to fill
+        """An epoch of ``n_batches`` training batches begins (asynchronous: the pipe fills)."""
+
+    def prefetch(self, x: Any, y: Any, w: Any) -> None:  # noqa: B027 - synchronous: no use
+        """The batch after the one the next ``train_step`` takes (asynchronous: it goes ahead
+        with that step, so that the first stage never waits for it); None at the epoch's end."""
+
+    def end_epoch(self) -> None:  # noqa: B027 - synchronous: every step ended drained
+        """The epoch's batches are all given: wait for the drain (every update done)."""
+
     @abstractmethod
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...
 

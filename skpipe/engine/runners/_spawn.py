@@ -59,6 +59,9 @@ class SpawnRunner(Runner):
         # the hyperparameters live here (callbacks change them); the state in the workers
         self._optimizer = driver_optimizer(spec, self._optimizer_state, self._load_optimizer)
         self.hyper = HyperChannel(self._optimizer)
+        # an asynchronous epoch: the batch after the next step's, and whether it went ahead
+        self._upcoming: tuple[Any, Any, Any] | None = None
+        self._ahead: list[P.Step] | None = None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -139,10 +142,22 @@ class SpawnRunner(Runner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if on_grads is not None:  # the estimator refuses such callbacks before any worker
             raise RuntimeError("spawned stages do not show their gradients to this process")
+        hyper = self.hyper.pending()
+        if self.asynchronous:
+            replies = self._async_step(x, y, w, hyper)
+        else:
+            replies = self.group.ask_all(self._steps(x, y, w, hyper))
+        self._optimizer.step()  # steps nothing; LR schedulers check that a step came first
+        parts = [replies[r] for r in self._last_ranks()]
+        loss = torch.stack([torch.from_numpy(loss) for loss, _ in parts]).sum()
+        return loss, torch.cat([torch.from_numpy(out) for _, out in parts])
+
+    def _steps(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
+               hyper: Any = None) -> list[P.Step]:
+        """Each rank's step message for a batch: its replica's share of what it needs."""
         n = x.shape[0]
         total_weight = None if w is None else float(w.sum())
         shares = replica_shares(n, self.config.n_replicas)
-        hyper = self.hyper.pending()
         denominator = None
         if self.config.n_replicas > 1 and class_weighted(self.spec.criterion):
             denominator = class_weight_sum(self.spec.criterion, y)
@@ -150,11 +165,32 @@ class SpawnRunner(Runner):
         for rank in range(self.config.world_size):
             xs, ys, ws, n_share = self._rows_for(rank, shares, x, y, w)
             messages.append(P.Step(xs, ys, n_share, ws, n, total_weight, hyper, denominator))
-        replies = self.group.ask_all(messages)
-        self._optimizer.step()  # steps nothing; LR schedulers check that a step came first
-        parts = [replies[r] for r in self._last_ranks()]
-        loss = torch.stack([torch.from_numpy(loss) for loss, _ in parts]).sum()
-        return loss, torch.cat([torch.from_numpy(out) for _, out in parts])
+        return messages
+
+    # -- asynchronous epochs: the stages run on while this loop waits for each batch's loss ----
+    def begin_epoch(self, n_batches: int) -> None:
+        if self.asynchronous:
+            self._ahead = self._upcoming = None
+            self.group.ask_all(P.AsyncBegin(n_batches))
+
+    def prefetch(self, x: Any, y: Any, w: Any) -> None:
+        self._upcoming = None if x is None else (x, y, w)
+
+    def _async_step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
+                    hyper: Any) -> list[Any]:
+        """Give the stages this batch (unless it went ahead) and the next one; the replies."""
+        now = None if self._ahead is not None else self._steps(x, y, w)
+        ahead = None if self._upcoming is None else self._steps(*self._upcoming)
+        self._ahead, self._upcoming = ahead, None
+        return self.group.ask_all([
+            P.AsyncStep(hyper, None if now is None else now[rank],
+                        None if ahead is None else ahead[rank])
+            for rank in range(self.config.world_size)
+        ])
+
+    def end_epoch(self) -> None:
+        if self.asynchronous:
+            self.group.ask_all(P.AsyncEnd())
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Every replica forwards its share of the rows."""

@@ -56,6 +56,30 @@ class Step(Message):
 
 
 @dataclass(frozen=True)
+class AsyncBegin(Message):
+    """An asynchronous schedule's epoch of ``n_batches`` batches begins (its pipeline fills)."""
+
+    n_batches: int
+
+
+@dataclass(frozen=True)
+class AsyncStep(Message):
+    """The next batch of an asynchronous epoch: the settings of its update (None: unchanged),
+    its rows (a ``Step`` record; None when they went ahead with the previous step) and the
+    next batch's, ahead (None at the epoch's end). Reply, where the last chunk lives: the
+    batch's (loss, outputs); elsewhere None, at once."""
+
+    hyper: list[dict[str, Any]] | None
+    now: Step | None
+    ahead: Step | None
+
+
+@dataclass(frozen=True)
+class AsyncEnd(Message):
+    """Reply once the epoch's pipeline drained (every update done)."""
+
+
+@dataclass(frozen=True)
 class Forward(Message):
     """Forward only, in eval mode, for ``n_rows`` rows."""
 

@@ -31,6 +31,7 @@ from ..plan._microbatch import (
 )
 from ..plan._timeline import Recorder, Span
 from ..split._partition import Boundary, boundary_tensors, leaves
+from ._async import async_stage
 from ._chunk import ChunkModule
 from ..state._named import (
     cpu_copy,
@@ -94,7 +95,9 @@ class StageHost:
         self.optimizer = (
             spec.optimizer(params, **spec.optimizer_kwargs) if params else _NoParameters()
         )
-        self._schedule = self._build_schedule()
+        # skpipe's own asynchronous schedules run in a thread of their own (engine/asyncpipe)
+        self.pipe = async_stage(self, replica_group) if self.asynchronous else None
+        self._schedule = None if self.pipe else self._build_schedule()
         self.meter: ActivationMeter | None = None
         # timeline rows are ranks of the whole (replica x stage) mesh
         offset = replica * config.n_stages
@@ -105,7 +108,7 @@ class StageHost:
         # schedule's backward lets autograd accumulate them (not the zero-bubble ones)
         self.replica_grads = (
             None
-            if replica_group is None
+            if replica_group is None or self.pipe
             else ReplicaGradients(
                 params,
                 replica_group,
@@ -114,18 +117,26 @@ class StageHost:
             )
         )
 
+    @property
+    def asynchronous(self) -> bool:
+        return _schedules.SCHEDULES[self.schedule_name].asynchronous
+
     def record_timeline(self, steps: int) -> None:
         """Record the spans of the next ``steps`` steps."""
         self.recorder.steps_left = steps
+        if self.pipe:
+            self.pipe.record = range(self.pipe.fed, self.pipe.fed + steps)
 
     def spans(self) -> list[Span]:
-        return list(self.recorder.spans)
+        return list(self.recorder.spans) + (list(self.pipe.spans) if self.pipe else [])
 
     def track_memory(self, on: bool = True) -> None:
         """Measure the activations held for backward during each step (peak per process)."""
         self.meter = (
             ActivationMeter(p for c in self.chunks.values() for p in c.parameters()) if on else None
         )
+        if self.pipe:
+            self.pipe.meter = self.meter
 
     def stats(self) -> dict[str, float]:
         sums = self.replica_grads
@@ -298,6 +309,9 @@ class StageHost:
                 own = self.chunks[c].layers.state_dict(keep_vars=True)
                 for key, value in state.items():
                     own[key].copy_(value)
+        if self.pipe:  # between epochs: the versions the next forwards use take them too
+            self.pipe.write_versions({f"layers.{k}": v for state in values.values()
+                                      for k, v in state.items()})
         for c, flags in requires_grad.items():
             for key, p in self.chunks[c].layers.named_parameters():
                 if key in flags:

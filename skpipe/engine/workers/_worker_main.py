@@ -137,6 +137,27 @@ class Worker:
             ) from None
         return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
 
+    def async_begin(self, m: P.AsyncBegin) -> None:
+        self.pipe().begin(m.n_batches)
+
+    def async_step(self, m: P.AsyncStep) -> Any:
+        from ._async import batch_rows, step
+
+        pipe = self.pipe()
+        records = {pipe.fed: m.now, pipe.fed + 1: m.ahead}
+        rows = {t: batch_rows(r) for t, r in records.items() if r is not None}
+        result = step(pipe, self.stages().holds_last, m.hyper, rows)
+        return None if result is None else (result[0].cpu().numpy(), result[1].cpu().numpy())
+
+    def async_end(self, m: P.AsyncEnd) -> None:
+        self.pipe().end()
+
+    def pipe(self) -> Any:
+        pipe = self.stages().pipe
+        if pipe is None:
+            raise RuntimeError("an asynchronous step was asked of a synchronous schedule")
+        return pipe
+
     def forward(self, m: P.Forward) -> Any:
         out = self.stages().forward(_tensor(m.x), m.n_rows)
         return None if out is None else out.cpu().numpy()
@@ -194,6 +215,9 @@ class Worker:
 HANDLERS: dict[type[P.Message], Callable[[Worker, Any], Any]] = {
     P.Setup: Worker.setup,
     P.Step: Worker.step,
+    P.AsyncBegin: Worker.async_begin,
+    P.AsyncStep: Worker.async_step,
+    P.AsyncEnd: Worker.async_end,
     P.Forward: Worker.forward,
     P.Reset: Worker.reset,
     P.GetState: Worker.get_state,

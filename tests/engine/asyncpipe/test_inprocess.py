@@ -45,8 +45,8 @@ def reference_2bw(net, make_opt, batches):
 
 
 def reference_pipedream(parts, make_opts, batches, m):
-    """Micro-batch g runs stage s on W^s after max(0, g - w_s + 1) of its updates (w_s its
-    warm-up); then every stage steps on g's gradient, in order of g."""
+    """Micro-batch g runs stage s on W^s after max(0, g - (p - s) + 1) of its updates; then
+    every stage steps on g's gradient, in order of g."""
     p = len(parts)
     opts = [make_opts(c.parameters()) for c in parts]
     history = [[params(c)] for c in parts]  # history[s][j]: stage s after j updates
@@ -55,7 +55,7 @@ def reference_pipedream(parts, make_opts, batches, m):
         weights = []
         h = x
         for s, c in enumerate(parts):
-            v = max(0, g - min(p - s, len(micro)) + 1)  # w_s = min(p - s, n)
+            v = max(0, g - (p - s) + 1)
             w = {n: t.clone().requires_grad_(True) for n, t in history[s][v].items()}
             weights.append(w)
             h = functional_call(c, w, (h,))

@@ -1,0 +1,391 @@
+"""The asynchronous schedules across processes: one stage per process runs its order of work
+(``_ticks.async_order``) in a thread of its own, on torch's point-to-point communication.
+
+torch's ``PipelineStage`` keeps its receive buffers and saved activations per micro-batch of
+*one* step, and its schedules flush at every step; these schedules span batches, so the stage
+here sends and receives with ``torch.distributed.isend``/``irecv`` on the pipeline's process
+group (gloo or NCCL, the same transport the stages use), one chunk per process.
+
+The driver feeds batches through a ``Mailbox``: each batch's rows (one batch ahead, so the
+first stage never waits for the next batch's inputs), the optimizer settings its update uses,
+and it takes each batch's loss and outputs back from the last stage. Every forward runs on its
+weight version's tensors (``torch.func.functional_call``; the stage's live parameters are only
+ever stepped by its optimizer), every backward on the tensors its forward used.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call
+
+from ..plan._microbatch import (
+    WeightedLoss,
+    microbatch_counts,
+    pad_rows,
+    real_positions,
+    row_targets,
+)
+from ..plan._timeline import Span
+from ..split._boundary import Boundary, boundary_tensors, leaves
+from ._ticks import Tick, async_order, version
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """What one process needs of a batch: the inputs (first stage), the targets and sample
+    weights (last stage), the rows of this replica's share and the whole batch's figures."""
+
+    n_real: int
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    total_rows: int | None = None
+    total_weight: float | None = None
+    denominator: float | None = None
+
+
+class PipelineFailed(RuntimeError):
+    """The stage's thread failed; the driver is told with the original traceback."""
+
+
+class Mailbox:
+    """Between the thread that answers the driver and the thread that runs the stage: batches'
+    rows and settings in, losses and outputs out, and the first error, which wakes everyone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._rows: dict[int, BatchRows] = {}
+        self._hyper: dict[int, list[dict[str, Any]] | None] = {}
+        self._results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.error: str | None = None
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            if self.error is not None:
+                raise PipelineFailed(self.error)
+            self._cond.wait(timeout=0.5)
+        if self.error is not None:
+            raise PipelineFailed(self.error)
+
+    def give(self, batch: int, hyper: list[dict[str, Any]] | None,
+             rows: dict[int, BatchRows]) -> None:
+        with self._cond:
+            self._hyper[batch] = hyper
+            self._rows.update(rows)
+            self._cond.notify_all()
+
+    def rows(self, batch: int) -> BatchRows:
+        with self._cond:
+            self._wait(lambda: batch in self._rows)
+            return self._rows[batch]
+
+    def drop_rows(self, batch: int) -> None:
+        with self._cond:
+            self._rows.pop(batch, None)
+
+    def hyper(self, batch: int) -> list[dict[str, Any]] | None:
+        with self._cond:
+            self._wait(lambda: batch in self._hyper)
+            return self._hyper.pop(batch)
+
+    def put_result(self, batch: int, loss: torch.Tensor, out: torch.Tensor) -> None:
+        with self._cond:
+            self._results[batch] = (loss, out)
+            self._cond.notify_all()
+
+    def result(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._cond:
+            self._wait(lambda: batch in self._results)
+            return self._results.pop(batch)
+
+    def fail(self, text: str) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = text
+            self._cond.notify_all()
+
+
+class AsyncStage:
+    """One stage of an asynchronous pipeline, in this process.
+
+    ``chunk``: the stage's layers (a ``workers._chunk.ChunkModule``: it takes each micro-batch's
+    real rows); ``optimizer`` steps its parameters; ``loss`` (a ``WeightedLoss``) on the last
+    stage; ``group`` the pipeline's process group (``prev``/``next``: the neighbours' ranks in
+    it); ``replica_group`` the same stage of every replica, over which each update's gradient is
+    summed. ``set_hyper`` gives the optimizer a batch's settings.
+    """
+
+    def __init__(
+        self,
+        schedule: str,
+        chunk: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        stage: int,
+        n_stages: int,
+        n_microbatches: int,
+        batch_rows: int,
+        boundaries: tuple[Boundary, Boundary],
+        device: torch.device,
+        loss: WeightedLoss | None,
+        group: Any,
+        prev: int | None,
+        next: int | None,
+        replica_group: Any = None,
+        set_hyper: Callable[[torch.optim.Optimizer, list[dict[str, Any]]], None],
+        span_rank: int = 0,
+    ) -> None:
+        self.schedule = schedule
+        self.chunk = chunk
+        self.optimizer = optimizer
+        self.stage, self.p, self.m = stage, n_stages, n_microbatches
+        self.rows = batch_rows
+        self.boundaries = boundaries
+        self.device = device
+        self.loss = loss
+        self.own_loss = None if loss is None else WeightedLoss(loss.criterion)
+        self.group, self.prev, self.next = group, prev, next
+        self.replica_group = replica_group
+        self.set_hyper = set_hyper
+        self.span_rank = span_rank
+        self.params = dict(chunk.named_parameters())
+        self.versions: dict[int, list[torch.Tensor]] = {0: self._snapshot()}
+        self.batches_done = 0  # batches of the fit whose updates are done (drained)
+        self.fed = 0  # batches the driver gave (their step messages)
+        self.mailbox = Mailbox()
+        self.thread: threading.Thread | None = None
+        self.record: range = range(0)  # batches whose spans are recorded
+        self.spans: list[Span] = []
+        self.meter: Any = None  # an ActivationMeter while memory is tracked
+        # work in flight, between ticks
+        self._saved: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], Any, int]] = {}
+        self._grads: list[torch.Tensor | None] = [None] * len(self.params)
+        self._forwards = 0  # forwards of the fit done: the next one's micro-batch
+        self._real_since_update = 0  # real rows behind the gradient of the next update
+        self._hyper_batch = -1  # the batch whose settings the optimizer holds
+        self._sends: list[tuple[Any, torch.Tensor]] = []
+        self._outs: list[torch.Tensor] = []
+        self._loss_parts: list[torch.Tensor] = []
+
+    # -- versions ------------------------------------------------------------------------------
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params.values()]
+
+    def _weights(self, v: int) -> dict[str, torch.Tensor]:
+        return {
+            name: t.detach().requires_grad_(p.requires_grad)
+            for (name, p), t in zip(self.params.items(), self.versions[v], strict=True)
+        }
+
+    def write_versions(self, values: dict[str, torch.Tensor]) -> None:
+        """A callback wrote ``values`` (parameter name -> tensor) between epochs: every version
+        the next forwards may use takes them too."""
+        names = list(self.params)
+        with torch.no_grad():
+            for tensors in self.versions.values():
+                for name, value in values.items():
+                    if name in self.params:
+                        tensors[names.index(name)].copy_(value)
+
+    def held_versions(self) -> dict[int, list[torch.Tensor]]:
+        return self.versions
+
+    # -- driving (the thread that answers the driver) ------------------------------------------
+    def begin(self, n_batches: int) -> None:
+        """Start the stage's thread on the next ``n_batches`` batches of the fit (an epoch)."""
+        if self.thread is not None:
+            raise RuntimeError("an asynchronous epoch began before the last one ended")
+        ticks = async_order(self.schedule, self.p, self.m, n_batches, self.batches_done)[
+            self.stage]
+        self.thread = threading.Thread(
+            target=self._run, args=(ticks, n_batches), name="skpipe-async-stage", daemon=True
+        )
+        self.thread.start()
+
+    def give(self, hyper: list[dict[str, Any]] | None, rows: dict[int, BatchRows]) -> int:
+        """The next batch's step: the settings its update uses and the rows of the batches
+        given (it and, one ahead, the next). Returns the batch's index in the fit."""
+        batch = self.fed
+        self.fed += 1
+        self.mailbox.give(batch, hyper, rows)
+        return batch
+
+    def result(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and outputs of ``batch`` (last stage), once its forwards are done."""
+        return self.mailbox.result(batch)
+
+    def end(self) -> None:
+        """Wait for the epoch's drain (every update done); raise what the thread raised."""
+        thread, self.thread = self.thread, None
+        if thread is not None:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+        if self.mailbox.error is not None:
+            raise PipelineFailed(self.mailbox.error)
+
+    # -- the stage's thread --------------------------------------------------------------------
+    def _run(self, ticks: list[Tick], n_batches: int) -> None:
+        import traceback
+
+        try:
+            if self.meter is not None:
+                with self.meter.track():
+                    self._run_ticks(ticks)
+            else:
+                self._run_ticks(ticks)
+            for work, _ in self._sends:
+                work.wait()
+            self._sends.clear()
+            self.batches_done += n_batches
+        except BaseException:  # noqa: BLE001 - the driver gets it with the next message
+            self.mailbox.fail(traceback.format_exc())
+
+    def _run_ticks(self, ticks: list[Tick]) -> None:
+        for tick in ticks:
+            batch, k = divmod(tick.mb, self.m)
+            t0 = time.time()
+            if tick.kind == "F":
+                self._forward(tick, batch, k)
+            elif tick.kind == "B":
+                self._backward(tick, batch, k)
+            else:
+                self._update(tick, batch)
+            if tick.kind != "U" and batch in self.record:
+                self.spans.append(Span(batch, self.span_rank, self.stage, tick.kind, k, t0,
+                                       time.time()))
+            # versions no later forward uses are let go (in-flight work holds its own)
+            floor = version(self.schedule, self.stage, self._forwards, self.p, self.m)
+            for v in [v for v in self.versions if v < floor]:
+                del self.versions[v]
+            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+
+    def _forward(self, tick: Tick, batch: int, k: int) -> None:
+        rows = self.mailbox.rows(batch)
+        size = self.rows // self.m
+        counts = microbatch_counts(rows.n_real, self.m)
+        self.chunk.calls = k  # which micro-batch of its batch: recomputation, BatchNorm rows
+        self.chunk.real_rows = counts
+        if self.prev is None:
+            x = pad_rows(_given(rows.x, "the batch's inputs").to(self.device), self.rows, self.m)
+            inputs = [x[k * size:(k + 1) * size]]
+        else:
+            inputs = list(boundary_tensors(self.boundaries[0], size, self.device, False))
+            for t in inputs:
+                dist.irecv(t, group_src=self.prev, group=self.group).wait()
+            inputs = [t.requires_grad_(True) for t in inputs]
+        weights = self._weights(tick.version)
+        out = functional_call(self.chunk, weights, tuple(inputs))
+        if self.next is None:
+            out = self._loss(out, rows, batch, k, counts)
+        else:
+            for t in leaves(out):
+                t = t.detach().contiguous()
+                self._sends.append((dist.isend(t, group_dst=self.next, group=self.group), t))
+        self._saved[tick.mb] = (inputs, list(weights.values()), out, counts[k])
+        self._forwards += 1
+        if k == self.m - 1:
+            self.mailbox.drop_rows(batch)
+
+    def _loss(self, out: Any, rows: BatchRows, batch: int, k: int,
+              counts: list[int]) -> torch.Tensor:
+        """The last stage's loss of micro-batch k: its part of the batch's loss ('2bw', summed
+        over the batch's micro-batches), or its own mean ('pipedream', one update each); the
+        batch's loss and outputs go to the driver after its last micro-batch."""
+        assert self.loss is not None and self.own_loss is not None
+        size = self.rows // self.m
+        y = _given(rows.y, "the batch's targets").to(self.device)
+        w = None if rows.w is None else rows.w.to(self.device)
+        if k == 0:
+            self.loss.set_batch(y, rows.n_real, w, total_rows=rows.total_rows,
+                                total_weight=rows.total_weight, denominator=rows.denominator)
+            self._outs, self._loss_parts = [], []
+        idx = row_targets(rows.n_real, self.rows, self.device, self.m)[k * size:(k + 1) * size]
+        part = self.loss(out, idx)
+        self._loss_parts.append(part.detach().float())
+        self._outs.append(out.detach())
+        if self.schedule == "pipedream":  # the micro-batch's own mean drives its update
+            start = sum(counts[:k])
+            real = slice(start, start + counts[k])
+            self.own_loss.set_batch(y[real], counts[k], None if w is None else w[real])
+            local = torch.full((size,), -1, dtype=torch.long, device=self.device)
+            local[: counts[k]] = torch.arange(counts[k], device=self.device)
+            part = self.own_loss(out, local)
+        if k == self.m - 1:
+            whole = torch.cat(self._outs)
+            if rows.n_real != self.rows:
+                whole = whole[real_positions(rows.n_real, self.rows, self.m, whole.device)]
+            self.mailbox.put_result(batch, torch.stack(self._loss_parts).sum(), whole)
+        return part
+
+    def _backward(self, tick: Tick, batch: int, k: int) -> None:
+        inputs, held, out, real = self._saved.pop(tick.mb)
+        outs = list(leaves(out))
+        grad_outs: list[torch.Tensor] | None = None
+        if self.next is not None:
+            grad_outs = [torch.empty_like(t) for t in outs]
+            for g in grad_outs:
+                dist.irecv(g, group_src=self.next, group=self.group).wait()
+        wants = [t for t in inputs if t.requires_grad] + [t for t in held if t.requires_grad]
+        grads = list(torch.autograd.grad(outs, wants, grad_outs, allow_unused=True))
+        n_in = sum(t.requires_grad for t in inputs)
+        if self.prev is not None:
+            for g, t in zip(grads[:n_in], inputs, strict=False):
+                g = torch.zeros_like(t) if g is None else g.contiguous()
+                self._sends.append((dist.isend(g, group_dst=self.prev, group=self.group), g))
+        it = iter(grads[n_in:])
+        for i, t in enumerate(held):
+            if not t.requires_grad:
+                continue
+            g = next(it)
+            if g is not None:
+                self._grads[i] = g if self._grads[i] is None else self._grads[i] + g
+        self._real_since_update += real
+
+    def _update(self, tick: Tick, batch: int) -> None:
+        """The stage's update: its batch's settings, the gradient summed over the replicas,
+        the optimizer's step (none for a micro-batch without rows: nothing was learned), and
+        the new weights kept as the next version."""
+        if batch != self._hyper_batch:
+            hyper = self.mailbox.hyper(batch)
+            self._hyper_batch = batch
+            if hyper is not None:
+                self.set_hyper(self.optimizer, hyper)
+        grads = self._grads
+        self._grads = [None] * len(grads)
+        if self.replica_group is not None:
+            _sum_over(grads, list(self.params.values()), self.replica_group)
+        if self._real_since_update > 0 or self.replica_group is not None:
+            for p, g in zip(self.params.values(), grads, strict=True):
+                p.grad = g
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._real_since_update = 0
+        self.versions[tick.version] = self._snapshot()
+
+
+def _sum_over(grads: list[torch.Tensor | None], params: Sequence[torch.Tensor], group: Any) -> None:
+    """Sum each gradient over the replicas (in place; a missing one counts as zeros)."""
+    full = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+    if not full:
+        return
+    flat = torch.cat([g.reshape(-1) for g in full])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for i, g in enumerate(full):
+        n = g.numel()
+        grads[i] = flat[offset:offset + n].view_as(g)
+        offset += n
+
+
+def _given(value: Any, what: str) -> Any:
+    if value is None:
+        raise RuntimeError(f"the asynchronous stage needs {what}, and was given None")
+    return value

@@ -1,0 +1,62 @@
+"""A stage host's asynchronous pipeline: the ``asyncpipe`` executor built from the host's
+chunk, optimizer, loss and process groups, and the batches given to it from the driver's
+messages (``_protocol.AsyncStep``: numpy arrays) or from a torchrun rank's own loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..asyncpipe._executor import AsyncStage, BatchRows
+from ..state._named import set_hyperparameters
+
+
+def async_stage(host: Any, replica_group: Any) -> AsyncStage:
+    """The executor of ``host`` (a ``StageHost`` of an asynchronous schedule: one chunk)."""
+    cfg = host.config
+    (c,) = host.chunk_ids
+    return AsyncStage(
+        cfg.schedule,
+        host.chunks[c],
+        host.optimizer,
+        stage=host.rank,
+        n_stages=cfg.n_stages,
+        n_microbatches=cfg.n_microbatches,
+        batch_rows=cfg.batch_rows,
+        boundaries=(host.shapes[c], host.shapes[c + 1]),
+        device=host.device,
+        loss=host.loss if host.holds_last else None,
+        group=host.group,
+        prev=cfg.owner(c - 1) if c > 0 else None,
+        next=cfg.owner(c + 1) if c + 1 < cfg.n_chunks else None,
+        replica_group=replica_group,
+        set_hyper=set_hyperparameters,
+        span_rank=host.replica * cfg.n_stages + host.rank,
+    )
+
+
+def batch_rows(record: Any) -> BatchRows:
+    """A ``_protocol.Step`` record (numpy arrays) as the executor takes it."""
+
+    def tensor(a: Any) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(a)
+
+    return BatchRows(
+        n_real=record.n_real,
+        x=tensor(record.x),
+        y=tensor(record.y),
+        w=tensor(record.w),
+        total_rows=record.total_rows,
+        total_weight=record.total_weight,
+        denominator=record.denominator,
+    )
+
+
+def step(pipe: AsyncStage, holds_last: bool, hyper: Any, rows: dict[int, BatchRows]) -> Any:
+    """Give the next batch to ``pipe``; where the last chunk lives, wait for its loss and
+    outputs (the driver's loop goes on once it has them, while the stages go on working)."""
+    batch = pipe.give(hyper, rows)
+    if not holds_last:
+        return None
+    return pipe.result(batch)
