@@ -92,7 +92,7 @@ FLOORS = {
     "planner": {"split", "plan"},                                     # measure, simulate, choose
     "asyncpipe": {"split", "plan"},                                   # the asynchronous schedules
     "workers": {"split", "plan", "state", "parallel", "asyncpipe"},   # processes hosting stages
-    "runners": {"split", "plan", "state", "parallel", "workers"},     # where the stages live
+    "runners": {"split", "plan", "state", "parallel", "workers", "asyncpipe"},  # where stages live
 }
 # process machinery: what starts, joins or talks to other processes
 MACHINERY_PARTS = {"parallel", "workers", "runners"}

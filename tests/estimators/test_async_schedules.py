@@ -146,3 +146,47 @@ def test_pipedream_fit_equals_its_rule(data, p, m, opt):
     expected = reference_pipedream(copy.deepcopy(net), opt, data, p, m)
     assert_weights(fit(net, data, "pipedream", p, m, opt), expected)
     skpipe.shutdown_workers()
+
+
+TORCHRUN_SCRIPT = """
+import copy, sys
+import torch.distributed as dist
+from tests.estimators import test_async_schedules as T
+dist.init_process_group("gloo")
+X, y = T.data.__wrapped__()
+worst = 0.0
+for schedule in ("2bw", "pipedream"):
+    net = T.network(2)
+    if schedule == "2bw":
+        expected = T.reference_2bw(copy.deepcopy(net), "adam", (X, y))[0]
+    else:
+        expected = T.reference_pipedream(copy.deepcopy(net), "adam", (X, y), 2, 2)
+    est = T.fit(net, (X, y), schedule, 2, 2, "adam", launcher="torchrun")
+    got = dict(est.module_.named_parameters())
+    worst = max([worst] + [float((got[n] - e).abs().max()) for n, e in expected.items()])
+sys.stdout.write(f"rank {dist.get_rank()} max difference {worst:.3g}\\n")
+sys.stdout.flush()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_torchrun_fits_equal_the_rules(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_examples import free_port
+
+    script = tmp_path / "async_fit.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
+             if line.startswith("rank ")]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, out.stdout

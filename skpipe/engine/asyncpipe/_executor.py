@@ -78,6 +78,8 @@ class Mailbox:
     def give(self, batch: int, hyper: list[dict[str, Any]] | None,
              rows: dict[int, BatchRows]) -> None:
         with self._cond:
+            if self.error is not None:  # the stage failed: the driver hears of it now
+                raise PipelineFailed(self.error)
             self._hyper[batch] = hyper
             self._rows.update(rows)
             self._cond.notify_all()

@@ -19,6 +19,9 @@ from ..plan._microbatch import class_weight_sum, class_weighted, replica_shares
 from ..plan._plan import Plan
 from ..plan._timeline import Span
 from ..split._construct import materialize, materialize_all
+from ..asyncpipe._executor import BatchRows
+from ..workers._async import step as async_step
+from ._hyper import HyperChannel, driver_optimizer
 from ._runner import Runner
 
 
@@ -42,6 +45,15 @@ class TorchrunRunner(Runner):
         self.replica = cfg.replica_of(self.rank)
         self.host = self._host(plan, module, spec)
         self.last = cfg.owner(cfg.n_chunks - 1)
+        # an asynchronous schedule steps in a thread of its own: the callbacks change a
+        # stand-in's settings, which go with each batch (as to spawned stages)
+        self._optimizer = self.host.optimizer
+        self._upcoming: tuple[Any, Any, Any] | None = None
+        self._ahead = False
+        if self.asynchronous:
+            real = self.host.optimizer
+            self._optimizer = driver_optimizer(spec, real.state_dict, real.load_state_dict)
+            self.hyper = HyperChannel(self._optimizer)
 
     def _host(self, plan: Plan, module: nn.Module, spec: TrainSpec) -> Any:
         from ..workers._stage import StageHost
@@ -69,7 +81,7 @@ class TorchrunRunner(Runner):
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self.host.optimizer
+        return self._optimizer
 
     def _gather_rows(
         self, n: int, loss: torch.Tensor | None, out: torch.Tensor | None
@@ -107,20 +119,51 @@ class TorchrunRunner(Runner):
         if on_grads is not None:  # the estimator refuses such callbacks before any rank trains
             raise RuntimeError("a torchrun rank holds one stage's gradients, not the network's")
         n = x.shape[0]
+        mine = self._share(x, y, w)
+        if self.asynchronous:
+            loss, out = self._async_step(mine)
+        else:
+            loss, out = self.host.train_step(
+                mine.x, mine.y, mine.n_real, mine.w, total_rows=n,
+                total_weight=mine.total_weight, denominator=mine.denominator,
+            )
+        return self._gather_rows(n, loss, out)
+
+    def _share(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> BatchRows:
+        """This rank's replica's share of a batch, with the whole batch's figures."""
+        n = x.shape[0]
         rows = replica_shares(n, self.config.n_replicas)[self.replica]
         denominator = None
         if self.config.n_replicas > 1 and class_weighted(self.spec.criterion):
             denominator = class_weight_sum(self.spec.criterion, y)
-        loss, out = self.host.train_step(
-            x[rows],
-            y[rows],
-            rows.stop - rows.start,
-            None if w is None else w[rows],
-            total_rows=n,
-            total_weight=None if w is None else float(w.sum()),
+        return BatchRows(
+            rows.stop - rows.start, x[rows], y[rows], None if w is None else w[rows],
+            total_rows=n, total_weight=None if w is None else float(w.sum()),
             denominator=denominator,
         )
-        return self._gather_rows(n, loss, out)
+
+    # -- asynchronous epochs: this rank's stage runs on while the loop waits for each loss ----
+    def begin_epoch(self, n_batches: int) -> None:
+        if self.asynchronous:
+            self._ahead, self._upcoming = False, None
+            self.host.pipe.begin(n_batches)
+
+    def prefetch(self, x: Any, y: Any, w: Any) -> None:
+        self._upcoming = None if x is None else (x, y, w)
+
+    def _async_step(self, mine: BatchRows) -> tuple[Any, Any]:
+        pipe = self.host.pipe
+        rows = {} if self._ahead else {pipe.fed: mine}
+        if self._upcoming is not None:
+            rows[pipe.fed + 1] = self._share(*self._upcoming)
+        self._ahead, self._upcoming = self._upcoming is not None, None
+        result = async_step(pipe, self.host.holds_last, self.hyper.pending(), rows)
+        self._optimizer.step()  # steps nothing; LR schedulers check that a step came first
+        return (None, None) if result is None else result
+
+    def end_epoch(self) -> None:
+        if self.asynchronous:
+            self.host.pipe.end()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
