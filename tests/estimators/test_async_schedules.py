@@ -86,7 +86,7 @@ def reference_2bw(net, opt, data):
         optimizer.step()
         optimizer.zero_grad()
         previous = current
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return params(net), losses
 
 

@@ -174,8 +174,12 @@ class AsyncStage:
         self._real_since_update = 0  # real rows behind the gradient of the next update
         self._hyper_batch = -1  # the batch whose settings the optimizer holds
         self._sends: list[tuple[Any, torch.Tensor]] = []
+        # receives posted one micro-batch ahead: ('F' | 'B', mb) -> (works, buffers)
+        self._posted: dict[tuple[str, int], tuple[list[Any], list[torch.Tensor]]] = {}
+        self._end_mb = 0  # the window's micro-batches end here
         self._outs: list[torch.Tensor] = []
         self._loss_parts: list[torch.Tensor] = []
+        self._targets = torch.empty(0, dtype=torch.long)  # the batch's row of each position
 
     # -- versions ------------------------------------------------------------------------------
     def _snapshot(self) -> list[torch.Tensor]:
@@ -250,7 +254,33 @@ class AsyncStage:
         except BaseException:  # noqa: BLE001 - the driver gets it with the next message
             self.mailbox.fail(traceback.format_exc())
 
+    def _receive(self, kind: str, mb: int, like: Sequence[torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
+        """What the neighbour sends for micro-batch ``mb`` (its activations for 'F', from the
+        previous stage; its gradients for 'B', from the next), posted ahead where it could be;
+        the receive of the next micro-batch is posted now, so that it arrives during the work."""
+        works, buffers = self._posted.pop((kind, mb), None) or self._post(kind, mb, like)
+        for work in works:
+            work.wait()
+        if mb + 1 < self._end_mb and (kind == "F" or like is None):
+            self._posted[(kind, mb + 1)] = self._post(kind, mb + 1, like)
+        return buffers
+
+    def _post(self, kind: str, mb: int, like: Sequence[torch.Tensor] | None
+              ) -> tuple[list[Any], list[torch.Tensor]]:
+        size = self.rows // self.m
+        if kind == "F":
+            buffers = list(boundary_tensors(self.boundaries[0], size, self.device, False))
+            peer = self.prev
+        else:
+            buffers = [torch.empty_like(t) for t in like] if like is not None else list(
+                boundary_tensors(self.boundaries[1], size, self.device, False))
+            peer = self.next
+        works = [dist.irecv(t, group_src=peer, group=self.group) for t in buffers]
+        return works, buffers
+
     def _run_ticks(self, ticks: list[Tick]) -> None:
+        self._end_mb = max((t.mb for t in ticks), default=-1) + 1
         for tick in ticks:
             batch, k = divmod(tick.mb, self.m)
             t0 = time.time()
@@ -279,10 +309,7 @@ class AsyncStage:
             x = pad_rows(_given(rows.x, "the batch's inputs").to(self.device), self.rows, self.m)
             inputs = [x[k * size:(k + 1) * size]]
         else:
-            inputs = list(boundary_tensors(self.boundaries[0], size, self.device, False))
-            for t in inputs:
-                dist.irecv(t, group_src=self.prev, group=self.group).wait()
-            inputs = [t.requires_grad_(True) for t in inputs]
+            inputs = [t.requires_grad_(True) for t in self._receive("F", tick.mb)]
         weights = self._weights(tick.version)
         out = functional_call(self.chunk, weights, tuple(inputs))
         if self.next is None:
@@ -309,7 +336,8 @@ class AsyncStage:
             self.loss.set_batch(y, rows.n_real, w, total_rows=rows.total_rows,
                                 total_weight=rows.total_weight, denominator=rows.denominator)
             self._outs, self._loss_parts = [], []
-        idx = row_targets(rows.n_real, self.rows, self.device, self.m)[k * size:(k + 1) * size]
+            self._targets = row_targets(rows.n_real, self.rows, self.device, self.m)
+        idx = self._targets[k * size:(k + 1) * size]
         part = self.loss(out, idx)
         self._loss_parts.append(part.detach().float())
         self._outs.append(out.detach())
@@ -332,9 +360,7 @@ class AsyncStage:
         outs = list(leaves(out))
         grad_outs: list[torch.Tensor] | None = None
         if self.next is not None:
-            grad_outs = [torch.empty_like(t) for t in outs]
-            for g in grad_outs:
-                dist.irecv(g, group_src=self.next, group=self.group).wait()
+            grad_outs = self._receive("B", tick.mb)
         wants = [t for t in inputs if t.requires_grad] + [t for t in held if t.requires_grad]
         grads = list(torch.autograd.grad(outs, wants, grad_outs, allow_unused=True))
         n_in = sum(t.requires_grad for t in inputs)

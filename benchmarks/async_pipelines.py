@@ -1,0 +1,85 @@
+"""Benchmark 9: the asynchronous schedules' epoch against the synchronous ones, side by side.
+
+Sleep stages (forward F, backward B per micro-batch and stage, whatever the CPU), p stages,
+m micro-batches, a given number of batches per epoch, spawned workers. Each schedule trains
+the same epochs through the runner a fit uses (the next batch sent ahead, as the training loop
+does); an epoch's time is measured from its first step to its drain. The goal for '2bw' is one
+fill and one drain per epoch: epoch <= 1.1 x (batches * m + p - 1) * (F + B).
+
+    python benchmarks/async_pipelines.py [--quick] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import SleepLayer, cpu_config, emit, median  # noqa: E402
+
+from skpipe.engine.plan._config import TrainSpec  # noqa: E402
+from skpipe.engine.plan._plan import make_plan  # noqa: E402
+from skpipe.engine.plan._schedules import resolve_chunks  # noqa: E402
+from skpipe.engine.runners._runners import make_runner  # noqa: E402
+
+SCHEDULES = ("2bw", "pipedream", "1f1b", "interleaved_1f1b")
+
+
+def epoch_seconds(schedule: str, p: int, m: int, batches: int, f: float, b: float,
+                  epochs: int) -> list[float]:
+    """Seconds of each of ``epochs`` epochs of ``batches`` batches (after one warm epoch)."""
+    v = resolve_chunks(schedule, "auto")
+    net = nn.Sequential(*[SleepLayer(f / v, b / v) for _ in range(p * v)])
+    rows = 4 * m
+    cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=rows)
+    spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
+                     criterion=nn.MSELoss())
+    x, y = torch.randn(rows, 8), torch.randn(rows, 8)
+    out = []
+    with make_runner(make_plan(net, cfg, x[:4]), net, spec) as runner:
+        for _ in range(epochs + 1):
+            t0 = time.perf_counter()
+            runner.begin_epoch(batches)
+            for i in range(batches):
+                runner.prefetch(*((x, y, None) if i + 1 < batches else (None, None, None)))
+                runner.train_step(x, y)
+            runner.end_epoch()
+            out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if args.quick:
+        p, m, batches, f, b, epochs, runs = 2, 2, 4, 0.002, 0.004, 1, 1
+    else:
+        p, m, batches, f, b, epochs, runs = 4, 4, 16, 0.010, 0.020, 2, args.runs
+    ideal = (batches * m + p - 1) * (f + b)
+    seconds: dict[str, list[float]] = {s: [] for s in SCHEDULES}
+    for _ in range(runs):  # the schedules alternate within each run
+        for schedule in SCHEDULES:
+            seconds[schedule] += epoch_seconds(schedule, p, m, batches, f, b, epochs)
+    epoch = {s: median(t) for s, t in seconds.items()}
+    emit("async_pipelines", {
+        "setting": f"p={p} m={m} {batches} batches/epoch, F={1e3 * f:g} ms B={1e3 * b:g} ms, "
+                   f"spawn, median of {runs} runs x {epochs} epochs",
+        "one_fill_drain_epoch_s": round(ideal, 4),
+        **{f"{s}_epoch_s": round(t, 4) for s, t in epoch.items()},
+        "2bw_over_one_fill_drain": round(epoch["2bw"] / ideal, 3),
+        "2bw_goal_met": epoch["2bw"] <= 1.1 * ideal,
+        "2bw_over_1f1b": round(epoch["2bw"] / epoch["1f1b"], 3),
+        "2bw_over_interleaved_1f1b": round(epoch["2bw"] / epoch["interleaved_1f1b"], 3),
+        "pipedream_over_1f1b": round(epoch["pipedream"] / epoch["1f1b"], 3),
+    })
+
+
+if __name__ == "__main__":
+    main()
