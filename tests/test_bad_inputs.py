@@ -89,7 +89,7 @@ CASES = [
     ("1f1b-mb<stages", dict(SPAWN, n_stages=3, n_microbatches=2, module__hidden_layer_sizes=(4, 4)), X, Y, ValueError, r"n_microbatches \(2\) must be >= n_stages \(3\) for schedule '1f1b'"),
     ("dualpipev-mb", dict(SPAWN, schedule="dualpipev", n_microbatches=2, module__hidden_layer_sizes=(4, 4)), X, Y, ValueError, r"n_microbatches \(2\) must be >= the number of model chunks \(4"),
     ("zb-rounds", dict(SPAWN, schedule="interleaved_zero_bubble", n_microbatches=5, module__hidden_layer_sizes=(4, 4)), X, Y, ValueError, r"n_microbatches \(5\) must be a multiple of the number of rounds \(2"),
-    ("unknown-schedule", dict(SPAWN, schedule="pipedream"), X, Y, ValueError, r"The 'schedule' parameter of PipeNetClassifier must be .*Got 'pipedream' instead"),
+    ("unknown-schedule", dict(SPAWN, schedule="pipedream2"), X, Y, ValueError, r"The 'schedule' parameter of PipeNetClassifier must be .*Got 'pipedream2' instead"),
     ("interleaved-1-chunk", dict(SPAWN, schedule="interleaved_1f1b", chunks_per_stage=1), X, Y, ValueError, r"chunks_per_stage \(1\) is not allowed for schedule 'interleaved_1f1b'"),
     ("zbv-3-chunks", dict(SPAWN, schedule="zbv", chunks_per_stage=3), X, Y, ValueError, r"chunks_per_stage \(3\) is not allowed for schedule 'zbv', which needs exactly 2"),
     ("balance-sum", dict(SPAWN, balance=[1, 1]), X, Y, ValueError, r"balance \[1, 1\] must list 2 positive layer counts .*\(3\); got 2 counts summing to 2"),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from skorch.callbacks import Callback
 from torch.func import functional_call
 
 import skpipe
@@ -190,3 +191,43 @@ def test_torchrun_fits_equal_the_rules(tmp_path):
     diffs = [float(line.rsplit(" ", 1)[1]) for line in out.stdout.splitlines()
              if line.startswith("rank ")]
     assert len(diffs) == 2 and max(diffs) < 1e-5, out.stdout
+
+
+class WritesWeightsEachBatch(Callback):
+    def on_batch_end(self, net, **kwargs):
+        pass
+
+
+@pytest.fixture
+def no_worker_may_start(monkeypatch):
+    from skpipe.engine.workers import _pool
+
+    def refuse(*a, **k):
+        raise AssertionError("a stage worker was started before the bad input was refused")
+
+    monkeypatch.setattr(_pool.WorkerGroup, "__init__", refuse)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(schedule="2bw", n_stages=4, n_microbatches=2),
+     r"schedule='2bw' needs n_microbatches >= n_stages \(got n_microbatches=2 for n_stages=4\)"
+     r".*two weight versions are not enough"),
+    (dict(schedule="2bw", launcher="local"),
+     r"schedule='2bw' needs launcher='spawn' or 'torchrun' \(got launcher='local'\)"),
+    (dict(schedule="pipedream", n_stages=1),
+     r"schedule='pipedream' overlaps the batches of a pipeline and needs n_stages >= 2"),
+    (dict(schedule="pipedream", n_replicas=2),
+     r"schedule='pipedream' updates after every micro-batch.*got n_replicas=2.*'2bw'"),
+    (dict(schedule="2bw", checkpoint="always"),
+     r"schedule='2bw' runs each forward on a stashed weight version; checkpoint='always'"),
+    (dict(schedule="2bw", max_grad_norm=1.0),
+     r"schedule='2bw' cannot clip by the global gradient norm \(got max_grad_norm\)"),
+    (dict(schedule="2bw", callbacks=[WritesWeightsEachBatch()]),
+     r"callbacks contains WritesWeightsEachBatch, which reads or writes the weights at "
+     r"on_batch_end; with schedule='2bw' the batches overlap"),
+])
+def test_what_the_asynchronous_schedules_cannot_run_is_refused_before_any_worker(
+        data, kw, match, no_worker_may_start):
+    settings = dict(n_stages=2, n_microbatches=2, max_epochs=1, batch_size=BATCH)
+    with pytest.raises(ValueError, match=match):
+        PipeNetRegressor(module=network(2), **{**settings, **kw}).fit(*data)

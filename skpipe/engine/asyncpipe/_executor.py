@@ -146,7 +146,7 @@ class AsyncStage:
         span_rank: int = 0,
     ) -> None:
         self.schedule = schedule
-        self.chunk = chunk
+        self.chunk: Any = chunk  # its micro-batch index and real rows are set per forward
         self.optimizer = optimizer
         self.stage, self.p, self.m = stage, n_stages, n_microbatches
         self.rows = batch_rows
@@ -259,7 +259,8 @@ class AsyncStage:
         """What the neighbour sends for micro-batch ``mb`` (its activations for 'F', from the
         previous stage; its gradients for 'B', from the next), posted ahead where it could be;
         the receive of the next micro-batch is posted now, so that it arrives during the work."""
-        works, buffers = self._posted.pop((kind, mb), None) or self._post(kind, mb, like)
+        posted = self._posted.pop((kind, mb), None)
+        works, buffers = posted if posted is not None else self._post(kind, mb, like)
         for work in works:
             work.wait()
         if mb + 1 < self._end_mb and (kind == "F" or like is None):
@@ -373,8 +374,9 @@ class AsyncStage:
             if not t.requires_grad:
                 continue
             g = next(it)
+            before = self._grads[i]
             if g is not None:
-                self._grads[i] = g if self._grads[i] is None else self._grads[i] + g
+                self._grads[i] = g if before is None else before + g
         self._real_since_update += real
 
     def _update(self, tick: Tick, batch: int) -> None:

@@ -142,7 +142,8 @@ class Plan:
 
     def stage_bytes(self, n_microbatches: int | None = None) -> list[float]:
         """Estimated peak bytes of each stage: 4 x its parameter bytes (weights, gradients and
-        two Adam moments: an upper bound for SGD) plus the activations of the micro-batches it
+        two Adam moments: an upper bound for SGD), the weight versions an asynchronous schedule
+        stashes, plus the activations of the micro-batches it
         holds at its peak (``held_bytes_per_row``); the first chunk's stage also holds the
         step's inputs, and the last chunk's its targets (as many bytes as the outputs: a
         stand-in), for the whole step: every micro-batch is a view of them."""
@@ -151,8 +152,10 @@ class Plan:
         rows = -(-cfg.share_rows // m)  # a replica's share of the batch, per micro-batch
         held = _schedules.in_flight(cfg.schedule, cfg.n_stages, cfg.chunks_per_stage, m)
         need = [0.0] * cfg.n_stages
+        copies = _schedules.SCHEDULES[cfg.schedule].weight_copies  # stashed weight versions
         for c, rank in enumerate(self.owners):
-            need[rank] += 4 * self.parameter_bytes[c] + rows * self.held_bytes_per_row(c, held)
+            need[rank] += (4 + copies(cfg.n_stages, rank)) * self.parameter_bytes[c]
+            need[rank] += rows * self.held_bytes_per_row(c, held)
         need[self.owners[0]] += rows * m * boundary_bytes_per_row(self.shapes[0])
         need[self.owners[-1]] += rows * m * boundary_bytes_per_row(self.shapes[-1])
         return need

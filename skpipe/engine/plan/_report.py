@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._schedules import SCHEDULES
+
 
 @dataclass
 class ChunkReport:
@@ -116,6 +118,15 @@ class PlanReport:
                 )
                 mesh.append(f"  replica {r}: {where}")
         tail = f"expected bubble: {self.bubble:.1%}"
+        spec = SCHEDULES.get(self.schedule)
+        if spec is not None and spec.asynchronous:
+            tail += " (asynchronous: the pipeline fills and drains once per epoch)"
+            mesh.append(
+                f"schedule {self.schedule!r} {spec.semantics}; each stage keeps "
+                + ", ".join(str(spec.weight_copies(self.n_stages, s)) for s in
+                            range(self.n_stages))
+                + " stashed copies of its weights besides the live ones"
+            )
         if self.predicted_step_ms is not None:
             tail += f"; predicted step time: {self.predicted_step_ms:.2f} ms"
         if self.measured_step_ms is not None:

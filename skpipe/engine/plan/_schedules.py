@@ -98,6 +98,11 @@ class ScheduleSpec:
     # skpipe's own asynchronous schedules (engine/asyncpipe): no flush between batches, and so
     # not what one device trains; torch has no class for them
     asynchronous: bool = False
+    # (n_stages, stage) -> copies of the stage's weights held besides the live ones (the
+    # asynchronous schedules' stashed versions)
+    weight_copies: Callable[[int, int], int] = lambda p, s: 0
+    # what the schedule trains, where it is not what one device trains (plan() shows it)
+    semantics: str = ""
 
     @property
     def torch_class(self) -> str:
@@ -179,10 +184,23 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ScheduleSpec(
             "2bw", "", "single", 1, 1, False, _two_versions, _one_per_chunk_in_pipe,
             asynchronous=True,
+            weight_copies=lambda p, s: 2,
+            semantics=(
+                "does not train what one device trains: batch t's gradient is taken at the "
+                "weights before the last update, W_{t+1} = step(W_t, grad L_t(W_{t-1})) (one "
+                "update of delay on every stage)"
+            ),
         ),
         ScheduleSpec(
             "pipedream", "", "single", 1, 1, False, _any_count, _one_per_chunk_in_pipe,
             asynchronous=True,
+            weight_copies=lambda p, s: p - s + 1,
+            semantics=(
+                "does not train what one device trains: every stage updates after each "
+                "micro-batch, on the micro-batch's own mean loss, and stage s runs micro-batch "
+                "g on its weights after max(0, g - (p - s) + 1) updates (p - s - 1 updates "
+                "behind: p - 1 on the first stage, none on the last)"
+            ),
         ),
     )
 }
@@ -298,9 +316,9 @@ def bubble_fraction(
     the ZB-H1 figure (p-1)/(3*(m+p-1)) for the interleaved zero-bubble and V shapes.
     """
     p, m, v = n_stages, n_microbatches, chunks_per_stage
-    if p == 1:
-        return 0.0
     spec = SCHEDULES[schedule]
+    if p == 1 or spec.asynchronous:  # asynchronous: one fill and drain per epoch, not per step
+        return 0.0
     if spec.zero_bubble:
         return (
             (p - 1) / (3 * (v * m + p - 1))

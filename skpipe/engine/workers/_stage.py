@@ -97,7 +97,7 @@ class StageHost:
         )
         # skpipe's own asynchronous schedules run in a thread of their own (engine/asyncpipe)
         self.pipe = async_stage(self, replica_group) if self.asynchronous else None
-        self._schedule = None if self.pipe else self._build_schedule()
+        self._schedule: Any = None if self.pipe else self._build_schedule()
         self.meter: ActivationMeter | None = None
         # timeline rows are ranks of the whole (replica x stage) mesh
         offset = replica * config.n_stages
