@@ -229,6 +229,14 @@ def check_asynchronous(config: Any, callbacks: list[Any] | None) -> None:
             "stages update at different times, and a norm over all of them would put the "
             "flush between batches back. Use a synchronous schedule to clip."
         )
+    saves = [type(cb).__name__ for cb in _callback_list(callbacks)
+             if isinstance(cb, (Checkpoint, LoadInitState) + _SKORCH_CHECKPOINTS)]
+    if saves:
+        raise ValueError(
+            f"callbacks contains {', '.join(saves)}, but a checkpoint of {where} would need "
+            "the stashed weight versions too, and skpipe does not save them yet: a resumed fit "
+            "would not continue the same training. Use a synchronous schedule to checkpoint."
+        )
     for cb in _callback_list(callbacks):
         batch_hooks = sorted(hooks_of(cb) & {"on_batch_begin", "on_batch_end"})
         if needs_weights(cb) and batch_hooks:

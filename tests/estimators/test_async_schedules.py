@@ -17,6 +17,7 @@ from skorch.callbacks import Callback
 from torch.func import functional_call
 
 import skpipe
+import skpipe.callbacks
 from skpipe import PipeNetRegressor
 
 ROWS, BATCH, EPOCHS = 60, 16, 2  # 4 batches per epoch, the last of 12 rows
@@ -225,6 +226,9 @@ def no_worker_may_start(monkeypatch):
     (dict(schedule="2bw", callbacks=[WritesWeightsEachBatch()]),
      r"callbacks contains WritesWeightsEachBatch, which reads or writes the weights at "
      r"on_batch_end; with schedule='2bw' the batches overlap"),
+    (dict(schedule="2bw", callbacks=[skpipe.callbacks.Checkpoint(dirname="unused")]),
+     r"callbacks contains Checkpoint, but a checkpoint of schedule='2bw' would need the "
+     r"stashed weight versions"),
 ])
 def test_what_the_asynchronous_schedules_cannot_run_is_refused_before_any_worker(
         data, kw, match, no_worker_may_start):
