@@ -235,3 +235,69 @@ def test_what_the_asynchronous_schedules_cannot_run_is_refused_before_any_worker
     settings = dict(n_stages=2, n_microbatches=2, max_epochs=1, batch_size=BATCH)
     with pytest.raises(ValueError, match=match):
         PipeNetRegressor(module=network(2), **{**settings, **kw}).fit(*data)
+
+
+@pytest.mark.distributed
+def test_a_per_batch_lr_schedule_reaches_each_update(data):
+    """LRScheduler stepping every batch: update t of the rule uses the rate of batch t."""
+    from skorch.callbacks import LRScheduler
+    from torch.optim.lr_scheduler import StepLR
+
+    net = network(2)
+    ref = copy.deepcopy(net)
+    schedule = LRScheduler(policy=StepLR, step_size=1, gamma=0.7, step_every="batch")
+    est = PipeNetRegressor(
+        module=net, optimizer=torch.optim.SGD, lr=0.1, max_epochs=EPOCHS, batch_size=BATCH,
+        train_split=None, iterator_train__shuffle=False, n_stages=2, n_microbatches=2,
+        schedule="2bw", balance=balance(2), launcher="spawn", timeout=60, callbacks=[schedule],
+    ).fit(*data)
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.1)
+    previous = params(ref)
+    for t, (x, y) in enumerate(batches(data)):
+        current = params(ref)
+        weights = {n: w.requires_grad_(True) for n, w in previous.items()}
+        loss = nn.functional.mse_loss(functional_call(ref, weights, (x,)), y)
+        for q, g in zip(ref.parameters(), torch.autograd.grad(loss, list(weights.values()))):
+            q.grad = g
+        optimizer.param_groups[0]["lr"] = 0.1 * 0.7 ** t
+        optimizer.step()
+        previous = current
+    assert_weights(est, params(ref))
+
+
+@pytest.mark.distributed
+def test_2bw_with_replicas_sums_their_gradients_per_batch(data):
+    """Two replicas of a 2-stage pipeline (4 workers), each on its share of every batch: the
+    summed gradient is the batch's, so the fit equals the rule on whole batches."""
+    net = network(2)
+    expected, _ = reference_2bw(copy.deepcopy(net), "adam", data)
+    assert_weights(fit(net, data, "2bw", 2, 2, "adam", n_replicas=2), expected)
+
+
+@pytest.mark.distributed
+def test_2bw_weighs_rows_by_their_sample_weights(data):
+    X, y = data
+    w = np.random.RandomState(3).uniform(0.2, 3.0, size=ROWS).astype(np.float32)
+    net = network(2)
+    ref = copy.deepcopy(net)
+    cls, settings = OPTIMIZERS["sgd"]
+    est = PipeNetRegressor(
+        module=net, optimizer=cls, **settings, max_epochs=EPOCHS, batch_size=BATCH,
+        train_split=None, iterator_train__shuffle=False, n_stages=2, n_microbatches=2,
+        schedule="2bw", balance=balance(2), launcher="spawn", timeout=60,
+    ).fit(X, y, sample_weight=w)
+    optimizer = make_optimizer("sgd", ref.parameters())
+    previous = params(ref)
+    weights_of = torch.from_numpy(w)
+    for t, (x, target) in enumerate(batches(data)):
+        start = (t % -(-ROWS // BATCH)) * BATCH  # batches per epoch: ceil(ROWS / BATCH)
+        rows = weights_of[start:start + len(x)]
+        current = params(ref)
+        weights = {n: v.requires_grad_(True) for n, v in previous.items()}
+        out = functional_call(ref, weights, (x,))
+        loss = (rows[:, None] * (out - target) ** 2).sum() / rows.sum()
+        for q, g in zip(ref.parameters(), torch.autograd.grad(loss, list(weights.values()))):
+            q.grad = g
+        optimizer.step()
+        previous = current
+    assert_weights(est, params(ref))
