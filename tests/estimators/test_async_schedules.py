@@ -301,3 +301,19 @@ def test_2bw_weighs_rows_by_their_sample_weights(data):
         optimizer.step()
         previous = current
     assert_weights(est, params(ref))
+
+
+@pytest.mark.distributed
+def test_the_timeline_shows_batches_overlapping(data):
+    """timeline_ records each stage's forwards and backwards by batch: with 2bw, a stage works
+    on the next batch before the previous one's backwards are done."""
+    est = fit(network(2), data, "2bw", 2, 2, "sgd", timeline_steps=3)
+    spans = [s for s in est.timeline_.spans if s.kind in "FB"]
+    assert {s.rank for s in spans} == {0, 1}
+    first = [s for s in spans if s.rank == 0]
+    batches_seen = sorted({s.step for s in first})
+    assert len(batches_seen) >= 2
+    t = batches_seen[0]
+    last_backward = max(s.end for s in first if s.step == t and s.kind == "B")
+    next_forward = min(s.start for s in first if s.step == t + 1 and s.kind == "F")
+    assert next_forward < last_backward  # no flush between batch t and t + 1
