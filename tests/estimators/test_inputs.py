@@ -147,7 +147,7 @@ def test_continuous_target_for_classifier(regression_data):
         ("batch_size", 0, r"The 'batch_size' parameter of PipeNetClassifier must be .*Got 0 instead"),
         ("max_epochs", 0, r"The 'max_epochs' parameter .*Got 0 instead"),
         ("n_stages", 0, r"The 'n_stages' parameter .*Got 0 instead"),
-        ("schedule", "pipedream", r"The 'schedule' parameter .*Got 'pipedream' instead"),
+        ("schedule", "zero_bubble", r"The 'schedule' parameter .*Got 'zero_bubble' instead"),
         ("checkpoint", "sometimes", r"The 'checkpoint' parameter .*Got 'sometimes' instead"),
         ("launcher", "slurm", r"The 'launcher' parameter .*Got 'slurm' instead"),
         ("n_microbatches", 0, r"The 'n_microbatches' parameter .*Got 0 instead"),
