@@ -201,9 +201,6 @@ class AsyncStage:
                     if name in self.params:
                         tensors[names.index(name)].copy_(value)
 
-    def held_versions(self) -> dict[int, list[torch.Tensor]]:
-        return self.versions
-
     # -- driving (the thread that answers the driver) ------------------------------------------
     def begin(self, n_batches: int) -> None:
         """Start the stage's thread on the next ``n_batches`` batches of the fit (an epoch)."""
