@@ -43,6 +43,8 @@ PARAMETERS_DOC = """
         'gpipe', '1f1b', 'interleaved_1f1b', 'looped_bfs', 'interleaved_zero_bubble', 'zbv'
         or 'dualpipev' (torch.distributed.pipelining's schedules); 'auto' lets the planner
         choose the schedule, micro-batch count and chunks from measurements (see :meth:`plan`).
+        '2bw' and 'pipedream' are skpipe's asynchronous schedules: no flush between batches,
+        and so not what one device trains (the rules are in the docs' pipelining page).
     chunks_per_stage : int or 'auto', default='auto'
         Model chunks per worker for the looped/interleaved schedules (2 for the V schedules).
     balance : 'uniform', 'parameters', 'time', 'auto' or list of int, default='uniform'
