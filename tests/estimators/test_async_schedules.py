@@ -1,5 +1,6 @@
 """skpipe's asynchronous schedules on the estimators: a pipelined fit equals a plain loop
-written here from the rule each schedule states (not from skpipe's code), with SGD and Adam,
+written from the rule each schedule states (``tests/engine/asyncpipe/rules.py``, not from
+skpipe's code), with SGD and Adam,
 2 and 4 stages, a ragged last batch, several epochs (the rule counts batches across them).
 
 - '2bw': W_{-1} = W_0; batch t's gradient is taken at W_{t-1}; W_{t+1} = opt_step(W_t, grad).
@@ -14,11 +15,12 @@ import pytest
 import torch
 from torch import nn
 from skorch.callbacks import Callback
-from torch.func import functional_call
 
 import skpipe
 import skpipe.callbacks
 from skpipe import PipeNetRegressor
+from tests.engine.asyncpipe import rules
+from tests.engine.asyncpipe.rules import params
 
 ROWS, BATCH, EPOCHS = 60, 16, 2  # 4 batches per epoch, the last of 12 rows
 
@@ -70,50 +72,16 @@ def batches(data):
     return out
 
 
-def params(net):
-    return {n: t.detach().clone() for n, t in net.named_parameters()}
-
-
-def reference_2bw(net, opt, data):
-    optimizer = make_optimizer(opt, net.parameters())
-    previous = params(net)  # W_{t-1}
-    losses = []
-    for x, y in batches(data):
-        current = params(net)  # W_t
-        weights = {n: t.requires_grad_(True) for n, t in previous.items()}
-        loss = nn.functional.mse_loss(functional_call(net, weights, (x,)), y)
-        grads = torch.autograd.grad(loss, list(weights.values()))
-        for q, g in zip(net.parameters(), grads):
-            q.grad = g
-        optimizer.step()
-        optimizer.zero_grad()
-        previous = current
-        losses.append(float(loss.detach()))
-    return params(net), losses
+def reference_2bw(net, opt, data, **kw):
+    """The 2bw rule (``rules.reference_2bw``) on this file's batches and optimizers."""
+    return rules.reference_2bw(net, lambda ps: make_optimizer(opt, ps), batches(data), **kw)
 
 
 def reference_pipedream(net, opt, data, p, m):
-    sizes = balance(p)
-    bounds = np.cumsum([0] + sizes)
+    """The pipedream rule on this file's batches, stages cut as ``balance(p)`` cuts them."""
+    bounds = np.cumsum([0] + balance(p))
     parts = [net[int(a):int(b)] for a, b in zip(bounds[:-1], bounds[1:])]
-    optimizers = [make_optimizer(opt, c.parameters()) for c in parts]
-    history = [[params(c)] for c in parts]  # history[s][j]: stage s after j updates
-    micro = [mb for x, y in batches(data) for mb in zip(x.tensor_split(m), y.tensor_split(m))]
-    for g, (x, y) in enumerate(micro):
-        weights, h = [], x
-        for s, c in enumerate(parts):
-            v = max(0, g - (p - s) + 1)
-            w = {n: t.clone().requires_grad_(True) for n, t in history[s][v].items()}
-            weights.append(w)
-            h = functional_call(c, w, (h,))
-        loss = nn.functional.mse_loss(h, y)
-        grads = iter(torch.autograd.grad(loss, [t for w in weights for t in w.values()]))
-        for s, c in enumerate(parts):
-            for q in c.parameters():
-                q.grad = next(grads)
-            optimizers[s].step()
-            optimizers[s].zero_grad()
-            history[s].append(params(c))
+    rules.reference_pipedream(parts, lambda ps: make_optimizer(opt, ps), batches(data), m)
     return params(net)
 
 
@@ -251,18 +219,9 @@ def test_a_per_batch_lr_schedule_reaches_each_update(data):
         train_split=None, iterator_train__shuffle=False, n_stages=2, n_microbatches=2,
         schedule="2bw", balance=balance(2), launcher="spawn", timeout=60, callbacks=[schedule],
     ).fit(*data)
-    optimizer = torch.optim.SGD(ref.parameters(), lr=0.1)
-    previous = params(ref)
-    for t, (x, y) in enumerate(batches(data)):
-        current = params(ref)
-        weights = {n: w.requires_grad_(True) for n, w in previous.items()}
-        loss = nn.functional.mse_loss(functional_call(ref, weights, (x,)), y)
-        for q, g in zip(ref.parameters(), torch.autograd.grad(loss, list(weights.values()))):
-            q.grad = g
-        optimizer.param_groups[0]["lr"] = 0.1 * 0.7 ** t
-        optimizer.step()
-        previous = current
-    assert_weights(est, params(ref))
+    expected, _ = rules.reference_2bw(ref, lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                      batches(data), lr_of=lambda t: 0.1 * 0.7 ** t)
+    assert_weights(est, expected)
 
 
 @pytest.mark.distributed
@@ -286,21 +245,15 @@ def test_2bw_weighs_rows_by_their_sample_weights(data):
         train_split=None, iterator_train__shuffle=False, n_stages=2, n_microbatches=2,
         schedule="2bw", balance=balance(2), launcher="spawn", timeout=60,
     ).fit(X, y, sample_weight=w)
-    optimizer = make_optimizer("sgd", ref.parameters())
-    previous = params(ref)
     weights_of = torch.from_numpy(w)
-    for t, (x, target) in enumerate(batches(data)):
+
+    def weighted(t, out, target):
         start = (t % -(-ROWS // BATCH)) * BATCH  # batches per epoch: ceil(ROWS / BATCH)
-        rows = weights_of[start:start + len(x)]
-        current = params(ref)
-        weights = {n: v.requires_grad_(True) for n, v in previous.items()}
-        out = functional_call(ref, weights, (x,))
-        loss = (rows[:, None] * (out - target) ** 2).sum() / rows.sum()
-        for q, g in zip(ref.parameters(), torch.autograd.grad(loss, list(weights.values()))):
-            q.grad = g
-        optimizer.step()
-        previous = current
-    assert_weights(est, params(ref))
+        rows = weights_of[start:start + len(target)]
+        return (rows[:, None] * (out - target) ** 2).sum() / rows.sum()
+
+    expected, _ = reference_2bw(ref, "sgd", data, loss_of=weighted)
+    assert_weights(est, expected)
 
 
 @pytest.mark.distributed

@@ -326,26 +326,27 @@ class AsyncStage:
         """The last stage's loss of micro-batch k: its part of the batch's loss ('2bw', summed
         over the batch's micro-batches), or its own mean ('pipedream', one update each); the
         batch's loss and outputs go to the driver after its last micro-batch."""
-        assert self.loss is not None and self.own_loss is not None
+        loss = _given(self.loss, "a loss (it holds the last chunk)")
+        own_loss = _given(self.own_loss, "a loss (it holds the last chunk)")
         size = self.rows // self.m
         y = _given(rows.y, "the batch's targets").to(self.device)
         w = None if rows.w is None else rows.w.to(self.device)
         if k == 0:
-            self.loss.set_batch(y, rows.n_real, w, total_rows=rows.total_rows,
+            loss.set_batch(y, rows.n_real, w, total_rows=rows.total_rows,
                                 total_weight=rows.total_weight, denominator=rows.denominator)
             self._outs, self._loss_parts = [], []
             self._targets = row_targets(rows.n_real, self.rows, self.device, self.m)
         idx = self._targets[k * size:(k + 1) * size]
-        part = self.loss(out, idx)
+        part = loss(out, idx)
         self._loss_parts.append(part.detach().float())
         self._outs.append(out.detach())
         if self.schedule == "pipedream":  # the micro-batch's own mean drives its update
             start = sum(counts[:k])
             real = slice(start, start + counts[k])
-            self.own_loss.set_batch(y[real], counts[k], None if w is None else w[real])
+            own_loss.set_batch(y[real], counts[k], None if w is None else w[real])
             local = torch.full((size,), -1, dtype=torch.long, device=self.device)
             local[: counts[k]] = torch.arange(counts[k], device=self.device)
-            part = self.own_loss(out, local)
+            part = own_loss(out, local)
         if k == self.m - 1:
             whole = torch.cat(self._outs)
             if rows.n_real != self.rows:

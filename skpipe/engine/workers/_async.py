@@ -1,12 +1,10 @@
 """A stage host's asynchronous pipeline: the ``asyncpipe`` executor built from the host's
-chunk, optimizer, loss and process groups, and the batches given to it from the driver's
-messages (``_protocol.AsyncStep``: numpy arrays) or from a torchrun rank's own loop."""
+chunk, optimizer, loss and process groups, and the step that gives it a batch (from a spawned
+worker's ``AsyncStep`` message or from a torchrun rank's own loop)."""
 
 from __future__ import annotations
 
 from typing import Any
-
-import torch
 
 from ..asyncpipe._executor import AsyncStage, BatchRows
 from ..state._named import set_hyperparameters
@@ -33,23 +31,6 @@ def async_stage(host: Any, replica_group: Any) -> AsyncStage:
         replica_group=replica_group,
         set_hyper=set_hyperparameters,
         span_rank=host.replica * cfg.n_stages + host.rank,
-    )
-
-
-def batch_rows(record: Any) -> BatchRows:
-    """A ``_protocol.Step`` record (numpy arrays) as the executor takes it."""
-
-    def tensor(a: Any) -> torch.Tensor | None:
-        return None if a is None else torch.from_numpy(a)
-
-    return BatchRows(
-        n_real=record.n_real,
-        x=tensor(record.x),
-        y=tensor(record.y),
-        w=tensor(record.w),
-        total_rows=record.total_rows,
-        total_weight=record.total_weight,
-        denominator=record.denominator,
     )
 
 

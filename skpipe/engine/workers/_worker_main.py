@@ -141,11 +141,16 @@ class Worker:
         self.pipe().begin(m.n_batches)
 
     def async_step(self, m: P.AsyncStep) -> Any:
-        from ._async import batch_rows, step
+        from ..asyncpipe._executor import BatchRows
+        from ._async import step
 
         pipe = self.pipe()
-        records = {pipe.fed: m.now, pipe.fed + 1: m.ahead}
-        rows = {t: batch_rows(r) for t, r in records.items() if r is not None}
+        records = {pipe.fed: m.now, pipe.fed + 1: m.ahead}  # this batch, and the next ahead
+        rows = {
+            t: BatchRows(r.n_real, _tensor(r.x), _tensor(r.y), _tensor(r.w), r.total_rows,
+                         r.total_weight, r.denominator)
+            for t, r in records.items() if r is not None
+        }
         result = step(pipe, self.stages().holds_last, m.hyper, rows)
         return None if result is None else (result[0].cpu().numpy(), result[1].cpu().numpy())
 
