@@ -4,7 +4,10 @@ Sleep stages (forward F, backward B per micro-batch and stage, whatever the CPU)
 m micro-batches, a given number of batches per epoch, spawned workers. Each schedule trains
 the same epochs through the runner a fit uses (the next batch sent ahead, as the training loop
 does); an epoch's time is measured from its first step to its drain. The goal for '2bw' is one
-fill and one drain per epoch: epoch <= 1.1 x (batches * m + p - 1) * (F + B).
+fill and one drain per epoch: epoch <= 1.1 x (batches * m + p - 1) * (F + B). Beside each,
+what ``plan()`` predicts (the planner's replay of the executor's order with its own
+measurements of the layers, the messages and the optimizer): the step a batch adds, against the
+measured epoch per batch (which also carries the epoch's one fill and drain).
 
     python benchmarks/async_pipelines.py [--quick] [--runs 3]
 """
@@ -22,7 +25,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import SleepLayer, cpu_config, emit, median  # noqa: E402
 
+from skpipe import shutdown_workers  # noqa: E402
 from skpipe.engine.plan._config import TrainSpec  # noqa: E402
+from skpipe.engine.planner import _planner as PL  # noqa: E402
 from skpipe.engine.plan._plan import make_plan  # noqa: E402
 from skpipe.engine.plan._schedules import resolve_chunks  # noqa: E402
 from skpipe.engine.runners._runners import make_runner  # noqa: E402
@@ -30,11 +35,28 @@ from skpipe.engine.runners._runners import make_runner  # noqa: E402
 SCHEDULES = ("2bw", "pipedream", "1f1b", "interleaved_1f1b")
 
 
+def network(schedule: str, p: int, f: float, b: float) -> nn.Sequential:
+    v = resolve_chunks(schedule, "auto")
+    return nn.Sequential(*[SleepLayer(f / v, b / v) for _ in range(p * v)])
+
+
+def predicted_step(schedule: str, p: int, m: int, f: float, b: float) -> float:
+    """The planner's predicted step (seconds a batch adds), as ``plan()`` gives it."""
+    shutdown_workers()  # the planner measures before a fit's workers start
+    cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=4 * m)
+    net = network(schedule, p, f, b)
+    x = torch.randn(4 * m, 8)
+    profile = PL.measure(net, x, PL.rows_to_measure(4 * m), "cpu", 1)
+    step, _, _ = PL.predict(profile, cfg, schedule, m, cfg.chunks_per_stage,
+                            PL.message_cost("cpu"), local=False,
+                            optimizer=PL.optimizer_cost(torch.optim.SGD, {"lr": 0.0}, "cpu", 1))
+    return step
+
+
 def epoch_seconds(schedule: str, p: int, m: int, batches: int, f: float, b: float,
                   epochs: int) -> list[float]:
     """Seconds of each of ``epochs`` epochs of ``batches`` batches (after one warm epoch)."""
-    v = resolve_chunks(schedule, "auto")
-    net = nn.Sequential(*[SleepLayer(f / v, b / v) for _ in range(p * v)])
+    net = network(schedule, p, f, b)
     rows = 4 * m
     cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=rows)
     spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
@@ -68,6 +90,7 @@ def main() -> None:
         for schedule in SCHEDULES:
             seconds[schedule] += epoch_seconds(schedule, p, m, batches, f, b, epochs)
     epoch = {s: median(t) for s, t in seconds.items()}
+    predicted = {s: predicted_step(s, p, m, f, b) for s in SCHEDULES}
     emit("async_pipelines", {
         "setting": f"p={p} m={m} {batches} batches/epoch, F={1e3 * f:g} ms B={1e3 * b:g} ms, "
                    f"spawn, median of {runs} runs x {epochs} epochs",
@@ -78,6 +101,10 @@ def main() -> None:
         "2bw_over_1f1b": round(epoch["2bw"] / epoch["1f1b"], 3),
         "2bw_over_interleaved_1f1b": round(epoch["2bw"] / epoch["interleaved_1f1b"], 3),
         "pipedream_over_1f1b": round(epoch["pipedream"] / epoch["1f1b"], 3),
+        **{f"{s}_predicted_step_ms": round(1e3 * predicted[s], 2) for s in SCHEDULES},
+        **{f"{s}_measured_ms_per_batch": round(1e3 * epoch[s] / batches, 2) for s in SCHEDULES},
+        **{f"{s}_prediction_error": round(predicted[s] * batches / epoch[s] - 1, 3)
+           for s in SCHEDULES},
     })
 
 

@@ -89,7 +89,7 @@ FLOORS = {
     "parallel": set(),                                                # devices, groups, replicas
     "plan": {"split"},                                                # the Plan, made once
     "state": {"split"},                                               # state by name, streamed
-    "planner": {"split", "plan"},                                     # measure, simulate, choose
+    "planner": {"split", "plan", "asyncpipe"},                        # measure, simulate, choose
     "asyncpipe": {"split", "plan"},                                   # the asynchronous schedules
     "workers": {"split", "plan", "state", "parallel", "asyncpipe"},   # processes hosting stages
     "runners": {"split", "plan", "state", "parallel", "workers", "asyncpipe"},  # where stages live

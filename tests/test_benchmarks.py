@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["schedule_efficiency", "overhead", "real_compute", "memory", "search_overhead", "channel",
-           "scaling", "planner", "large_network", "callbacks", "async_pipelines"]
+           "scaling", "planner", "large_network", "callbacks", "async_pipelines",
+           "async_convergence"]
 
 
 @pytest.mark.distributed

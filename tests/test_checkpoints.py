@@ -45,6 +45,13 @@ CONFIGS = [
                  marks=pytest.mark.distributed),
     pytest.param(dict(n_stages=2, n_replicas=2, n_microbatches=2, launcher="spawn"),
                  marks=pytest.mark.distributed, id="replicas"),
+    # the asynchronous schedules: each stage's stashed weight versions and the fit's batch
+    # count are saved too (2bw's next batch runs on the version before the last update;
+    # pipedream's first stage p - 1 updates behind)
+    pytest.param(dict(n_stages=3, n_microbatches=3, launcher="spawn", schedule="2bw"),
+                 marks=pytest.mark.distributed, id="2bw"),
+    pytest.param(dict(n_stages=3, n_microbatches=2, launcher="spawn", schedule="pipedream"),
+                 marks=pytest.mark.distributed, id="pipedream"),
 ]
 
 

@@ -309,18 +309,18 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             max_grad_norm=self.max_grad_norm,
             timeout=float(self.timeout),
         )
-        check_asynchronous(config, self.callbacks)  # what skpipe's own schedules cannot run
+        check_asynchronous(config, self.callbacks, self.n_stages)  # what skpipe's own cannot run
         return config
 
     def _choose_layout(
-        self, module: nn.Module, inputs: FitInputs
+        self, module: nn.Module, inputs: FitInputs, predict: bool = False
     ) -> tuple[FitInputs, Choice | None]:
         """The layout the fit runs with ('auto' parameters chosen by the planner)."""
         batch = inputs.config.batch_size
         measured_on = rows_to_tensor(inputs.X, slice(0, min(batch, inputs.X.shape[0])))
         config, choice = choose_layout(
             self, module, measured_on, lambda n, s: self._config(n, s, batch), inputs.config,
-            (inputs.spec.optimizer, inputs.spec.optimizer_kwargs),
+            (inputs.spec.optimizer, inputs.spec.optimizer_kwargs), predict,
         )
         if config is inputs.config:
             return inputs, choice
@@ -425,7 +425,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             torch.manual_seed(inputs.seed)
             module, built = est._build_module(inputs)
         mark_split_points(module, est.split_points)
-        inputs, choice = est._choose_layout(module, inputs)
+        inputs, choice = est._choose_layout(module, inputs, predict=True)
         plan = est._make_plan(module, inputs.config, inputs, planned=chosen_sizes(choice))
         return dataclasses.replace(annotated(plan.report(), choice), construction=built)
 

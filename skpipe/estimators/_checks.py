@@ -186,10 +186,11 @@ def check_callbacks_fit(
             )
 
 
-def check_asynchronous(config: Any, callbacks: list[Any] | None) -> None:
+def check_asynchronous(config: Any, callbacks: list[Any] | None, n_stages: Any = None) -> None:
     """Refuse, by name, what skpipe's asynchronous schedules ('2bw', 'pipedream') cannot run,
     before any worker starts: they overlap batches, so every stage needs a process of its own,
-    and a stage steps when its own share of a batch is done, not when the pipeline's is."""
+    and a stage steps when its own share of a batch is done, not when the pipeline's is.
+    ``n_stages``: the estimator's own (the configuration's may stand in for 'auto')."""
     from ..engine.plan._schedules import SCHEDULES
     from ._mirror import hooks_of, needs_weights
 
@@ -197,6 +198,11 @@ def check_asynchronous(config: Any, callbacks: list[Any] | None) -> None:
     if not SCHEDULES[name].asynchronous:
         return
     where = f"schedule={name!r}"
+    if isinstance(n_stages, str):
+        raise ValueError(
+            f"{where} needs a number of stages (>= 2); got n_stages={n_stages!r}: the planner "
+            "chooses the number of stages for the synchronous schedules only."
+        )
     if config.n_stages < 2:
         raise ValueError(
             f"{where} overlaps the batches of a pipeline and needs n_stages >= 2 (a number); got "
@@ -230,12 +236,13 @@ def check_asynchronous(config: Any, callbacks: list[Any] | None) -> None:
             "flush between batches back. Use a synchronous schedule to clip."
         )
     saves = [type(cb).__name__ for cb in _callback_list(callbacks)
-             if isinstance(cb, (Checkpoint, LoadInitState) + _SKORCH_CHECKPOINTS)]
+             if isinstance(cb, _SKORCH_CHECKPOINTS)]
     if saves:
         raise ValueError(
-            f"callbacks contains {', '.join(saves)}, but a checkpoint of {where} would need "
-            "the stashed weight versions too, and skpipe does not save them yet: a resumed fit "
-            "would not continue the same training. Use a synchronous schedule to checkpoint."
+            f"callbacks contains skorch's {', '.join(saves)}, but a checkpoint of {where} needs "
+            "the weight versions each stage stashes, which skorch's callbacks do not save: a "
+            "resumed fit would not continue the same training. Use skpipe.callbacks.Checkpoint "
+            "and LoadInitState, which save and resume them."
         )
     for cb in _callback_list(callbacks):
         batch_hooks = sorted(hooks_of(cb) & {"on_batch_begin", "on_batch_end"})

@@ -12,6 +12,7 @@ budget, then the fastest plan for that count (with the given schedule, or any wi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from numbers import Integral
 from typing import Any
@@ -24,6 +25,7 @@ from ..engine.parallel._devices import threads_per_worker
 from ..engine.parallel._groups import broadcast_object, job_world
 from ..engine.plan._config import PipelineConfig
 from ..engine.plan._memory import human_bytes
+from ..engine.plan._schedules import SCHEDULES
 from ..engine.planner import _planner
 
 
@@ -49,14 +51,19 @@ def choose_layout(
     config_for: Callable[[int, str], PipelineConfig],
     first: PipelineConfig,
     optimizer: tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]] | None = None,
+    predict: bool = False,
 ) -> tuple[PipelineConfig, _planner.Choice | None]:
     """The configuration a fit runs with, and the planner's choice behind it (None when nothing
     was 'auto'). ``config_for(n_stages, schedule)`` makes a validated configuration;
-    ``optimizer``: the fit's optimizer class and settings (its step is predicted too)."""
+    ``optimizer``: the fit's optimizer class and settings (its step is predicted too).
+    ``predict`` (``plan()``): an asynchronous schedule's step is predicted even when nothing
+    is 'auto' (the configuration stays as given)."""
     auto_schedule = est.schedule == "auto"
     auto_stages = est.n_stages == "auto"
     auto_balance = isinstance(est.balance, str) and est.balance == "auto"
     if not (auto_schedule or auto_stages or auto_balance):
+        if predict and SCHEDULES[first.schedule].asynchronous:
+            return first, _prediction(module, sample, first, optimizer)
         return first, None
     budget = None if est.stage_memory_budget is None else float(est.stage_memory_budget)
     if auto_stages and budget is None:
@@ -116,6 +123,24 @@ def choose_layout(
         f"n_stages='auto': no number of stages up to {counts[-1]} fits stage_memory_budget "
         f"({human_bytes(budget or 0)} per stage). {last_error or ''}"
     )
+
+
+def _prediction(
+    module: nn.Module,
+    sample: torch.Tensor,
+    config: PipelineConfig,
+    optimizer: tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]] | None,
+) -> _planner.Choice:
+    """The planner's prediction for ``config`` exactly as given (its schedule, micro-batches,
+    chunks and balance): a report, not a choice the fit takes (each process measures its own
+    under torchrun: nothing is sent)."""
+    choice = _planner.choose(
+        module, config, sample, threads=_threads(config),
+        one_stage_threads=torch.get_num_threads(),
+        fixed_microbatches=config.n_microbatches, fixed_chunks=config.chunks_per_stage,
+        schedules=(config.schedule,), optimizer=optimizer,
+    )
+    return dataclasses.replace(choice, config=config, binding=False)
 
 
 def _received(choice: object) -> tuple[PipelineConfig, _planner.Choice]:

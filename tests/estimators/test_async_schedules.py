@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from skorch.callbacks import Callback
 
+import skorch.callbacks
+
 import skpipe
 import skpipe.callbacks
 from skpipe import PipeNetRegressor
@@ -185,6 +187,8 @@ def no_worker_may_start(monkeypatch):
      r"schedule='2bw' needs launcher='spawn' or 'torchrun' \(got launcher='local'\)"),
     (dict(schedule="pipedream", n_stages=1),
      r"schedule='pipedream' overlaps the batches of a pipeline and needs n_stages >= 2"),
+    (dict(schedule="2bw", n_stages="auto", stage_memory_budget=10**9),
+     r"schedule='2bw' needs a number of stages \(>= 2\); got n_stages='auto'"),
     (dict(schedule="pipedream", n_replicas=2),
      r"schedule='pipedream' updates after every micro-batch.*got n_replicas=2.*'2bw'"),
     (dict(schedule="2bw", checkpoint="always"),
@@ -194,9 +198,9 @@ def no_worker_may_start(monkeypatch):
     (dict(schedule="2bw", callbacks=[WritesWeightsEachBatch()]),
      r"callbacks contains WritesWeightsEachBatch, which reads or writes the weights at "
      r"on_batch_end; with schedule='2bw' the batches overlap"),
-    (dict(schedule="2bw", callbacks=[skpipe.callbacks.Checkpoint(dirname="unused")]),
-     r"callbacks contains Checkpoint, but a checkpoint of schedule='2bw' would need the "
-     r"stashed weight versions"),
+    (dict(schedule="2bw", callbacks=[skorch.callbacks.Checkpoint(dirname="unused")]),
+     r"callbacks contains skorch's Checkpoint, but a checkpoint of schedule='2bw' needs the "
+     r"weight versions each stage stashes.*skpipe.callbacks.Checkpoint"),
 ])
 def test_what_the_asynchronous_schedules_cannot_run_is_refused_before_any_worker(
         data, kw, match, no_worker_may_start):
@@ -270,3 +274,29 @@ def test_the_timeline_shows_batches_overlapping(data):
     last_backward = max(s.end for s in first if s.step == t and s.kind == "B")
     next_forward = min(s.start for s in first if s.step == t + 1 and s.kind == "F")
     assert next_forward < last_backward  # no flush between batch t and t + 1
+
+
+def test_plan_predicts_the_step_of_an_asynchronous_schedule(data, monkeypatch):
+    """plan() with schedule='2bw' replays the executor's order with measured layers: a step
+    with no fill or drain, faster than 1f1b's on the same network, the stashed weights in the
+    memory; the split stays the one given (the prediction is a report, not a choice)."""
+    from skpipe.engine.planner import _planner
+    from skpipe.engine.planner._measure import MessageCost
+
+    # a fixed message cost: measuring one would start two processes
+    monkeypatch.setattr(_planner, "message_cost", lambda device: MessageCost(1e-5, 1e-9, 1e-4))
+    wide = nn.Sequential(nn.Linear(5, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                         nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 1))
+    kw = dict(module=wide, n_stages=4, n_microbatches=4, batch_size=BATCH, balance=[2, 2, 2, 1],
+              launcher="spawn")
+    two = PipeNetRegressor(schedule="2bw", **kw).plan(*data)
+    assert two.predicted_step_ms is not None and two.predicted_step_ms > 0
+    assert [(c["schedule"], c["n_microbatches"]) for c in two.candidates] == [("2bw", 4)]
+    assert [c.n_layers for c in two.chunks] == [2, 2, 2, 1]
+    assert "predicted step time" in str(two) and "fills and drains once per epoch" in str(two)
+    one = PipeNetRegressor(schedule="1f1b", **kw).plan(*data)
+    assert one.predicted_step_ms is None  # a synchronous schedule as given is not simulated
+    # the same network planned by the planner for 1f1b: 2bw's step has no fill and drain
+    planned = PipeNetRegressor(schedule="1f1b", **{**kw, "balance": "auto"}).plan(*data)
+    assert two.predicted_step_ms < min(c["predicted_step_ms"] for c in planned.candidates
+                                       if c["schedule"] == "1f1b")

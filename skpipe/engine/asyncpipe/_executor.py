@@ -201,6 +201,35 @@ class AsyncStage:
                     if name in self.params:
                         tensors[names.index(name)].copy_(value)
 
+    def stash(self) -> dict[str, Any]:
+        """What this stage's rule needs besides its live weights and optimizer state, between
+        epochs (the pipeline drained: every gradient taken is applied): the fit's batch count
+        and every weight version a later forward may use, in the parameters' order."""
+        if self.thread is not None:
+            raise RuntimeError("an asynchronous stage's stash was asked for during an epoch")
+        return {
+            "stage": self.stage,
+            "batches_done": self.batches_done,
+            "versions": {v: [t.detach().cpu() for t in ts] for v, ts in self.versions.items()},
+        }
+
+    def load_stash(self, stash: dict[str, Any]) -> None:
+        """Continue the rule where a saved ``stash`` of this stage left it."""
+        if self.thread is not None:
+            raise RuntimeError("an asynchronous stage's stash was loaded during an epoch")
+        versions = {int(v): [t.to(self.device).clone() for t in ts]
+                    for v, ts in stash["versions"].items()}
+        shapes = [tuple(p.shape) for p in self.params.values()]
+        for v, ts in versions.items():
+            if [tuple(t.shape) for t in ts] != shapes:
+                raise ValueError(
+                    f"the checkpoint's weight version {v} of stage {self.stage} does not match "
+                    "its parameters' shapes; resume with the same network and split"
+                )
+        self.versions = versions
+        self.batches_done = self.fed = int(stash["batches_done"])
+        self._forwards = self.batches_done * self.m
+
     # -- driving (the thread that answers the driver) ------------------------------------------
     def begin(self, n_batches: int) -> None:
         """Start the stage's thread on the next ``n_batches`` batches of the fit (an epoch)."""

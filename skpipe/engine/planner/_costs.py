@@ -1,6 +1,7 @@
-"""What a pipelined step pays besides its schedule's actions: each stage's optimizer step
-after its last action, the compute its messages cost beside them, the replicas' gradient sum,
-and on ``spawn`` the driver's step message and reply."""
+"""What a pipelined step's actions cost (each chunk's forward and backward at a micro-batch's
+rows, with what its messages cost beside them and what recomputation adds), and what the step
+pays besides them: each stage's optimizer step after its last action, the replicas' gradient
+sum, and on ``spawn`` the driver's step message and reply."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from ..plan._config import PipelineConfig
 from ._measure import LayerProfile, MessageCost, OptimizerCost
+from ._simulate import ChunkCost
 
 
 def stage_sums(
@@ -109,3 +111,44 @@ def driver_message_seconds(
     rows = config.share_rows
     out = profile.output_bytes_per_row[-1] if profile.output_bytes_per_row else 0.0
     return 2 * message.latency + rows * (profile.input_bytes_per_row + out) * message.per_byte
+
+
+def chunk_costs(
+    profile: LayerProfile,
+    config: PipelineConfig,
+    spec: Any,
+    rows: int,
+    bounds: list[tuple[int, int]],
+    owners: list[int],
+    message: MessageCost,
+    local: bool,
+) -> tuple[list[ChunkCost], list[float]]:
+    """Each chunk's costs per micro-batch of ``rows`` rows under schedule ``spec``, and per
+    stage the activations of the one micro-batch a recomputing backward rebuilds."""
+    layer_costs = profile.costs(rows)
+    o = message.per_action  # torch's time per action, the messages' latency included
+    recompute = config.checkpoint == "always"
+    rebuilt = [0.0] * config.n_stages
+    costs = []
+    for c, (s, e) in enumerate(bounds):
+        f, i, w, b = (sum(layer[k] for layer in layer_costs[s:e]) for k in range(4))
+        if not local:  # messages to and from other processes slow the compute beside them
+            f, i, b = (t + contention(profile, bounds, owners, c, rows, message)
+                       for t in (f, i, b))
+        act = rows * sum(profile.activation_bytes_per_row[s:e])
+        held = act
+        if recompute:  # each micro-batch holds its input; the backward runs the forward again
+            entering = profile.output_bytes_per_row[s - 1] if s else profile.input_bytes_per_row
+            held = rows * entering
+            if c == len(bounds) - 1:  # the loss keeps the output it was computed on
+                held = min(act, held + rows * profile.output_bytes_per_row[e - 1])
+            rebuilt[owners[c]] = max(rebuilt[owners[c]], act)
+            i, b = i + f, b + f
+        # a split backward is two actions, so 'I' and 'W' each pay the per-action time
+        costs.append(
+            ChunkCost(
+                f + o, i + o, w + o, held,
+                full_backward=None if spec.zero_bubble else b + o,
+            )
+        )
+    return costs, rebuilt

@@ -245,10 +245,12 @@ def message_cost(device: str) -> MessageCost:
 
 @dataclass(frozen=True)
 class OptimizerCost:
-    """One optimizer step: seconds per parameter byte, and per parameter tensor."""
+    """One optimizer step: seconds per parameter byte, and per parameter tensor; and what a
+    copy of the weights costs per byte (an asynchronous schedule keeps one per update)."""
 
     per_byte: float
     per_tensor: float
+    copy_per_byte: float = 0.0
 
     def seconds(self, nbytes: float, tensors: int) -> float:
         return self.per_byte * nbytes + self.per_tensor * tensors
@@ -290,15 +292,27 @@ def optimizer_cost(
             times.append(time.perf_counter() - t0)
         return sorted(times[1:])[2]
 
+    def copied() -> float:
+        weights = torch.zeros(_PROBE_ELEMENTS, device=dev)
+        times = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            weights.detach().clone()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[2]
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        one, many = timed(1), timed(32)
+        one, many, copy = timed(1), timed(32), copied()
     finally:
         torch.set_num_threads(before)
     per_tensor = max(0.0, (many - one) / 31)
     cost = OptimizerCost(
-        per_byte=max(0.0, one - per_tensor) / (4 * _PROBE_ELEMENTS), per_tensor=per_tensor
+        per_byte=max(0.0, one - per_tensor) / (4 * _PROBE_ELEMENTS), per_tensor=per_tensor,
+        copy_per_byte=copy / (4 * _PROBE_ELEMENTS),
     )
     _OPTIMIZERS[key] = cost
     return cost

@@ -30,15 +30,16 @@ from ._measure import (
     optimizer_cost,
     rows_to_measure,
 )
+from ._async import predict_async
 from ._costs import (
     REPLICA_BUCKET_BYTES,
-    contention,
+    chunk_costs,
     driver_message_seconds,
     optimizer_finish,
     replica_sum_seconds,
     stage_sums,
 )
-from ._simulate import ChunkCost, action_order, simulate
+from ._simulate import action_order, simulate
 
 __all__ = [
     "BALANCES", "Candidate", "Choice", "LayerProfile", "MessageCost", "annotated",
@@ -98,60 +99,42 @@ def predict(
     the configuration's); ``optimizer``: what its step costs each stage after its last
     backward (None: nothing)."""
     rows = step_rows(config.share_rows, m) // m
-    layer_costs = profile.costs(rows)
     sizes = split_sizes(profile, config, m, v, balance)
     bounds = chunk_bounds(sizes)
-    costs = []
     spec = _schedules.SCHEDULES[schedule]
-    o = message.per_action  # torch's time per action, the messages' latency included
-    recompute = config.checkpoint == "always"
-    rebuilt = [0.0] * config.n_stages  # the activations of the one micro-batch recomputed
     owners = [_schedules.chunk_owner(c, config.n_stages, v, spec.placement)
               for c in range(len(bounds))]
-    for c, (s, e) in enumerate(bounds):
-        f, i, w, b = (sum(layer[k] for layer in layer_costs[s:e]) for k in range(4))
-        if not local:  # messages to and from other processes slow the compute beside them
-            f, i, b = (t + contention(profile, bounds, owners, c, rows, message)
-                       for t in (f, i, b))
-        act = rows * sum(profile.activation_bytes_per_row[s:e])
-        held = act
-        if recompute:  # each micro-batch holds its input; the backward runs the forward again
-            entering = profile.output_bytes_per_row[s - 1] if s else profile.input_bytes_per_row
-            held = rows * entering
-            if c == len(bounds) - 1:  # the loss keeps the output it was computed on
-                held = min(act, held + rows * profile.output_bytes_per_row[e - 1])
-            rebuilt[owners[c]] = max(rebuilt[owners[c]], act)
-            i, b = i + f, b + f
-        # a split backward is two actions, so 'I' and 'W' each pay the per-action time
-        costs.append(
-            ChunkCost(
-                f + o, i + o, w + o, held,
-                full_backward=None if spec.zero_bubble else b + o,
-            )
-        )
-    messages = [
-        message.per_byte * rows * profile.output_bytes_per_row[e - 1] for _, e in bounds[:-1]
-    ]
-    order = action_order(schedule, config.n_stages, m, v, local=local)
-    sim = simulate(order, costs, [] if local else messages)
-    peaks = [4.0 * b for b in stage_sums(profile.parameter_bytes, bounds, owners,
-                                         config.n_stages)]
+    costs, rebuilt = chunk_costs(profile, config, spec, rows, bounds, owners, message, local)
+    if spec.asynchronous:  # skpipe's own executor: its order across batches, per batch
+        step, busy, activations = predict_async(profile, config, schedule, m, costs, bounds,
+                                                owners, message, optimizer)
+    else:
+        messages = [
+            message.per_byte * rows * profile.output_bytes_per_row[e - 1]
+            for _, e in bounds[:-1]
+        ]
+        order = action_order(schedule, config.n_stages, m, v, local=local)
+        sim = simulate(order, costs, [] if local else messages)
+        busy, activations = sim.busy_seconds, sim.peak_activation_bytes
+        step = optimizer_finish(profile, config, bounds, owners, sim, optimizer)
+        step += replica_sum_seconds(profile, config, bounds, owners, spec, message, busy)
+        if config.launcher == "spawn":  # torchrun ranks have the data; 'local' sends nothing
+            step += driver_message_seconds(profile, config, message)
+    # weights, gradients, two Adam moments, and the versions an asynchronous stage keeps
+    params = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
+    peaks = [(4.0 + spec.weight_copies(config.n_stages, s)) * b for s, b in enumerate(params)]
     if local:
-        activation = sim.peak_activation_bytes[0]
+        activation = activations[0]
         peaks = [p + activation / config.n_stages for p in peaks]
     else:
-        peaks = [p + a for p, a in zip(peaks, sim.peak_activation_bytes, strict=True)]
+        peaks = [p + a for p, a in zip(peaks, activations, strict=True)]
     peaks = [p + r for p, r in zip(peaks, rebuilt, strict=True)]
     # the step's inputs on the first chunk's stage, its targets (a stand-in: the outputs'
     # bytes) on the last chunk's, whole: every micro-batch is a view of them
     whole = rows * m
     peaks[owners[0]] += whole * profile.input_bytes_per_row
     peaks[owners[-1]] += whole * (profile.output_bytes_per_row[-1] if bounds else 0.0)
-    extra = replica_sum_seconds(profile, config, bounds, owners, spec, message, sim.busy_seconds)
-    if config.launcher == "spawn":  # torchrun ranks have the data; 'local' sends nothing
-        extra += driver_message_seconds(profile, config, message)
-    step = optimizer_finish(profile, config, bounds, owners, sim, optimizer) + extra
-    bubble = 1.0 - sum(sim.busy_seconds) / (config.n_stages * step) if step > 0 else 0.0
+    bubble = 1.0 - sum(busy) / (config.n_stages * step) if step > 0 else 0.0
     return step, bubble, peaks
 
 
@@ -282,6 +265,8 @@ class Choice:
     one_stage_ms: float | None  # the whole network on one device, per step
     one_stage_fits: bool
     seconds: float  # planning time
+    binding: bool = True  # False: a prediction for the configuration as given, not a choice
+
 
     @property
     def chosen(self) -> Candidate | None:
@@ -289,9 +274,10 @@ class Choice:
 
     @property
     def sizes(self) -> tuple[int, ...] | None:
-        """The chosen plan's layers per chunk (None where nothing was chosen)."""
+        """The chosen plan's layers per chunk (None where nothing was chosen, or where this
+        is only a prediction: the fit splits as it was told)."""
         best = self.chosen
-        return best.sizes if best is not None and best.sizes else None
+        return best.sizes if self.binding and best is not None and best.sizes else None
 
     @property
     def advice(self) -> str | None:

@@ -14,7 +14,8 @@ and what it needs is done: a forward needs the previous chunk's forward of that 
 'I') needs its own forward and the next chunk's backward (plus a message), a weight-gradient
 'W' its 'I'. DualPipeV's overlapped forward+backward pairs run their two halves one after the
 other. Activations are held from a forward to the end of that micro-batch's backward ('B', or
-'W' after 'I').
+'W' after 'I'). An asynchronous schedule's update 'U' (``planner._async``) follows its
+micro-batch's backward on the same rank.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from unittest import mock
 
 from ..plan import _schedules
 
-Action = tuple[str, int, int]  # (kind 'F' | 'B' | 'I' | 'W', chunk, micro-batch)
+Action = tuple[str, int, int]  # (kind 'F' | 'B' | 'I' | 'W' | 'U', chunk, micro-batch)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ChunkCost:
     weight_grad: float
     activation_bytes: float = 0.0
     full_backward: float | None = None
+    update: float = 0.0  # an asynchronous schedule's weight update ('U'), where it has one
 
     @property
     def backward(self) -> float:
@@ -188,6 +190,8 @@ def simulate(
             if c < n_chunks - 1:
                 later = ("B", c + 1, mb) if ("B", c + 1, mb) in done else ("I", c + 1, mb)
                 need.append((later, hop(c)))
+        elif kind == "U":  # an asynchronous stage's update after micro-batch mb's backward
+            need.append((("B", c, mb), 0.0))
         else:  # W
             need.append((("I", c, mb), 0.0))
         t = 0.0
@@ -216,6 +220,7 @@ def simulate(
                     "B": cost.backward,
                     "I": cost.input_grad,
                     "W": cost.weight_grad,
+                    "U": cost.update,
                 }[kind]
                 start = max(free[r], t)
                 done[a] = free[r] = start + duration

@@ -80,12 +80,19 @@ def state_for(named: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def write_state_file(path: str, module: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+def write_state_file(
+    path: str, module: dict[str, torch.Tensor], optimizer: dict[str, Any],
+    stash: dict[str, Any] | None = None,
+) -> None:
     """A checkpoint part, written atomically: tensors by their names in the whole network, and
-    the optimizer's state keyed by parameter name (``state_by_name``)."""
+    the optimizer's state keyed by parameter name (``state_by_name``); ``stash``: what an
+    asynchronous schedule's stage needs besides (its weight versions and batch count)."""
     tmp = f"{path}.{os.getpid()}.tmp"
+    part: dict[str, Any] = {"module": module, "optimizer": optimizer}
+    if stash is not None:
+        part["stash"] = stash
     try:
-        torch.save({"module": module, "optimizer": optimizer}, tmp)
+        torch.save(part, tmp)
         os.replace(tmp, path)  # a reader sees the old file or the new one, whole
     except BaseException:
         if os.path.exists(tmp):
@@ -95,13 +102,15 @@ def write_state_file(path: str, module: dict[str, torch.Tensor], optimizer: dict
 
 def read_state_files(paths: Sequence[str]) -> dict[str, Any]:
     """The parts of a checkpoint merged: ``{'module': state dict of the whole network,
-    'optimizer': state keyed by parameter name}``. Tensors are memory-mapped from the files
-    (read when used)."""
+    'optimizer': state keyed by parameter name, 'stashes': the asynchronous stages' stashes
+    (none for a synchronous schedule)}``. Tensors are memory-mapped from the files (read when
+    used)."""
     parts = [torch.load(p, mmap=True, weights_only=True) for p in paths]
     module: dict[str, torch.Tensor] = {}
     for part in parts:
         module.update(part["module"])
-    return {"module": module, "optimizer": merge_by_name(part["optimizer"] for part in parts)}
+    return {"module": module, "optimizer": merge_by_name(part["optimizer"] for part in parts),
+            "stashes": [part["stash"] for part in parts if "stash" in part]}
 
 
 def stage_state(

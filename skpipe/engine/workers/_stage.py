@@ -380,13 +380,24 @@ class StageHost:
             names[c][k]: v for c, state in self.state_dicts().items() for k, v in state.items()
         }
         optimizer = state_by_name(self.optimizer_state(copy=False), parameter_names)
-        write_state_file(path, module, optimizer)
+        # an asynchronous stage also keeps the weight versions its rule still needs
+        write_state_file(path, module, optimizer, self.pipe.stash() if self.pipe else None)
 
     def load_parts(
         self, paths: Sequence[str], names: dict[int, dict[str, str]], parameter_names: Sequence[str]
     ) -> None:
-        """Take this host's tensors and optimizer state, by name, from checkpoint parts."""
-        self.load_state(*stage_state(read_state_files(paths), names, parameter_names))
+        """Take this host's tensors and optimizer state, by name, from checkpoint parts (and
+        an asynchronous stage its stash: its weight versions and the fit's batch count)."""
+        saved = read_state_files(paths)
+        self.load_state(*stage_state(saved, names, parameter_names))
+        if self.pipe is not None:
+            mine = [s for s in saved["stashes"] if s["stage"] == self.rank]
+            if not mine:
+                raise ValueError(
+                    f"the checkpoint holds no weight versions for stage {self.rank}: it was not "
+                    f"written by schedule {self.schedule_name!r}, which needs them to resume"
+                )
+            self.pipe.load_stash(mine[0])
 
     def drop_training_state(self) -> None:
         """Free gradients, optimizer state and gradient buckets (the host trains no more)."""

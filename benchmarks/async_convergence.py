@@ -1,0 +1,122 @@
+"""Benchmark 12: what the asynchronous schedules cost in convergence, against the synchronous fit.
+
+The same estimator, data, seed and epochs with ``schedule='1f1b'`` (what one device trains),
+``'2bw'`` (one batch of delay) and ``'pipedream'`` (weight stashing, an update per
+micro-batch), on spawned stages. Each fit holds out the same validation rows
+(``train_split=0.2``, stratified, the estimator's ``random_state``) and records skorch's
+``valid_loss`` after every epoch. Three data sets: the bundled penguins (behind their
+``ColumnTransformer``), scikit-learn's bundled breast-cancer table (569 rows, 30 features,
+standardised) and the Friedman #1 regression (scikit-learn's generator: 4,000 rows, 10
+features of which 5 matter, noise 1.0; the target standardised). The goal: the last epoch's
+validation loss within 2 % of the synchronous fit's (median over seeds of the relative gap);
+``--png`` draws the curves of every seed.
+
+    python benchmarks/async_convergence.py [--quick] [--seeds 5] [--epochs 20]
+        [--png docs/images/async_convergence.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit, median  # noqa: E402
+
+from skpipe import PipeNetClassifier, PipeNetRegressor  # noqa: E402
+from skpipe.datasets import load_penguins, penguin_preprocessor  # noqa: E402
+
+SCHEDULES = ("1f1b", "2bw", "pipedream")
+
+
+def datasets() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The features already preprocessed (fitted on all rows: the same for every schedule);
+    float targets are regression."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_penguins(return_X_y=True)
+    penguins = penguin_preprocessor().fit_transform(X).astype(np.float32)
+    bc = load_breast_cancer()
+    cancer = StandardScaler().fit_transform(bc.data).astype(np.float32)
+    from sklearn.datasets import make_friedman1
+
+    Xf, yf = make_friedman1(n_samples=4000, n_features=10, noise=1.0, random_state=0)
+    friedman = (Xf.astype(np.float32), ((yf - yf.mean()) / yf.std()).astype(np.float32))
+    return {"penguins": (penguins, np.asarray(y)), "breast_cancer": (cancer, bc.target),
+            "friedman1": friedman}
+
+
+def curve(X: np.ndarray, y: np.ndarray, schedule: str, seed: int, epochs: int,
+          stages: int, lr: float) -> list[float]:
+    """``valid_loss`` after each epoch of one fit."""
+    kind = PipeNetRegressor if y.dtype.kind == "f" else PipeNetClassifier
+    est = kind(
+        module__hidden_layer_sizes=(64,) * (stages - 1) + (32,), n_stages=stages,
+        n_microbatches=4, schedule=schedule, launcher="spawn", lr=lr, batch_size=32,
+        max_epochs=epochs, train_split=0.2, random_state=seed, verbose=0)
+    est.fit(X, y)
+    return [float(v) for v in est.history_[:, "valid_loss"]]
+
+
+def draw(curves: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4))
+    colors = {"1f1b": "black", "2bw": "tab:blue", "pipedream": "tab:orange"}
+    for ax, (name, per_schedule) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+        for schedule, runs in per_schedule.items():
+            for i, run in enumerate(runs):
+                ax.plot(range(1, len(run) + 1), run, color=colors[schedule], alpha=0.8,
+                        lw=1.2, label=schedule if i == 0 else None,
+                        ls="-" if schedule == "1f1b" else "--")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation loss")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.suptitle("Synchronous (1f1b) against the asynchronous schedules, every seed")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--png", default=None, help="where to draw the curves")
+    args = ap.parse_args()
+    seeds, epochs, stages = (1, 2, 2) if args.quick else (args.seeds, args.epochs, args.stages)
+    lr = args.lr
+    figures: dict = {"setting": f"MLP over {stages} spawned stages, m=4, batch 32, Adam lr {lr:g}, "
+                                f"{epochs} epochs, 20 % held out, median of {seeds} seeds"}
+    curves: dict = {}
+    for name, (X, y) in datasets().items():
+        curves[name] = {s: [curve(X, y, s, seed, epochs, stages, lr) for seed in range(seeds)]
+                        for s in SCHEDULES}
+        sync = curves[name]["1f1b"]
+        figures[f"{name}_1f1b_valid_loss"] = round(median([c[-1] for c in sync]), 4)
+        for s in SCHEDULES[1:]:
+            runs = curves[name][s]
+            figures[f"{name}_{s}_valid_loss"] = round(median([c[-1] for c in runs]), 4)
+            gap = median([c[-1] / ref[-1] - 1 for c, ref in zip(runs, sync, strict=True)])
+            figures[f"{name}_{s}_relative_gap"] = round(gap, 4)
+            figures[f"{name}_{s}_within_2pct"] = abs(gap) <= 0.02
+    if args.png:
+        draw(curves, args.png)
+        figures["png"] = args.png
+    emit("async_convergence", figures)
+
+
+if __name__ == "__main__":
+    main()
