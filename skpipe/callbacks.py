@@ -195,7 +195,9 @@ class LoadInitState(Callback):
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint as one network: ``{'module': the whole network's state dict, 'optimizer':
-    the optimizer state keyed by parameter name, 'epoch': ..., 'history': ...}``.
+    the optimizer state keyed by parameter name, 'stashes': what each stage of an asynchronous
+    schedule ('2bw', 'pipedream') kept besides (its weight versions and the fit's batch count;
+    empty for the other schedules), 'epoch': ..., 'history': ...}``.
 
     ``path`` is a checkpoint's ``checkpoint.pt`` (``Checkpoint.path_``) or its folder. The
     stages' parts are merged by parameter name (memory-mapped: a tensor is read when used), so
