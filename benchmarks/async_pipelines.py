@@ -7,7 +7,9 @@ does); an epoch's time is measured from its first step to its drain. The goal fo
 fill and one drain per epoch: epoch <= 1.1 x (batches * m + p - 1) * (F + B). Beside each,
 what ``plan()`` predicts (the planner's replay of the executor's order with its own
 measurements of the layers, the messages and the optimizer): the step a batch adds, against the
-measured epoch per batch (which also carries the epoch's one fill and drain).
+measured epoch per batch (which also carries the epoch's one fill and drain). Last, memory:
+the peak RSS of the worker holding a 4096 x 4096 Linear (64 MiB) with `2bw` against `1f1b`, in
+copies of that layer (PipeDream-2BW keeps one stashed copy besides the live weights).
 
     python benchmarks/async_pipelines.py [--quick] [--runs 3]
 """
@@ -83,6 +85,46 @@ def epoch_seconds(schedule: str, p: int, m: int, batches: int, f: float, b: floa
     return out[1:]
 
 
+def stage_peak_mib(schedule: str, width: int) -> float:
+    """Peak RSS (MiB) of the worker holding the second of two stages, whose Linear is
+    ``width`` x ``width`` (SGD: no optimizer state), over a 2-epoch fit on spawned workers."""
+    import threading
+
+    import numpy as np
+    import psutil
+
+    from skpipe import PipeNetRegressor
+
+    shutdown_workers()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                        nn.Linear(width, 1))
+    me, peaks, stop = psutil.Process(), {}, threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for child in me.children(recursive=True):
+                try:  # a worker once it runs (a child between fork and exec shows our RSS)
+                    if "_worker_main" in " ".join(child.cmdline()):
+                        peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    X = np.random.RandomState(0).randn(256, 8).astype(np.float32)
+    try:
+        PipeNetRegressor(module=net, n_stages=2, n_microbatches=2, schedule=schedule,
+                         balance=[2, 3], optimizer=torch.optim.SGD, lr=1e-6, batch_size=32,
+                         max_epochs=2, launcher="spawn").fit(X, X[:, 0].copy())
+    finally:
+        stop.set()
+        watcher.join()
+    shutdown_workers()
+    return max(peaks.values()) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
@@ -103,6 +145,10 @@ def main() -> None:
     real = (batches * m + p - 1) * (median(actions[0::2]) + median(actions[1::2]))
     epoch = {s: median(t) for s, t in seconds.items()}
     predicted = {s: predicted_step(s, p, m, f, b) for s in SCHEDULES}
+    # 2bw's stashed weights: its second stage's peak against 1f1b's, in copies of the layer
+    width = 512 if args.quick else 4096
+    layer_mib = 4 * width * width / 2**20
+    peak = {s: median([stage_peak_mib(s, width) for _ in range(runs)]) for s in ("1f1b", "2bw")}
     emit("async_pipelines", {
         "setting": f"p={p} m={m} {batches} batches/epoch, F={1e3 * f:g} ms B={1e3 * b:g} ms, "
                    f"spawn, median of {runs} runs x {epochs} epochs",
@@ -117,6 +163,10 @@ def main() -> None:
         "2bw_over_1f1b": round(epoch["2bw"] / epoch["1f1b"], 3),
         "2bw_over_interleaved_1f1b": round(epoch["2bw"] / epoch["interleaved_1f1b"], 3),
         "pipedream_over_1f1b": round(epoch["pipedream"] / epoch["1f1b"], 3),
+        "memory_layer_MiB": round(layer_mib, 1),
+        "1f1b_stage_peak_MiB": round(peak["1f1b"], 1),
+        "2bw_stage_peak_MiB": round(peak["2bw"], 1),
+        "2bw_extra_weight_copies": round((peak["2bw"] - peak["1f1b"]) / layer_mib, 2),
         **{f"{s}_predicted_step_ms": round(1e3 * predicted[s], 2) for s in SCHEDULES},
         **{f"{s}_measured_ms_per_batch": round(1e3 * epoch[s] / batches, 2) for s in SCHEDULES},
         **{f"{s}_prediction_error": round(predicted[s] * batches / epoch[s] - 1, 3)

@@ -6,11 +6,13 @@ torch's ``PipelineStage`` keeps its receive buffers and saved activations per mi
 here sends and receives with ``torch.distributed.isend``/``irecv`` on the pipeline's process
 group (gloo or NCCL, the same transport the stages use), one chunk per process.
 
-The driver feeds batches through a ``Mailbox``: each batch's rows (one batch ahead, so the
-first stage never waits for the next batch's inputs), the optimizer settings its update uses,
-and it takes each batch's loss and outputs back from the last stage. Every forward runs on its
-weight version's tensors (``torch.func.functional_call``; the stage's live parameters are only
-ever stepped by its optimizer), every backward on the tensors its forward used.
+The driver feeds batches through a ``Mailbox`` (``_mailbox``): each batch's rows (one batch
+ahead, so the first stage never waits for the next batch's inputs), the optimizer settings its
+update uses, and it takes each batch's loss and outputs back from the last stage. Every forward
+runs on its weight version's tensors (``torch.func.functional_call``; the stage's live
+parameters are only ever stepped by its optimizer), every backward on the tensors its forward
+used. The newest version is the live weights' own storage; an update moves the parameters to a
+copy before stepping it, so a stage holds its live weights and the older versions in use only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,84 +36,8 @@ from ..plan._microbatch import (
 )
 from ..plan._timeline import Span
 from ..split._boundary import Boundary, boundary_tensors, leaves
+from ._mailbox import BatchRows, Mailbox, PipelineFailed
 from ._ticks import Tick, async_order, version
-
-
-@dataclass(frozen=True)
-class BatchRows:
-    """What one process needs of a batch: the inputs (first stage), the targets and sample
-    weights (last stage), the rows of this replica's share and the whole batch's figures."""
-
-    n_real: int
-    x: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    w: torch.Tensor | None = None
-    total_rows: int | None = None
-    total_weight: float | None = None
-    denominator: float | None = None
-
-
-class PipelineFailed(RuntimeError):
-    """The stage's thread failed; the driver is told with the original traceback."""
-
-
-class Mailbox:
-    """Between the thread that answers the driver and the thread that runs the stage: batches'
-    rows and settings in, losses and outputs out, and the first error, which wakes everyone."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._rows: dict[int, BatchRows] = {}
-        self._hyper: dict[int, list[dict[str, Any]] | None] = {}
-        self._results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.error: str | None = None
-
-    def _wait(self, ready: Callable[[], bool]) -> None:
-        while not ready():
-            if self.error is not None:
-                raise PipelineFailed(self.error)
-            self._cond.wait(timeout=0.5)
-        if self.error is not None:
-            raise PipelineFailed(self.error)
-
-    def give(self, batch: int, hyper: list[dict[str, Any]] | None,
-             rows: dict[int, BatchRows]) -> None:
-        with self._cond:
-            if self.error is not None:  # the stage failed: the driver hears of it now
-                raise PipelineFailed(self.error)
-            self._hyper[batch] = hyper
-            self._rows.update(rows)
-            self._cond.notify_all()
-
-    def rows(self, batch: int) -> BatchRows:
-        with self._cond:
-            self._wait(lambda: batch in self._rows)
-            return self._rows[batch]
-
-    def drop_rows(self, batch: int) -> None:
-        with self._cond:
-            self._rows.pop(batch, None)
-
-    def hyper(self, batch: int) -> list[dict[str, Any]] | None:
-        with self._cond:
-            self._wait(lambda: batch in self._hyper)
-            return self._hyper.pop(batch)
-
-    def put_result(self, batch: int, loss: torch.Tensor, out: torch.Tensor) -> None:
-        with self._cond:
-            self._results[batch] = (loss, out)
-            self._cond.notify_all()
-
-    def result(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._cond:
-            self._wait(lambda: batch in self._results)
-            return self._results.pop(batch)
-
-    def fail(self, text: str) -> None:
-        with self._cond:
-            if self.error is None:
-                self.error = text
-            self._cond.notify_all()
 
 
 class AsyncStage:
@@ -183,7 +108,21 @@ class AsyncStage:
 
     # -- versions ------------------------------------------------------------------------------
     def _snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params.values()]
+        """The live weights as a version, without a copy: tensors on the parameters' own
+        storage with version counters of their own (``_update`` moves the parameters to a copy
+        before the optimizer steps them, so this storage is never written again)."""
+        with torch.no_grad():
+            return [
+                torch.empty(0, dtype=p.dtype, device=p.device).set_(
+                    p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
+                for p in self.params.values()
+            ]
+
+    def _drop_unused_versions(self) -> None:
+        """Let go of the versions no later forward uses (in-flight work holds its own)."""
+        floor = version(self.schedule, self.stage, self._forwards, self.p, self.m)
+        for v in [v for v in self.versions if v < floor]:
+            del self.versions[v]
 
     def _weights(self, v: int) -> dict[str, torch.Tensor]:
         return {
@@ -227,6 +166,7 @@ class AsyncStage:
                     "its parameters' shapes; resume with the same network and split"
                 )
         self.versions = versions
+        self.versions[max(versions)] = self._snapshot()  # the newest is the live weights
         self.batches_done = self.fed = int(stash["batches_done"])
         self._forwards = self.batches_done * self.m
 
@@ -320,10 +260,7 @@ class AsyncStage:
             if tick.kind != "U" and batch in self.record:
                 self.spans.append(Span(batch, self.span_rank, self.stage, tick.kind, k, t0,
                                        time.time()))
-            # versions no later forward uses are let go (in-flight work holds its own)
-            floor = version(self.schedule, self.stage, self._forwards, self.p, self.m)
-            for v in [v for v in self.versions if v < floor]:
-                del self.versions[v]
+            self._drop_unused_versions()
             self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
 
     def _forward(self, tick: Tick, batch: int, k: int) -> None:
@@ -402,8 +339,8 @@ class AsyncStage:
                 continue
             g = next(it)
             before = self._grads[i]
-            if g is not None:
-                self._grads[i] = g if before is None else before + g
+            if g is not None:  # summed in place: the first is the backward's own new tensor
+                self._grads[i] = g if before is None else before.add_(g)
         self._real_since_update += real
 
     def _update(self, tick: Tick, batch: int) -> None:
@@ -420,8 +357,14 @@ class AsyncStage:
         if self.replica_group is not None:
             _sum_over(grads, list(self.params.values()), self.replica_group)
         if self._real_since_update > 0 or self.replica_group is not None:
-            for p, g in zip(self.params.values(), grads, strict=True):
-                p.grad = g
+            # the versions still used keep the weights' storage; the parameters move to a copy,
+            # which the optimizer steps (live + the stashed versions: no copy besides)
+            self._drop_unused_versions()
+            with torch.no_grad():
+                for p, g in zip(self.params.values(), grads, strict=True):
+                    copy = p.detach().clone()
+                    p.set_(copy.untyped_storage(), 0, copy.size(), copy.stride())
+                    p.grad = g
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._real_since_update = 0

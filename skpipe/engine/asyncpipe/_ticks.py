@@ -103,22 +103,20 @@ def async_order(
     return order
 
 
-def versions_held(schedule: str, n_stages: int, m: int, n_batches: int) -> list[int]:
-    """The most weight versions each stage keeps at once (besides the one its optimizer
-    updates): those that in-flight micro-batches still need, and the newest."""
+def stashed_copies(schedule: str, n_stages: int, m: int, n_batches: int) -> list[int]:
+    """The most copies of its weights each stage holds besides its live ones, as the executor
+    keeps them: the newest version is the live weights themselves; at an update, the versions
+    no later forward uses are let go, then the live weights move to a copy that the optimizer
+    steps, the old storage staying as the version the forwards in flight (and to come) use."""
     out = []
-    for ticks in async_order(schedule, n_stages, m, n_batches):
-        alive: dict[int, int] = {0: 0}  # version -> micro-batches in flight on it
-        most = 1
+    for s, ticks in enumerate(async_order(schedule, n_stages, m, n_batches)):
+        kept, forwards, most = {0}, 0, 0
         for t in ticks:
-            if t.kind == "F":
-                alive[t.version] = alive.get(t.version, 0) + 1
-            elif t.kind == "B":
-                alive[t.version] -= 1
-            else:
-                alive.setdefault(t.version, 0)  # the newest: the next forwards' weights
-                latest = t.version
-                alive = {v: n for v, n in alive.items() if n > 0 or v == latest}
-            most = max(most, len(alive))
+            forwards += t.kind == "F"
+            floor = version(schedule, s, forwards, n_stages, m)
+            kept = {v for v in kept if v >= floor}
+            if t.kind == "U":
+                most = max(most, len(kept))  # every one of them is now a copy
+                kept.add(t.version)
         out.append(most)
     return out

@@ -184,7 +184,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ScheduleSpec(
             "2bw", "", "single", 1, 1, False, _two_versions, _one_per_chunk_in_pipe,
             asynchronous=True,
-            weight_copies=lambda p, s: 2,
+            weight_copies=lambda p, s: 1,
             semantics=(
                 "does not train what one device trains: batch t's gradient is taken at the "
                 "weights before the last update, W_{t+1} = step(W_t, grad L_t(W_{t-1})) (one "
@@ -194,7 +194,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ScheduleSpec(
             "pipedream", "", "single", 1, 1, False, _any_count, _one_per_chunk_in_pipe,
             asynchronous=True,
-            weight_copies=lambda p, s: p - s + 1,
+            weight_copies=lambda p, s: p - s - 1,
             semantics=(
                 "does not train what one device trains: every stage updates after each "
                 "micro-batch, on the micro-batch's own mean loss, and stage s runs micro-batch "

@@ -19,7 +19,7 @@ from ..plan._microbatch import class_weight_sum, class_weighted, replica_shares
 from ..plan._plan import Plan
 from ..plan._timeline import Span
 from ..split._construct import materialize, materialize_all
-from ..asyncpipe._executor import BatchRows
+from ..asyncpipe._mailbox import BatchRows
 from ..workers._async import step as async_step
 from ._hyper import HyperChannel, driver_optimizer
 from ._runner import Runner

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..asyncpipe._executor import AsyncStage, BatchRows
+from ..asyncpipe._executor import AsyncStage
+from ..asyncpipe._mailbox import BatchRows
 from ..state._named import set_hyperparameters
 
 

@@ -141,7 +141,7 @@ class Worker:
         self.pipe().begin(m.n_batches)
 
     def async_step(self, m: P.AsyncStep) -> Any:
-        from ..asyncpipe._executor import BatchRows
+        from ..asyncpipe._mailbox import BatchRows
         from ._async import step
 
         pipe = self.pipe()

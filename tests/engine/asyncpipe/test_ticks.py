@@ -3,7 +3,8 @@ action uses, where each stage updates, and what cannot run."""
 
 import pytest
 
-from skpipe.engine.asyncpipe._ticks import Tick, async_order, check_async, versions_held
+from skpipe.engine.asyncpipe._ticks import Tick, async_order, check_async, stashed_copies
+from skpipe.engine.plan._schedules import SCHEDULES
 
 
 def test_the_pipeline_fills_once_for_all_batches():
@@ -40,9 +41,17 @@ def test_pipedream_stashes_per_stage_with_the_stages_own_delay():
     assert sum(t.kind == "U" for t in order[1]) == 4
 
 
-def test_two_versions_are_enough_for_2bw_and_pipedream_stashes_what_is_in_flight():
-    assert max(versions_held("2bw", 4, 4, 5)) <= 2
-    assert versions_held("pipedream", 4, 4, 3)[0] == 4  # the first stage: p micro-batches
+@pytest.mark.parametrize("p", [2, 3, 4, 6])
+def test_two_versions_are_enough_for_2bw_and_pipedream_stashes_what_is_in_flight(p):
+    # 2bw: the live weights and one stashed copy, as PipeDream-2BW; pipedream: stage s keeps
+    # p - s - 1 copies besides its live weights (the first p - 1, the last none)
+    assert stashed_copies("2bw", p, p, 5) == [1] * p
+    assert stashed_copies("2bw", p, 2 * p, 5) == [1] * p
+    assert stashed_copies("pipedream", p, p, 4) == [p - s - 1 for s in range(p)]
+    # the schedule table (plan()'s memory estimate and its report) says the same
+    for name in ("2bw", "pipedream"):
+        assert [SCHEDULES[name].weight_copies(p, s) for s in range(p)] == stashed_copies(
+            name, p, p, 5)
 
 
 def test_what_cannot_run_is_refused_by_name():

@@ -53,12 +53,12 @@ def test_replicas_wait_for_their_gradient_sum_at_each_update():
 def test_memory_counts_the_stashed_weight_versions():
     sync, two = predict("1f1b")[2], predict("2bw")[2]
     stage_bytes = 2 * PARAMS
-    # two stashed copies; the activations in flight are 1F1B's within one micro-batch's
+    # one stashed copy; the activations in flight are 1F1B's within one micro-batch's
     # (16 rows x 2 layers x 1000 bytes)
-    assert [a - b for a, b in zip(two, sync)] == pytest.approx([2 * stage_bytes] * 4, abs=32000)
-    # pipedream keeps p - s + 1 copies on stage s, in the same order of work as 2bw
+    assert [a - b for a, b in zip(two, sync)] == pytest.approx([stage_bytes] * 4, abs=32000)
+    # pipedream keeps p - s - 1 copies on stage s, in the same order of work as 2bw
     assert [a - b for a, b in zip(predict("pipedream")[2], two)] == pytest.approx(
-        [(4 - s + 1 - 2) * stage_bytes for s in range(4)])
+        [(4 - s - 1 - 1) * stage_bytes for s in range(4)])
 
 
 def test_auto_never_considers_an_asynchronous_schedule_but_a_named_one_is_predicted():
