@@ -156,17 +156,18 @@ class AsyncStage:
         """Continue the rule where a saved ``stash`` of this stage left it."""
         if self.thread is not None:
             raise RuntimeError("an asynchronous stage's stash was loaded during an epoch")
-        versions = {int(v): [t.to(self.device).clone() for t in ts]
-                    for v, ts in stash["versions"].items()}
+        saved = {int(v): ts for v, ts in stash["versions"].items()}
         shapes = [tuple(p.shape) for p in self.params.values()]
-        for v, ts in versions.items():
+        for v, ts in saved.items():
             if [tuple(t.shape) for t in ts] != shapes:
                 raise ValueError(
                     f"the checkpoint's weight version {v} of stage {self.stage} does not match "
                     "its parameters' shapes; resume with the same network and split"
                 )
-        self.versions = versions
-        self.versions[max(versions)] = self._snapshot()  # the newest is the live weights
+        newest = max(saved)  # the live weights, which the checkpoint's tensors already set
+        self.versions = {v: [t.to(self.device).clone() for t in ts]
+                         for v, ts in saved.items() if v != newest}
+        self.versions[newest] = self._snapshot()
         self.batches_done = self.fed = int(stash["batches_done"])
         self._forwards = self.batches_done * self.m
 

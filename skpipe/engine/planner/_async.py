@@ -16,8 +16,7 @@ import dataclasses
 
 from ..asyncpipe._ticks import async_order
 from ..plan._config import PipelineConfig
-from ..plan._microbatch import step_rows
-from ._costs import stage_sums
+from ._costs import ring_seconds, stage_sums
 from ._measure import LayerProfile, MessageCost, OptimizerCost
 from ._simulate import Action, ChunkCost, Simulation, simulate
 
@@ -47,7 +46,7 @@ def update_seconds(
             optimizer.seconds(b, int(t)) + optimizer.copy_per_byte * b
         )
         if k > 1:  # a ring all-reduce of the stage's gradients, waited for
-            seconds += 2 * (k - 1) * message.latency + 2 * (k - 1) / k * b * message.per_byte
+            seconds += ring_seconds(b, k, message)
         out.append(seconds)
     return out
 
@@ -58,19 +57,17 @@ def predict_async(
     schedule: str,
     m: int,
     costs: list[ChunkCost],
+    messages: list[float],
     bounds: list[tuple[int, int]],
     owners: list[int],
     message: MessageCost,
     optimizer: OptimizerCost | None,
 ) -> tuple[float, list[float], list[float]]:
     """(seconds a batch adds in the steady state, each stage's busy seconds per batch, each
-    stage's peak activation bytes) of an asynchronous schedule with ``costs`` per stage."""
-    rows = step_rows(config.share_rows, m) // m
+    stage's peak activation bytes) of an asynchronous schedule with ``costs`` per stage and
+    ``messages`` seconds from each stage to the next."""
     updates = update_seconds(profile, config, bounds, owners, message, optimizer)
     staged = [dataclasses.replace(c, update=u) for c, u in zip(costs, updates, strict=True)]
-    messages = [
-        message.per_byte * rows * profile.output_bytes_per_row[e - 1] for _, e in bounds[:-1]
-    ]
     n = 2 * config.n_stages
 
     def replay(batches: int) -> Simulation:

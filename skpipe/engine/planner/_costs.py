@@ -71,6 +71,12 @@ def contention(
 REPLICA_BUCKET_BYTES = 4 * 2**20
 
 
+def ring_seconds(nbytes: float, k: int, message: MessageCost) -> float:
+    """A ring all-reduce of ``nbytes`` over ``k`` replicas: 2 (k - 1) messages' latency, and
+    2 (k - 1) / k of the bytes sent, at the measured message cost."""
+    return 2 * (k - 1) * message.latency + 2 * (k - 1) / k * nbytes * message.per_byte
+
+
 def replica_sum_seconds(
     profile: LayerProfile,
     config: PipelineConfig,
@@ -91,7 +97,7 @@ def replica_sum_seconds(
     grads = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
 
     def ring(nbytes: float) -> float:
-        return 2 * (k - 1) * message.latency + 2 * (k - 1) / k * nbytes * message.per_byte
+        return ring_seconds(nbytes, k, message)
 
     waits = []
     for rank, nbytes in enumerate(grads):

@@ -273,6 +273,19 @@ def optimizer_cost(
     if key in _OPTIMIZERS:
         return _OPTIMIZERS[key]
 
+    def median_seconds(work: Callable[[], object]) -> float:
+        """``work``'s median time over 5 runs, after a first one (the device's queue drained)."""
+        times = []
+        for _ in range(6):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            work()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[2]
+
     def timed(pieces: int) -> float:
         params = [
             nn.Parameter(torch.zeros(_PROBE_ELEMENTS // pieces, device=dev))
@@ -280,28 +293,10 @@ def optimizer_cost(
         ]
         for p in params:
             p.grad = torch.full_like(p, 1e-3)
-        opt = optimizer(params, **kwargs)
-        times = []
-        for _ in range(6):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-        return sorted(times[1:])[2]
+        return median_seconds(optimizer(params, **kwargs).step)
 
     def copied() -> float:
-        weights = torch.zeros(_PROBE_ELEMENTS, device=dev)
-        times = []
-        for _ in range(6):
-            t0 = time.perf_counter()
-            weights.detach().clone()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-        return sorted(times[1:])[2]
+        return median_seconds(torch.zeros(_PROBE_ELEMENTS, device=dev).clone)
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

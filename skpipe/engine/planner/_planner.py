@@ -105,16 +105,15 @@ def predict(
     owners = [_schedules.chunk_owner(c, config.n_stages, v, spec.placement)
               for c in range(len(bounds))]
     costs, rebuilt = chunk_costs(profile, config, spec, rows, bounds, owners, message, local)
+    messages = [] if local else [
+        message.per_byte * rows * profile.output_bytes_per_row[e - 1] for _, e in bounds[:-1]
+    ]
     if spec.asynchronous:  # skpipe's own executor: its order across batches, per batch
-        step, busy, activations = predict_async(profile, config, schedule, m, costs, bounds,
-                                                owners, message, optimizer)
+        step, busy, activations = predict_async(profile, config, schedule, m, costs, messages,
+                                                bounds, owners, message, optimizer)
     else:
-        messages = [
-            message.per_byte * rows * profile.output_bytes_per_row[e - 1]
-            for _, e in bounds[:-1]
-        ]
         order = action_order(schedule, config.n_stages, m, v, local=local)
-        sim = simulate(order, costs, [] if local else messages)
+        sim = simulate(order, costs, messages)
         busy, activations = sim.busy_seconds, sim.peak_activation_bytes
         step = optimizer_finish(profile, config, bounds, owners, sim, optimizer)
         step += replica_sum_seconds(profile, config, bounds, owners, spec, message, busy)
@@ -266,7 +265,6 @@ class Choice:
     one_stage_fits: bool
     seconds: float  # planning time
     binding: bool = True  # False: a prediction for the configuration as given, not a choice
-
 
     @property
     def chosen(self) -> Candidate | None:
