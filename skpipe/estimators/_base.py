@@ -24,6 +24,7 @@ from ..engine.parallel._devices import resolve_devices
 from ..engine.plan._budget import fit_budget
 from ..engine.plan._config import PipelineConfig, TrainSpec, make_config
 from ..engine.plan._microbatch import reduction_of
+from ..engine.parallel._tensor import with_tensor_plan
 from ..engine.plan._plan import Plan, make_plan
 from ..engine.plan._report import PlanReport
 from ..engine.plan._timeline import Timeline
@@ -81,6 +82,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         devices: str | list[str] | tuple[str, ...] = "auto",
         n_stages: int = 1,
         n_replicas: int = 1,
+        tensor_parallel: int = 1,
+        tp_plan: dict[str, Any] | None = None,
+        shard: str = "none",
         n_microbatches: int | str = "auto",
         schedule: str = "1f1b",
         chunks_per_stage: int | str = "auto",
@@ -109,6 +113,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         self.devices = devices
         self.n_stages = n_stages
         self.n_replicas = n_replicas
+        self.tensor_parallel = tensor_parallel
+        self.tp_plan = tp_plan
+        self.shard = shard
         self.n_microbatches = n_microbatches
         self.schedule = schedule
         self.chunks_per_stage = chunks_per_stage
@@ -287,11 +294,16 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
     def _config(self, n_stages: int, schedule: str, batch: int) -> PipelineConfig:
         """The validated configuration for ``n_stages`` stages and ``schedule``, refusing
         callbacks its launcher cannot run."""
-        launcher = resolve_launcher(self.launcher, n_stages, self.n_replicas)
+        # the processes of one stage: its replicas' tensor shards
+        launcher = resolve_launcher(
+            self.launcher, n_stages, self.n_replicas * self.tensor_parallel
+        )
         check_callbacks_fit(self.callbacks, runner_class(launcher).weights_in_driver, launcher)
         config = make_config(
             n_stages=n_stages,
             n_replicas=self.n_replicas,
+            tensor_parallel=self.tensor_parallel,
+            shard=self.shard,
             n_microbatches=self.n_microbatches,
             schedule=schedule,
             chunks_per_stage=self.chunks_per_stage,
@@ -303,7 +315,9 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             ),
             checkpoint=self.checkpoint,
             launcher=launcher,
-            devices=resolve_devices(self.devices, n_stages, launcher, self.n_replicas),
+            devices=resolve_devices(
+                self.devices, n_stages * self.tensor_parallel, launcher, self.n_replicas
+            ),
             batch_size=batch,
             precision=self.precision,
             max_grad_norm=self.max_grad_norm,
@@ -354,6 +368,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         n_rows = len(inputs.y) if self.train_split is None else None
         step = self._params_for("iterator_train").get("batch_size")
         check_batchnorm_rows(module, config, n_rows, step)  # measuring would run into it first
+        config = with_tensor_plan(config, module, self.tp_plan)
         plan = make_plan(module, config, inputs.sample, planned)
         budget = self.stage_memory_budget
         if (

@@ -37,6 +37,20 @@ PARAMETERS_DOC = """
         Data-parallel copies of the pipeline (``n_replicas x n_stages`` workers). Each takes its
         share of every batch and their gradients are summed: the fit equals one device's at the
         same ``batch_size``. Needs ``launcher='spawn'``, ``'torchrun'`` or ``'auto'``.
+    tensor_parallel : int, default=1
+        Ranks each stage's layers are split over (tensor parallelism, torch's
+        ``parallelize_module``): ``n_replicas x n_stages x tensor_parallel`` workers, a stage's
+        shards on neighbouring ranks. For a layer too large for one device. skpipe's networks
+        have plans built in; give ``tp_plan`` for your own.
+    tp_plan : dict or None, default=None
+        Which layers ``tensor_parallel`` splits, and how: submodule name (torch's patterns,
+        e.g. ``'blocks.*.ffn.0'``) -> ``'colwise'``, ``'rowwise'``, ``'replicate'`` or a torch
+        ``ParallelStyle``. None: the built-in plan of ``skpipe.modules``' networks.
+    shard : {'none', 'optimizer', 'full'}, default='none'
+        How the replicas hold their state: each a whole copy ('none'), or sharded over them
+        with torch's FSDP2 ('optimizer': optimizer state and gradients, each layer's weights
+        gathered from its forward to its backward; 'full': weights too, gathered per layer and
+        let go after each forward and backward: ZeRO-3). Needs ``n_replicas >= 2``.
     n_microbatches : int or 'auto', default='auto'
         Micro-batches per batch; 'auto' picks the largest of 4p, 2p, p the schedule accepts.
     schedule : str, default='1f1b'

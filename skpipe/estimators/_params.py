@@ -20,7 +20,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ..engine.plan import _schedules
-from ..engine.plan._config import CHECKPOINTS, LAUNCHERS, PRECISIONS
+from ..engine.plan._config import CHECKPOINTS, LAUNCHERS, PRECISIONS, SHARDS
 from ..engine.split._construct import DeferralError, build_deferred
 
 PREFIXES = ("module", "optimizer", "criterion", "iterator_train", "iterator_valid", "callbacks")
@@ -50,6 +50,9 @@ PARAMETER_CONSTRAINTS: dict[str, Any] = {
     "devices": [StrOptions({"auto"}), list, tuple, str],
     "n_stages": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
     "n_replicas": [Interval(Integral, 1, None, closed="left")],
+    "tensor_parallel": [Interval(Integral, 1, None, closed="left")],
+    "tp_plan": [dict, None],
+    "shard": [StrOptions(set(SHARDS))],
     "n_microbatches": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
     "schedule": [StrOptions(set(_schedules.SCHEDULES) | {"auto"})],
     "chunks_per_stage": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],

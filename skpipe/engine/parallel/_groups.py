@@ -8,7 +8,9 @@ The module remembers whether it made this process's one-process group itself (fo
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,9 +45,11 @@ def local_world(device: str) -> dist.ProcessGroup:
     return _world()
 
 
-def job_world(device: str, n_stages: int, n_replicas: int = 1) -> dist.ProcessGroup:
+def job_world(
+    device: str, n_stages: int, n_replicas: int = 1, tensor_parallel: int = 1
+) -> dist.ProcessGroup:
     """The world of a torchrun (or otherwise launched) job, initialised from its environment
-    when needed; its size must be ``n_replicas x n_stages``."""
+    when needed; its size must be ``n_replicas x n_stages x tensor_parallel``."""
     if _made_local_world or not dist.is_initialized():
         if "RANK" not in os.environ or _made_local_world:
             raise RuntimeError(
@@ -55,7 +59,14 @@ def job_world(device: str, n_stages: int, n_replicas: int = 1) -> dist.ProcessGr
             )
         dist.init_process_group(backend_for(device))
     world = dist.get_world_size()
-    if world != n_stages * n_replicas:
+    if tensor_parallel > 1 and world != n_stages * n_replicas * tensor_parallel:
+        raise ValueError(
+            f"n_replicas ({n_replicas}) x n_stages ({n_stages}) x tensor_parallel "
+            f"({tensor_parallel}) = {n_replicas * n_stages * tensor_parallel} processes, but the "
+            f"torchrun world size is {world}; with launcher='torchrun' every process holds one "
+            "tensor shard of one stage of one replica."
+        )
+    if tensor_parallel == 1 and world != n_stages * n_replicas:
         if n_replicas == 1:
             hint = "set n_stages to the number of processes of the job"
             if world % n_stages == 0:
@@ -101,36 +112,60 @@ def worker_world(
     return _world()
 
 
-_MESHES: dict[tuple[int, int, str], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+@dataclass(frozen=True)
+class MeshGroups:
+    """One rank's view of the (replica x stage x tensor) mesh.
+
+    ``pipeline``: its pipeline's stages (the group its PipelineStages talk in: the ranks of the
+    same replica and tensor shard); ``replicas``: the same stage and shard of every replica (the
+    group gradients are summed over; None with one replica); ``tensor`` / ``replica_mesh``: the
+    one-dimensional device meshes that torch's ``parallelize_module`` and ``fully_shard`` take
+    (None where that dimension has size 1). Both come from one root mesh, so that FSDP2 over
+    the replicas composes with the tensor shards (torch's 2D parallelism).
+    """
+
+    pipeline: dist.ProcessGroup
+    replicas: dist.ProcessGroup | None
+    tensor: Any = None
+    replica_mesh: Any = None
+
+
+_MESHES: dict[tuple[int, int, int, str], MeshGroups] = {}
 
 
 def mesh_groups(
-    n_replicas: int, n_stages: int, device: str
-) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
-    """This rank's groups on the (replica x stage) mesh of the default group: its pipeline's
-    stages (the group its PipelineStages talk in) and the same stage of every replica (the group
-    its gradients are summed over; None with one replica).
+    n_replicas: int, n_stages: int, device: str, tensor_parallel: int = 1
+) -> MeshGroups:
+    """This rank's groups on the (replica x stage x tensor) mesh of the default group.
 
     Built with torch's ``init_device_mesh`` over the whole world (every rank calls this with
     the same shape); kept per shape, so that a warm worker does not make new groups each fit.
     """
-    if n_replicas == 1:
-        return _world(), None
+    if n_replicas == 1 and tensor_parallel == 1:
+        return MeshGroups(_world(), None)
     device_type = torch.device(device).type
-    key = (n_replicas, n_stages, device_type)
+    key = (n_replicas, n_stages, tensor_parallel, device_type)
     if key not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh
 
         world = dist.get_world_size()
-        if world != n_replicas * n_stages:
+        if world != n_replicas * n_stages * tensor_parallel:
             raise ValueError(
-                f"n_replicas ({n_replicas}) x n_stages ({n_stages}) = {n_replicas * n_stages} "
-                f"ranks, but the process group has {world}."
+                f"n_replicas ({n_replicas}) x n_stages ({n_stages}) x tensor_parallel "
+                f"({tensor_parallel}) = {n_replicas * n_stages * tensor_parallel} ranks, but the "
+                f"process group has {world}."
             )
         mesh = init_device_mesh(
-            device_type, (n_replicas, n_stages), mesh_dim_names=("replica", "stage")
+            device_type,
+            (n_replicas, n_stages, tensor_parallel),
+            mesh_dim_names=("replica", "stage", "tensor"),
         )
-        _MESHES[key] = (mesh.get_group("stage"), mesh.get_group("replica"))
+        _MESHES[key] = MeshGroups(
+            pipeline=mesh.get_group("stage"),
+            replicas=mesh.get_group("replica") if n_replicas > 1 else None,
+            tensor=mesh["tensor"] if tensor_parallel > 1 else None,
+            replica_mesh=mesh["replica"] if n_replicas > 1 else None,
+        )
     return _MESHES[key]
 
 

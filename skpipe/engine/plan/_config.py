@@ -16,6 +16,7 @@ from ._microbatch import step_rows
 LAUNCHERS = ("auto", "spawn", "local", "torchrun")
 CHECKPOINTS = ("never", "except_last", "always")
 PRECISIONS = ("float32", "bf16")
+SHARDS = ("none", "optimizer", "full")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,12 @@ class PipelineConfig:
     job that fills whole machines keeps each pipeline inside one). Each replica trains on its
     share of every batch (``share_rows`` rows of a full one) and the replicas' gradients are
     summed, so the step is the one-device step.
+
+    With ``tensor_parallel`` = t > 1 each (replica, stage) position is t ranks that hold the
+    stage's layers sharded (``parallel._tensor``): the mesh is (replica x stage x tensor), the
+    tensor dimension innermost, rank ``(replica * n_stages + stage) * t + tensor``. ``shard``:
+    how the replicas hold their state ('none': each a whole copy; 'optimizer' and 'full':
+    sharded over the replicas with torch's FSDP2, see ``parallel._sharding``).
     """
 
     n_stages: int
@@ -46,11 +53,15 @@ class PipelineConfig:
     max_grad_norm: float | None = None
     timeout: float = 300.0
     n_replicas: int = 1
+    tensor_parallel: int = 1
+    shard: str = "none"
+    # the checked tensor-parallel plan, (submodule pattern, style) pairs (parallel._tensor)
+    tp_plan: tuple[tuple[str, Any], ...] = ()
 
     @property
     def world_size(self) -> int:
-        """Processes (ranks) of the fit: one per (replica, stage)."""
-        return self.n_replicas * self.n_stages
+        """Processes (ranks) of the fit: one per (replica, stage, tensor shard)."""
+        return self.n_replicas * self.n_stages * self.tensor_parallel
 
     @property
     def share_rows(self) -> int:
@@ -58,11 +69,30 @@ class PipelineConfig:
         return -(-self.batch_size // self.n_replicas)
 
     def stage_of(self, rank: int) -> int:
-        """The pipeline stage a rank of the (replica x stage) mesh holds."""
-        return rank % self.n_stages
+        """The pipeline stage a rank of the (replica x stage x tensor) mesh holds."""
+        return (rank // self.tensor_parallel) % self.n_stages
 
     def replica_of(self, rank: int) -> int:
-        return rank // self.n_stages
+        return rank // (self.tensor_parallel * self.n_stages)
+
+    def tensor_of(self, rank: int) -> int:
+        """Which of its stage's tensor shards a rank holds."""
+        return rank % self.tensor_parallel
+
+    def rank_of(self, replica: int, stage: int, tensor: int = 0) -> int:
+        return (replica * self.n_stages + stage) * self.tensor_parallel + tensor
+
+    @property
+    def collective_state(self) -> bool:
+        """Whether reading a stage's state takes every rank that holds a part of it (tensor
+        shards; replicas' shards): then every rank is asked, and the owner's answer kept."""
+        return self.tensor_parallel > 1 or self.shard != "none"
+
+    def state_ranks(self) -> list[int]:
+        """The ranks asked for the stages' state: replica 0's, or all where it is sharded."""
+        if self.shard != "none":
+            return list(range(self.world_size))
+        return list(range(self.n_stages * self.tensor_parallel))
 
     @property
     def n_chunks(self) -> int:
@@ -110,9 +140,26 @@ def make_config(
     max_grad_norm: float | None,
     timeout: float,
     n_replicas: int = 1,
+    tensor_parallel: int = 1,
+    shard: str = "none",
 ) -> PipelineConfig:
     """Resolve the 'auto' values and check the combination; messages name the values."""
     n_replicas = _count("n_replicas", n_replicas)
+    tensor_parallel = _count("tensor_parallel", tensor_parallel)
+    if shard not in SHARDS:
+        raise ValueError(f"shard must be one of {list(SHARDS)}; got {shard!r}.")
+    if shard != "none" and n_replicas == 1:
+        raise ValueError(
+            f"shard={shard!r} shards the state over the replicas, but n_replicas=1: there is "
+            "nothing to shard it over; set n_replicas >= 2, or shard='none'."
+        )
+    for name, value, default in (("tensor_parallel", tensor_parallel, 1), ("shard", shard, "none")):
+        if value != default and launcher in ("local", "single"):
+            raise ValueError(
+                f"{name}={value!r} needs one process per rank of the (replica x stage x tensor) "
+                f"mesh, but launcher={launcher!r} runs everything in this process; use "
+                f"launcher='spawn' (or 'torchrun', or 'auto'), or {name}={default!r}."
+            )
     if n_replicas > 1 and launcher in ("local", "single"):
         raise ValueError(
             f"n_replicas={n_replicas} needs one process per (replica, stage), but "
@@ -121,6 +168,7 @@ def make_config(
         )
     if schedule not in _schedules.SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {list(_schedules.SCHEDULES)}.")
+    _check_parallel(schedule, tensor_parallel, shard, n_stages)
     chunks = 1 if n_stages == 1 else _schedules.resolve_chunks(schedule, chunks_per_stage)
     n_stages, batch_size = _count("n_stages", n_stages), _count("batch_size", batch_size)
     if n_replicas > batch_size:
@@ -163,7 +211,28 @@ def make_config(
         max_grad_norm=max_grad_norm,
         timeout=timeout,
         n_replicas=n_replicas,
+        tensor_parallel=tensor_parallel,
+        shard=shard,
     )
+
+
+def _check_parallel(schedule: str, tensor_parallel: int, shard: str, n_stages: Any) -> None:
+    """Refuse, by name, the schedules tensor shards or sharded replicas do not run under."""
+    row = _schedules.SCHEDULES[schedule]
+    for name, value, default in (("tensor_parallel", tensor_parallel, 1), ("shard", shard, "none")):
+        if value != default and row.asynchronous:
+            raise ValueError(
+                f"schedule={schedule!r} is skpipe's own asynchronous executor, which keeps "
+                f"whole weight versions per stage and does not run {name}={value!r}; use a "
+                f"synchronous schedule (e.g. '1f1b'), or {name}={default!r}."
+            )
+    if shard != "none" and row.zero_bubble and n_stages != 1:
+        raise ValueError(
+            f"shard={shard!r} reduces each layer's gradients when its backward is done, and "
+            f"schedule={schedule!r} splits the backward into input and weight parts (FSDP2 "
+            "would reduce before the weight part); use '1f1b', 'gpipe', 'interleaved_1f1b' or "
+            "'looped_bfs' with shard, or shard='none'."
+        )
 
 
 def _count(name: str, value: Any) -> int:

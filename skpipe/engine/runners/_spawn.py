@@ -14,6 +14,7 @@ from ..plan._config import TrainSpec
 from ..plan._microbatch import class_weight_sum, class_weighted, replica_shares
 from ..plan._plan import Plan
 from ..plan._timeline import Span
+from ..parallel._tensor import stage_styles
 from ..split._construct import program_for
 from ..state._named import state_by_name, state_for
 from ..workers import _protocol as P
@@ -40,6 +41,12 @@ class SpawnRunner(Runner):
             # values (each worker makes its own); a built one travels with its weights
             stages = [plan.chunks(module, s) for s in range(cfg.n_stages)]
             programs = [program_for(chunks) for chunks in stages]
+            styles = [
+                stage_styles(stages[s], plan.state_names(module, s), cfg.tp_plan)
+                if cfg.tensor_parallel > 1
+                else None
+                for s in range(cfg.n_stages)
+            ]
             setups = [
                 P.Setup(
                     chunks=stages[cfg.stage_of(rank)],
@@ -49,6 +56,7 @@ class SpawnRunner(Runner):
                     device=cfg.devices[rank],
                     seed=seed,
                     program=programs[cfg.stage_of(rank)],
+                    tensor_styles=styles[cfg.stage_of(rank)],
                 )
                 for rank in range(cfg.world_size)
             ]
@@ -88,7 +96,7 @@ class SpawnRunner(Runner):
 
     def _adopt_hyper(self) -> None:
         """After the stages loaded a state: its hyperparameters are the driver's too."""
-        replies = self.group.ask(range(self.config.n_stages), P.Hyper(None))
+        replies = self.group.ask(self._owners(), P.Hyper(None))
         self.hyper.adopt(next((groups for groups in replies if groups), []))
 
     def pull_weights(self) -> None:
@@ -131,7 +139,11 @@ class SpawnRunner(Runner):
 
     def _last_ranks(self) -> list[int]:
         """The rank holding the last chunk in each replica, in replica order."""
-        return [r * self.config.n_stages + self.last for r in range(self.config.n_replicas)]
+        return [self.config.rank_of(r, self.last) for r in range(self.config.n_replicas)]
+
+    def _owners(self) -> list[int]:
+        """The rank that sends (and writes) each stage's state: replica 0's tensor shard 0."""
+        return [self.config.rank_of(0, s) for s in range(self.config.n_stages)]
 
     def train_step(
         self,
@@ -218,12 +230,16 @@ class SpawnRunner(Runner):
         self.group.ask_all(P.DropTrainingState())
 
     def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
-        # the replicas hold the same weights and optimizer state: the first one's suffice
-        stages = range(self.config.n_stages)
+        # the replicas hold the same weights and optimizer state: the first one's suffice;
+        # where shards hold it, all of them gather it and the owners send it
+        cfg = self.config
+        ranks = cfg.state_ranks() if cfg.collective_state else self._owners()
         if optimizers:
             self._send_hyper()
-            return list(self.group.ask(stages, P.GetState()))
-        return [(chunks, None) for chunks in self.group.ask(stages, P.Collect())]
+            replies = dict(zip(ranks, self.group.ask(ranks, P.GetState()), strict=True))
+            return [replies[r] for r in self._owners()]
+        replies = dict(zip(ranks, self.group.ask(ranks, P.Collect()), strict=True))
+        return [(replies[r], None) for r in self._owners()]
 
     def save_state_files(self, folder: str, tag: str) -> list[str]:
         """One part per stage, written by the worker that holds it (replica 0's: the replicas
@@ -231,17 +247,16 @@ class SpawnRunner(Runner):
         cfg = self.config
         names = [f"stage{s}-{tag}.pt" for s in range(cfg.n_stages)]
         self._send_hyper()
-        self.group.ask(
-            range(cfg.n_stages),
-            [
-                P.SaveStage(
-                    os.path.join(folder, names[s]),
-                    self.plan.state_names(self.module, s),
-                    self.plan.rank_parameter_names(s),
-                )
-                for s in range(cfg.n_stages)
-            ],
-        )
+        ranks = cfg.state_ranks() if cfg.collective_state else self._owners()
+        per_stage = [
+            P.SaveStage(
+                os.path.join(folder, names[s]),
+                self.plan.state_names(self.module, s),
+                self.plan.rank_parameter_names(s),
+            )
+            for s in range(cfg.n_stages)
+        ]
+        self.group.ask(ranks, [per_stage[cfg.stage_of(r)] for r in ranks])
         return names
 
     def load_state_files(self, folder: str, names: Sequence[str]) -> None:

@@ -4,6 +4,7 @@ each sees the same history and ends with the whole network."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel._groups import broadcast_object, job_world, mesh_groups
+from ..parallel._tensor import stage_styles
 from ..plan._config import TrainSpec
 from ..plan._microbatch import class_weight_sum, class_weighted, replica_shares
 from ..plan._plan import Plan
@@ -34,7 +36,7 @@ class TorchrunRunner(Runner):
     def __init__(self, plan: Plan, module: nn.Module, spec: TrainSpec, seed: int = 0) -> None:
         super().__init__(plan, module, spec, seed)
         cfg = self.config
-        job_world(cfg.devices[0], cfg.n_stages, cfg.n_replicas)
+        job_world(cfg.devices[0], cfg.n_stages, cfg.n_replicas, cfg.tensor_parallel)
         self.rank = dist.get_rank()
         device = cfg.devices[self.rank] if cfg.devices[0] != "cpu" else "cpu"
         if device.startswith("cuda"):
@@ -43,6 +45,7 @@ class TorchrunRunner(Runner):
         self.device = device
         self.stage = cfg.stage_of(self.rank)
         self.replica = cfg.replica_of(self.rank)
+        self.tensor = cfg.tensor_of(self.rank)
         self.host = self._host(plan, module, spec)
         self.last = cfg.owner(cfg.n_chunks - 1)
         # an asynchronous schedule steps in a thread of its own: the callbacks change a
@@ -59,9 +62,16 @@ class TorchrunRunner(Runner):
         from ..workers._stage import StageHost
 
         cfg = self.config
-        pipeline, replicas = mesh_groups(cfg.n_replicas, cfg.n_stages, self.device)
+        mesh = mesh_groups(cfg.n_replicas, cfg.n_stages, self.device, cfg.tensor_parallel)
         chunks = plan.chunks(module, self.stage)
+        if cfg.collective_state:  # sharding rewrites layers: shard copies, keep module's plain
+            chunks = {c: copy.deepcopy(chunk) for c, chunk in chunks.items()}
         materialize_all(chunks)  # this rank's layers only, where the network was built on meta
+        styles = (
+            stage_styles(chunks, plan.state_names(module, self.stage), cfg.tp_plan)
+            if cfg.tensor_parallel > 1
+            else None
+        )
         return StageHost(
             chunks,
             cfg,
@@ -69,9 +79,12 @@ class TorchrunRunner(Runner):
             plan.shapes,
             rank=self.stage,
             device=self.device,
-            group=pipeline,
+            group=mesh.pipeline,
             replica=self.replica,
-            replica_group=replicas,
+            replica_group=mesh.replicas,
+            mesh=mesh,
+            tensor_rank=self.tensor,
+            tensor_styles=styles,
         )
 
     @staticmethod
@@ -93,7 +106,7 @@ class TorchrunRunner(Runner):
         widest = max(s.stop - s.start for s in shares)
         width = math.prod(self.plan.output_shape)
         buf = torch.zeros((cfg.n_replicas, 1 + widest * width), device=self.device)
-        if self.stage == self.last:
+        if self.stage == self.last and self.tensor == 0:  # a stage's shards agree
             slot = buf[self.replica]
             if loss is not None:
                 slot[0] = loss.reshape(())
@@ -189,11 +202,13 @@ class TorchrunRunner(Runner):
     def _broadcast_chunks(self, keep_own: bool) -> None:
         cfg = self.config
         device = self.device if str(self.device).startswith("cuda") else "cpu"
-        mine = self.host.state_dicts() if self.replica == 0 else {}
+        # replica 0's tensor shard 0 of each stage sends it (its shards gather it first)
+        takes_part = self.replica == 0 or cfg.shard != "none"
+        mine = self.host.state_dicts() if takes_part else {}
         layers = self.plan.chunks(self.module)
-        own = set(cfg.chunks_of(self.stage)) if keep_own else set()
+        own = set(cfg.chunks_of(self.stage)) if keep_own and not cfg.collective_state else set()
         received: dict[int, dict[str, Any]] = {}
-        for stage in range(cfg.n_stages):  # replica 0's stage s is global rank s
+        for stage in range(cfg.n_stages):
             for c in cfg.chunks_of(stage):
                 received[c] = {}
                 for key, like in layers[c].state_dict(keep_vars=True).items():
@@ -201,7 +216,7 @@ class TorchrunRunner(Runner):
                         t = mine[c][key].detach().to(device).contiguous()
                     else:
                         t = torch.empty(like.shape, dtype=like.dtype, device=device)
-                    dist.broadcast(t, src=stage)
+                    dist.broadcast(t, src=cfg.rank_of(0, stage))
                     received[c][key] = t.cpu()
         for c in own:
             del received[c]
@@ -230,17 +245,19 @@ class TorchrunRunner(Runner):
 
     def _rank_states(self, optimizers: bool) -> list[tuple[dict[int, Any], dict[str, Any] | None]]:
         # the replicas hold the same weights and optimizer state: the first one's travel
+        cfg = self.config
         mine: tuple[dict[int, Any], dict[str, Any] | None] = ({}, None)
-        if self.replica == 0:
+        if self.replica == 0 or cfg.shard != "none":
             mine = (self.host.state_dicts(), self.host.optimizer_state() if optimizers else None)
-        return self._everyone(mine)[: self.config.n_stages]
+        everyone = self._everyone(mine)
+        return [everyone[cfg.rank_of(0, s)] for s in range(cfg.n_stages)]
 
     def save_state_files(self, folder: str, tag: str) -> list[str]:
         """One part per stage, written by replica 0's rank of that stage; every rank returns
         once all parts are written."""
         cfg = self.config
         names = [f"stage{s}-{tag}.pt" for s in range(cfg.n_stages)]
-        if self.replica == 0:
+        if self.replica == 0 or cfg.shard != "none":  # the owner writes what shards gather
             self.host.save_part(
                 os.path.join(folder, names[self.stage]),
                 self.plan.state_names(self.module, self.stage),

@@ -36,6 +36,7 @@ class Setup(Message):
     device: str
     seed: int
     program: Any = None  # _construct.Program giving meta chunks their values, or None
+    tensor_styles: Any = None  # per chunk: parallelize_module's plan (parallel._tensor)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,7 @@ chunks in a spawned worker, or one rank's chunks under ``torchrun``.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from math import inf
 from typing import Any
 
 import torch
@@ -18,7 +16,14 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
+from ..parallel._groups import MeshGroups
 from ..parallel._replicas import ReplicaGradients
+from ..parallel._sharding import (
+    global_norm,
+    reshard,
+    shard_replicas,
+)
+from ..parallel._tensor import shard_layers
 from ..plan import _schedules
 from ..plan._config import PipelineConfig, TrainSpec
 from ..plan._memory import ActivationMeter
@@ -33,18 +38,15 @@ from ..plan._timeline import Recorder, Span
 from ..split._partition import Boundary, boundary_tensors, leaves
 from ._async import async_stage
 from ._chunk import ChunkModule
+from ._optimizer import stage_optimizer
+from ._stage_state import StageState
 from ..state._named import (
-    cpu_copy,
     hyperparameters,
     set_hyperparameters,
-    read_state_files,
-    stage_state,
-    state_by_name,
-    write_state_file,
 )
 
 
-class StageHost:
+class StageHost(StageState):
     """The chunks one process owns, their torch stages, schedule and optimizer."""
 
     def __init__(
@@ -59,10 +61,16 @@ class StageHost:
         group: dist.ProcessGroup,
         replica: int = 0,
         replica_group: dist.ProcessGroup | None = None,
+        mesh: MeshGroups | None = None,
+        tensor_rank: int = 0,
+        tensor_styles: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         """``rank``: this process's stage in its pipeline, whose processes form ``group``;
         ``replica``: which copy of the pipeline it belongs to, and ``replica_group`` the same
-        stage of every replica (None with one replica), over which gradients are summed."""
+        stage of every replica (None with one replica), over which gradients are summed;
+        ``mesh``: its device meshes where the stage is split over tensor ranks (this rank is
+        ``tensor_rank`` of them; ``tensor_styles`` per chunk: ``parallel._tensor``) or its
+        replicas shard their state (``config.shard``)."""
         self.config = config
         self.rank = rank
         self.replica = replica
@@ -83,6 +91,17 @@ class StageHost:
             ).to(self.device)
             for c in self.chunk_ids
         }
+        # tensor shards (DTensor), then the replicas' shards (FSDP2) of each chunk's layers
+        self.tensor_rank = tensor_rank
+        self.owns_state = tensor_rank == 0 and replica == 0  # writes and sends the state
+        self.sharded: list[nn.Module] = []
+        if mesh is not None and mesh.tensor is not None:
+            for c in self.chunk_ids:
+                shard_layers(self.chunks[c].layers, mesh.tensor, (tensor_styles or {}).get(c, {}))
+        if mesh is not None and config.shard != "none":
+            for c in self.chunk_ids:
+                self.sharded += shard_replicas(self.chunks[c].layers, mesh.replica_mesh,
+                                               config.shard)
         self.holds_first = 0 in self.chunks
         self.holds_last = (config.n_chunks - 1) in self.chunks
         self.loss = WeightedLoss(spec.criterion.to(self.device))
@@ -91,10 +110,7 @@ class StageHost:
             [] if config.max_grad_norm is None else [(config.max_grad_norm, 2.0)]
         )
         params = [p for c in self.chunk_ids for p in self.chunks[c].parameters()]
-        # a stage of parameter-free layers (an activation alone) has nothing to step
-        self.optimizer = (
-            spec.optimizer(params, **spec.optimizer_kwargs) if params else _NoParameters()
-        )
+        self.optimizer = stage_optimizer(spec, params)
         # skpipe's own asynchronous schedules run in a thread of their own (engine/asyncpipe)
         self.pipe = async_stage(self, replica_group) if self.asynchronous else None
         self._schedule: Any = None if self.pipe else self._build_schedule()
@@ -108,7 +124,7 @@ class StageHost:
         # schedule's backward lets autograd accumulate them (not the zero-bubble ones)
         self.replica_grads = (
             None
-            if replica_group is None or self.pipe
+            if replica_group is None or self.pipe or self.sharded
             else ReplicaGradients(
                 params,
                 replica_group,
@@ -122,7 +138,10 @@ class StageHost:
         return _schedules.SCHEDULES[self.schedule_name].asynchronous
 
     def record_timeline(self, steps: int) -> None:
-        """Record the spans of the next ``steps`` steps."""
+        """Record the spans of the next ``steps`` steps (a stage's tensor shards run the same
+        actions at once: shard 0 records them)."""
+        if self.tensor_rank:
+            return
         self.recorder.steps_left = steps
         if self.pipe:
             self.pipe.record = range(self.pipe.fed, self.pipe.fed + steps)
@@ -278,14 +297,7 @@ class StageHost:
             for p in self.chunks[c].parameters()
             if p.grad is not None
         ]
-        acc = torch.zeros((), device=self.device, dtype=torch.float64)
-        for g in grads:
-            a = g.detach().double().abs()
-            acc = torch.maximum(acc, a.max()) if norm_type == inf else acc + a.pow(norm_type).sum()
-        if self.world_size > 1:
-            op = dist.ReduceOp.MAX if norm_type == inf else dist.ReduceOp.SUM
-            dist.all_reduce(acc, op=op, group=self.group)
-        total = float(acc) if norm_type == inf else float(acc) ** (1.0 / norm_type)
+        total = global_norm(grads, norm_type, self.device, self.group)
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:
             for g in grads:
@@ -297,25 +309,6 @@ class StageHost:
         if groups is not None:
             set_hyperparameters(self.optimizer, groups)
         return hyperparameters(self.optimizer)
-
-    def set_weights(
-        self,
-        values: dict[int, dict[str, torch.Tensor]],
-        requires_grad: dict[int, dict[str, bool]],
-    ) -> None:
-        """Copy changed tensors into the chunks and set which parameters train."""
-        with torch.no_grad():
-            for c, state in values.items():
-                own = self.chunks[c].layers.state_dict(keep_vars=True)
-                for key, value in state.items():
-                    own[key].copy_(value)
-        if self.pipe:  # between epochs: the versions the next forwards use take them too
-            self.pipe.write_versions({f"layers.{k}": v for state in values.values()
-                                      for k, v in state.items()})
-        for c, flags in requires_grad.items():
-            for key, p in self.chunks[c].layers.named_parameters():
-                if key in flags:
-                    p.requires_grad_(flags[key])
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -347,57 +340,8 @@ class StageHost:
             if c + 1 < n_chunks and c + 1 not in self.chunks:
                 for t in h:
                     dist.send(t.contiguous(), group_dst=self.config.owner(c + 1), group=self.group)
+        reshard(self.sharded)  # FSDP2 keeps what a forward-only pass gathered
         return h[0] if self.holds_last else None
-
-    def state_dicts(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Each chunk's layer parameters and buffers, on the CPU."""
-        return {
-            c: {k: v.detach().cpu() for k, v in self.chunks[c].layers.state_dict().items()}
-            for c in self.chunk_ids
-        }
-
-    def optimizer_state(self, copy: bool = True) -> dict[str, Any]:
-        """This host's optimizer state dict: a copy on the CPU, or (``copy=False``, for
-        streaming it away tensor by tensor) the live tensors themselves."""
-        state = self.optimizer.state_dict()
-        return cpu_copy(state) if copy else state
-
-    def load_state(
-        self, chunk_states: dict[int, dict[str, torch.Tensor]], optimizer_state: dict[str, Any]
-    ) -> None:
-        """Put saved parameters (and the optimizer's state) back into this host's chunks."""
-        for c, state in chunk_states.items():
-            self.chunks[c].layers.load_state_dict(state)
-        self.optimizer.load_state_dict(optimizer_state)
-
-    def save_part(
-        self, path: str, names: dict[int, dict[str, str]], parameter_names: Sequence[str]
-    ) -> None:
-        """Write this host's checkpoint part: its tensors under their names in the whole
-        network (``names``: per chunk, state-dict key -> name), its optimizer's state by
-        parameter name."""
-        module = {
-            names[c][k]: v for c, state in self.state_dicts().items() for k, v in state.items()
-        }
-        optimizer = state_by_name(self.optimizer_state(copy=False), parameter_names)
-        # an asynchronous stage also keeps the weight versions its rule still needs
-        write_state_file(path, module, optimizer, self.pipe.stash() if self.pipe else None)
-
-    def load_parts(
-        self, paths: Sequence[str], names: dict[int, dict[str, str]], parameter_names: Sequence[str]
-    ) -> None:
-        """Take this host's tensors and optimizer state, by name, from checkpoint parts (and
-        an asynchronous stage its stash: its weight versions and the fit's batch count)."""
-        saved = read_state_files(paths)
-        self.load_state(*stage_state(saved, names, parameter_names))
-        if self.pipe is not None:
-            mine = [s for s in saved["stashes"] if s["stage"] == self.rank]
-            if not mine:
-                raise ValueError(
-                    f"the checkpoint holds no weight versions for stage {self.rank}: it was not "
-                    f"written by schedule {self.schedule_name!r}, which needs them to resume"
-                )
-            self.pipe.load_stash(mine[0])
 
     def drop_training_state(self) -> None:
         """Free gradients, optimizer state and gradient buckets (the host trains no more)."""
@@ -415,28 +359,6 @@ class StageHost:
         self._schedule = None
         self.chunks.clear()
         self.optimizer = None  # type: ignore[assignment]
-
-
-class _NoParameters(torch.optim.Optimizer):
-    """The optimizer of a stage without parameters: nothing to step, an empty state (torch's
-    optimizers refuse an empty parameter list)."""
-
-    def __init__(self) -> None:  # noqa: D107 - torch's __init__ refuses no parameters
-        self.state = defaultdict(dict)
-        self.param_groups: list[dict[str, Any]] = []
-        self.defaults: dict[str, Any] = {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
-
-    def step(self, closure: Any = None) -> Any:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": {}, "param_groups": [{"params": []}]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _given(value: Any, what: str) -> Any:

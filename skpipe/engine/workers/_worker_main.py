@@ -92,14 +92,15 @@ class Worker:
         if m.program is not None:  # this stage's layers, built here (see _construct)
             m.program.apply(m.chunks)
         self.device = m.device
-        # same seed warm or cold, so that a fit does not depend on what ran before
-        torch.manual_seed(m.seed + self.rank)
+        cfg = m.config
+        # same seed warm or cold, so that a fit does not depend on what ran before; the same
+        # for a stage's tensor shards, which must draw the same dropout on whole activations
+        torch.manual_seed(m.seed + self.rank // cfg.tensor_parallel)
         if m.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(m.device))
         store = os.environ["SKPIPE_STORE_PATH"]
-        worker_world(store, self.rank, self.world, m.device, m.config.timeout)
-        cfg = m.config
-        pipeline, replicas = mesh_groups(cfg.n_replicas, cfg.n_stages, m.device)
+        worker_world(store, self.rank, self.world, m.device, cfg.timeout)
+        mesh = mesh_groups(cfg.n_replicas, cfg.n_stages, m.device, cfg.tensor_parallel)
         self.host = StageHost(
             m.chunks,
             cfg,
@@ -107,9 +108,12 @@ class Worker:
             m.shapes,
             rank=cfg.stage_of(self.rank),
             device=m.device,
-            group=pipeline,
+            group=mesh.pipeline,
             replica=cfg.replica_of(self.rank),
-            replica_group=replicas,
+            replica_group=mesh.replicas,
+            mesh=mesh,
+            tensor_rank=cfg.tensor_of(self.rank),
+            tensor_styles=m.tensor_styles,
         )
 
     def step(self, m: P.Step) -> Any:

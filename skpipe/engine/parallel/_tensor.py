@@ -1,0 +1,225 @@
+"""Tensor parallelism: which layers of a network are split over a stage's ``tensor_parallel``
+ranks, and how (torch's ``parallelize_module`` with DTensor does the splitting).
+
+A plan maps submodule names of the whole network (torch's patterns: ``"blocks.*.ffn.0"``, one
+``*`` per name part) to a style: ``"colwise"`` (the layer's outputs split over the ranks),
+``"rowwise"`` (its inputs split, the partial outputs summed), ``"replicate"`` (every rank holds
+all of it: the default for what the plan does not name) or a torch ``ParallelStyle``. A colwise
+layer followed by a rowwise one keeps the activation between them split, the Megatron-LM pair;
+where a stage boundary falls between the two, or a colwise layer has no rowwise partner, the
+colwise layer gathers its output and the rowwise layer splits its input, so that every stage
+boundary carries whole (replicated) activations: rank (replica, s, i) sends to (replica, s+1, i).
+
+skpipe's own networks have plans built in (``builtin_plan``); a user's network gets one from
+``tp_plan``. Plans are checked against the network before any worker starts (``check_plan``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+STYLES = ("colwise", "rowwise", "replicate")
+
+PlanValue = Any  # a style name, or a torch ParallelStyle
+
+
+def builtin_plan(module: nn.Module) -> dict[str, str] | None:
+    """The plan skpipe knows for its own networks (``skpipe.modules``); None for others.
+
+    - ``MLP``: its Linear layers in pairs, colwise then rowwise (an odd last one replicated);
+    - ``TabularResNet``: each block's ``up`` colwise and ``down`` rowwise (the residual stream,
+      the first and the last Linear replicated);
+    - ``FTTransformer``: each block's feed-forward network colwise then rowwise. Attention stays
+      replicated: torch's ``nn.MultiheadAttention`` packs the heads' projections into one
+      tensor, which ``parallelize_module`` cannot split by head.
+    """
+    from ... import modules
+
+    if isinstance(module, modules.MLP):
+        linears = [name for name, m in module.named_children() if isinstance(m, nn.Linear)]
+        plan = {}
+        for k in range(0, len(linears) - 1, 2):
+            plan[linears[k]], plan[linears[k + 1]] = "colwise", "rowwise"
+        return plan
+    if isinstance(module, modules.TabularResNet):
+        plan = {}
+        for name, m in module.named_children():
+            if isinstance(m, modules.ResidualBlock):
+                plan[f"{name}.up"], plan[f"{name}.down"] = "colwise", "rowwise"
+        return plan
+    if isinstance(module, modules.FTTransformer):
+        plan = {}
+        for name, m in module.named_children():
+            if isinstance(m, modules.TransformerBlock):
+                plan[f"{name}.ffn.0"], plan[f"{name}.ffn.3"] = "colwise", "rowwise"
+        return plan
+    return None
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether submodule ``name`` matches ``pattern`` as torch's ``parallelize_module`` reads
+    it: part by part, each part an fnmatch pattern."""
+    atoms, parts = pattern.split("."), name.split(".")
+    return len(atoms) == len(parts) and all(
+        fnmatchcase(p, a) for a, p in zip(atoms, parts, strict=True)
+    )
+
+
+def plan_for(
+    module: nn.Module, tp_plan: Mapping[str, PlanValue] | None, tensor_parallel: int
+) -> dict[str, PlanValue]:
+    """The checked plan of a fit: ``tp_plan``, or the built-in one of skpipe's networks."""
+    if tp_plan is None:
+        plan = builtin_plan(module)
+        if plan is None:
+            raise ValueError(
+                f"tensor_parallel={tensor_parallel} needs a plan of which layers to split, and "
+                f"skpipe has none for {type(module).__name__}: give tp_plan, a dict from "
+                "submodule name (e.g. '2' or 'blocks.*.ffn.0') to 'colwise', 'rowwise', "
+                "'replicate' or a torch ParallelStyle."
+            )
+        return check_plan(module, plan, tensor_parallel)
+    return check_plan(module, tp_plan, tensor_parallel)
+
+
+def with_tensor_plan(config: Any, module: nn.Module, tp_plan: Any) -> Any:
+    """``config`` (a ``PipelineConfig``) carrying the checked plan its tensor shards split
+    ``module`` by; a ``tp_plan`` given with ``tensor_parallel=1`` is checked all the same (it
+    applies once tensor_parallel > 1, e.g. in a grid search over it)."""
+    import dataclasses
+
+    t = config.tensor_parallel
+    if t == 1:
+        if tp_plan is not None:
+            check_plan(module, tp_plan, 1)
+        return config
+    return dataclasses.replace(config, tp_plan=tuple(plan_for(module, tp_plan, t).items()))
+
+
+def check_plan(
+    module: nn.Module, plan: Mapping[str, PlanValue], tensor_parallel: int
+) -> dict[str, PlanValue]:
+    """``plan`` checked against ``module``: every pattern names a submodule (else the closest
+    names), every style is one of the four, every split layer's width divides by
+    ``tensor_parallel`` (else the layer and its size)."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    if not isinstance(plan, Mapping):
+        raise ValueError(
+            f"tp_plan must be a dict from submodule name to style; got {type(plan).__name__}."
+        )
+    names = [n for n, _ in module.named_modules() if n]
+    modules = dict(module.named_modules())
+    out: dict[str, PlanValue] = {}
+    for pattern, style in plan.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"tp_plan's keys are submodule names; got {pattern!r}.")
+        if not (isinstance(style, ParallelStyle) or style in STYLES):
+            raise ValueError(
+                f"tp_plan[{pattern!r}] is {style!r}, which is not one of {list(STYLES)} or a "
+                "torch ParallelStyle (torch.distributed.tensor.parallel)."
+            )
+        found = [n for n in names if matches(pattern, n)]
+        if not found:
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            raise ValueError(
+                f"tp_plan names submodule {pattern!r}, which {type(module).__name__} does not "
+                f"have" + (f"; closest: {close}" if close else f"; its submodules: {names[:8]}")
+                + "."
+            )
+        for name in found:
+            _check_width(name, modules[name], style, tensor_parallel)
+        out[pattern] = style
+    return out
+
+
+def _check_width(name: str, layer: nn.Module, style: PlanValue, t: int) -> None:
+    if not isinstance(style, str) or style == "replicate":
+        return
+    if not isinstance(layer, (nn.Linear, nn.Embedding)):
+        raise ValueError(
+            f"tp_plan splits {name!r} {style}, but it is a {type(layer).__name__}: the styles "
+            "'colwise' and 'rowwise' split nn.Linear and nn.Embedding layers; name those, or "
+            "give a torch ParallelStyle."
+        )
+    if isinstance(layer, nn.Linear):
+        what, size = (
+            ("out_features", layer.out_features)
+            if style == "colwise"
+            else ("in_features", layer.in_features)
+        )
+    else:
+        what, size = (
+            ("embedding_dim", layer.embedding_dim)
+            if style == "colwise"
+            else ("num_embeddings", layer.num_embeddings)
+        )
+    if size % t:
+        raise ValueError(
+            f"tensor_parallel={t} must divide the width {style} layer {name!r} is split along "
+            f"({what}={size}); choose a tensor_parallel that divides {size}, or leave "
+            f"{name!r} replicated."
+        )
+
+
+def chunk_styles(
+    layers: nn.Module, global_names: Mapping[str, str], plan: Mapping[str, PlanValue]
+) -> dict[str, Any]:
+    """The ``parallelize_module`` plan of one chunk: its submodules (by their names inside
+    ``layers``) that the fit's ``plan`` names (by their names in the whole network,
+    ``global_names``: chunk-local state key -> whole-network key), with every boundary
+    carrying whole activations (see the module's doc)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    planned: list[tuple[str, PlanValue]] = []
+    for local, sub in layers.named_modules():
+        params = [k for k, _ in sub.named_parameters(recurse=False)]
+        if not local or not params:
+            continue
+        key = global_names.get(f"{local}.{params[0]}")
+        if key is None:
+            continue
+        whole = key[: -len(params[0]) - 1]
+        styles = [style for pattern, style in plan.items() if matches(pattern, whole)]
+        if styles and styles[-1] != "replicate":
+            planned.append((local, styles[-1]))
+    out: dict[str, Any] = {}
+    for k, (local, style) in enumerate(planned):
+        if not isinstance(style, str):
+            out[local] = style
+        elif style == "colwise":
+            paired = k + 1 < len(planned) and planned[k + 1][1] == "rowwise"
+            out[local] = ColwiseParallel() if paired else ColwiseParallel(
+                output_layouts=Replicate()
+            )
+        else:
+            paired = k > 0 and planned[k - 1][1] == "colwise"
+            out[local] = RowwiseParallel() if paired else RowwiseParallel(
+                input_layouts=Replicate()
+            )
+    return out
+
+
+def stage_styles(
+    chunks: Mapping[int, nn.Module],
+    names: Mapping[int, Mapping[str, str]],
+    plan: Any,
+) -> dict[int, dict[str, Any]]:
+    """Per chunk of a stage (``chunks``, with ``names``: chunk -> local key -> whole-network
+    key, as ``Plan.state_names`` gives them), its ``parallelize_module`` plan."""
+    return {c: chunk_styles(chunks[c], names[c], dict(plan)) for c in chunks}
+
+
+def shard_layers(layers: nn.Module, mesh: Any, styles: Mapping[str, Any]) -> None:
+    """Split ``layers`` over the tensor ``mesh`` in place, as ``styles`` say (every rank holds
+    the same values before: each keeps its part)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if styles:
+        parallelize_module(layers, mesh, dict(styles), src_data_rank=None)
