@@ -226,13 +226,20 @@ def _check_parallel(schedule: str, tensor_parallel: int, shard: str, n_stages: A
                 f"whole weight versions per stage and does not run {name}={value!r}; use a "
                 f"synchronous schedule (e.g. '1f1b'), or {name}={default!r}."
             )
-    if shard != "none" and row.zero_bubble and n_stages != 1:
-        raise ValueError(
-            f"shard={shard!r} reduces each layer's gradients when its backward is done, and "
-            f"schedule={schedule!r} splits the backward into input and weight parts (FSDP2 "
-            "would reduce before the weight part); use '1f1b', 'gpipe', 'interleaved_1f1b' or "
-            "'looped_bfs' with shard, or shard='none'."
-        )
+    if row.zero_bubble and n_stages != 1:
+        for name, value, default, why in (
+            ("shard", shard, "none", "FSDP2 reduces each layer's gradients when its backward "
+             "is done, before the weight part"),
+            ("tensor_parallel", tensor_parallel, 1, "torch's split backward cannot detach a "
+             "tensor shard's gradients (RuntimeError: Can't detach views in-place, torch "
+             "2.13)"),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"{name}={value!r} does not run under schedule={schedule!r}, which splits "
+                    f"the backward into input and weight parts: {why}. Use '1f1b', 'gpipe', "
+                    f"'interleaved_1f1b' or 'looped_bfs', or {name}={default!r}."
+                )
 
 
 def _count(name: str, value: Any) -> int:
