@@ -86,7 +86,7 @@ ENGINE = "skpipe.engine"
 # what each part of the engine may import besides itself: every arrow points down this table
 FLOORS = {
     "split": set(),                                                   # network -> layers or pieces
-    "parallel": set(),                                                # devices, groups, replicas
+    "parallel": {"split"},                                            # devices, groups, shards
     "plan": {"split"},                                                # the Plan, made once
     "state": {"split"},                                               # state by name, streamed
     "planner": {"split", "plan", "asyncpipe"},                        # measure, simulate, choose

@@ -29,7 +29,8 @@ def test_plan_shows_which_rank_holds_which_replica_and_stage(classification_data
     text = str(report)
     assert "mesh: 2 replicas x 2 stage(s)" in text
     assert "replica 1: stage 0 rank 2 on cpu:2, stage 1 rank 3 on cpu:3" in text
-    assert report.to_dict()["mesh"][3] == {"rank": 3, "replica": 1, "stage": 1, "device": "cpu:3"}
+    assert report.to_dict()["mesh"][3] == {"rank": 3, "replica": 1, "stage": 1, "tensor": 0,
+                                           "device": "cpu:3"}
     assert report.microbatch_rows == 4  # 16 rows: 8 per replica, in 2 micro-batches
 
 

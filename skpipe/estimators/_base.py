@@ -316,7 +316,7 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
             checkpoint=self.checkpoint,
             launcher=launcher,
             devices=resolve_devices(
-                self.devices, n_stages * self.tensor_parallel, launcher, self.n_replicas
+                self.devices, n_stages, launcher, self.n_replicas, self.tensor_parallel
             ),
             batch_size=batch,
             precision=self.precision,

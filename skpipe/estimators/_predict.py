@@ -117,8 +117,8 @@ class PredictMixin:
         config = dataclasses.replace(
             fitted,
             devices=resolve_devices(
-                self.devices, fitted.n_stages * fitted.tensor_parallel, fitted.launcher,
-                fitted.n_replicas,
+                self.devices, fitted.n_stages, fitted.launcher, fitted.n_replicas,
+                fitted.tensor_parallel,
             ),
             balance=tuple(chunk.n_layers for chunk in self.plan_.chunks),
         )

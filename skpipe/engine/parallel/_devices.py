@@ -9,7 +9,11 @@ import torch
 
 
 def resolve_devices(
-    devices: str | Sequence[str], n_stages: int, launcher: str, n_replicas: int = 1
+    devices: str | Sequence[str],
+    n_stages: int,
+    launcher: str,
+    n_replicas: int = 1,
+    tensor_parallel: int = 1,
 ) -> tuple[str, ...]:
     """One device string per rank (``n_replicas x n_stages`` of them; rank
     ``replica * n_stages + stage``).
@@ -19,7 +23,7 @@ def resolve_devices(
     ``torchrun`` a GPU per rank (its ``LOCAL_RANK``) whenever this machine has one; else the CPU.
     A list names the devices in rank order; with one rank its first entry is used.
     """
-    n_ranks = n_stages * n_replicas
+    n_ranks = n_stages * n_replicas * tensor_parallel
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if isinstance(devices, str):
         if devices != "auto":
@@ -57,6 +61,13 @@ def resolve_devices(
     if launcher == "local" and len(out) == 1:
         return (out[0],) * n_stages
     if len(out) < n_ranks:
+        if tensor_parallel > 1:
+            raise ValueError(
+                f"n_replicas ({n_replicas}) x n_stages ({n_stages}) x tensor_parallel "
+                f"({tensor_parallel}) needs {n_ranks} devices, one per rank in the order "
+                f"(replica, stage, tensor shard); devices lists {len(out)}: {out}. List more, or "
+                "lower tensor_parallel, n_stages or n_replicas."
+            )
         if n_replicas == 1:
             raise ValueError(
                 f"n_stages ({n_stages}) is larger than the number of devices given ({len(out)}: "

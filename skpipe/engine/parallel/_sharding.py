@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..split._names import shard_units
+
 SHARD_STYLES = {"optimizer": False, "full": True}  # shard -> reshard_after_forward
 
 
@@ -37,16 +39,17 @@ def is_dtensor(t: Any) -> bool:
 
 
 def shard_replicas(layers: nn.Module, mesh: Any, shard: str) -> list[nn.Module]:
-    """FSDP2 over the replicas' ``mesh`` on every child of ``layers`` holding parameters, then
-    on ``layers`` for any parameter left (see the module's doc); the sharded modules."""
+    """FSDP2 over the replicas' ``mesh`` on every unit of ``layers`` (``split._names.
+    shard_units``: its layers, an MLP's or a stack's opened), then on ``layers`` for any
+    parameter left (see the module's doc); the sharded modules."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = SHARD_STYLES[shard]
     quiet_composition()
-    out: list[Any] = []
-    for child in layers.children():
-        if any(True for _ in child.parameters()):
-            out.append(fully_shard(child, mesh=mesh, reshard_after_forward=reshard))
+    out: list[Any] = [
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+        for unit in shard_units(layers)
+    ]
     if any(not is_dtensor(p) for p in layers.parameters()):
         out.append(fully_shard(layers, mesh=mesh, reshard_after_forward=reshard))
     for m in out:

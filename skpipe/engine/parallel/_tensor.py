@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
+
+from ..split._names import matches
 
 STYLES = ("colwise", "rowwise", "replicate")
 
@@ -59,15 +60,6 @@ def builtin_plan(module: nn.Module) -> dict[str, str] | None:
                 plan[f"{name}.ffn.0"], plan[f"{name}.ffn.3"] = "colwise", "rowwise"
         return plan
     return None
-
-
-def matches(pattern: str, name: str) -> bool:
-    """Whether submodule ``name`` matches ``pattern`` as torch's ``parallelize_module`` reads
-    it: part by part, each part an fnmatch pattern."""
-    atoms, parts = pattern.split("."), name.split(".")
-    return len(atoms) == len(parts) and all(
-        fnmatchcase(p, a) for a, p in zip(atoms, parts, strict=True)
-    )
 
 
 def plan_for(

@@ -33,6 +33,7 @@ from ..split._partition import (
     map_boundary,
     named_layers,
 )
+from ..split._names import shard_units, split_parameter, style_of
 from ..split._trace import SplitTrace, split_network
 from . import _schedules
 from ._config import PipelineConfig
@@ -65,6 +66,9 @@ class Plan:
     layer_names: tuple[str, ...]
     layer_costs: tuple[float, ...] | None = None
     trace: SplitTrace | None = None
+    # per chunk: bytes of the parameters tensor_parallel splits, and of its largest layer
+    split_bytes: tuple[int, ...] = ()
+    largest_layer_bytes: tuple[int, ...] = ()
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -154,11 +158,28 @@ class Plan:
         need = [0.0] * cfg.n_stages
         copies = _schedules.SCHEDULES[cfg.schedule].weight_copies  # stashed weight versions
         for c, rank in enumerate(self.owners):
-            need[rank] += (4 + copies(cfg.n_stages, rank)) * self.parameter_bytes[c]
+            need[rank] += self.state_bytes(c, 4 + copies(cfg.n_stages, rank))
             need[rank] += rows * self.held_bytes_per_row(c, held)
         need[self.owners[0]] += rows * m * boundary_bytes_per_row(self.shapes[0])
         need[self.owners[-1]] += rows * m * boundary_bytes_per_row(self.shapes[-1])
         return need
+
+    def state_bytes(self, chunk: int, copies: int = 4) -> float:
+        """Bytes of chunk ``chunk``'s training state one rank holds: ``copies`` x its
+        parameter bytes (weights, gradients, two Adam moments, stashed versions), of which a
+        tensor shard holds the split layers' 1/t; with ``shard='optimizer'`` the gradients and
+        moments are 1/k per replica (the weights gathered for the step), with ``'full'``
+        everything, plus the largest layer's weights and gradient gathered at once."""
+        cfg = self.config
+        t, k = cfg.tensor_parallel, cfg.n_replicas
+        split = self.split_bytes[chunk] if self.split_bytes else 0
+        mine = self.parameter_bytes[chunk] - split + split / t
+        if cfg.shard == "optimizer":
+            return mine + (copies - 1) * mine / k
+        if cfg.shard == "full":
+            largest = self.largest_layer_bytes[chunk] if self.largest_layer_bytes else 0
+            return copies * mine / k + 2 * largest
+        return copies * mine
 
     def held_bytes_per_row(self, chunk: int, held: int) -> float:
         """Bytes per row chunk ``chunk`` holds for backward with ``held`` micro-batches in
@@ -229,12 +250,15 @@ class Plan:
             ),
             predicted_step_ms=predicted,
             n_replicas=cfg.n_replicas,
+            tensor_parallel=cfg.tensor_parallel,
+            shard=cfg.shard,
             stage_MiB=[b / 2**20 for b in self.stage_bytes()],
             mesh=[
                 {
                     "rank": rank,
                     "replica": cfg.replica_of(rank),
                     "stage": cfg.stage_of(rank),
+                    "tensor": cfg.tensor_of(rank),
                     "device": cfg.devices[rank] if rank < len(cfg.devices) else cfg.devices[0],
                 }
                 for rank in range(cfg.world_size)
@@ -268,7 +292,7 @@ def make_plan(
     _check_unshared(named, bounds)
     # one stage: any module, whatever it does inside; its output shape is measured below
     shapes = boundary_shapes(layers, bounds, sample.shape[1]) if config.n_chunks > 1 else None
-    names, counts, nbytes, act = [], [], [], []
+    names, counts, nbytes, act, split, largest = [], [], [], [], [], []
     x = microbatch_of(sample, config.microbatch_rows)
     for s, e in bounds:
         chunk = nn.Sequential(*layers[s:e])
@@ -276,6 +300,16 @@ def make_plan(
         names.append(tuple(_qualified(named, s, local) for local, _ in params))
         counts.append(sum(p.numel() for _, p in params))
         nbytes.append(sum(p.numel() * p.element_size() for _, p in params))
+        split.append(sum(
+            p.numel() * p.element_size()
+            for name, (_, p) in zip(names[-1], params, strict=True)
+            if split_parameter(style_of(config.tp_plan, name.rpartition(".")[0]),
+                               name.rpartition(".")[2])
+        ))
+        largest.append(max(
+            (sum(p.numel() * p.element_size() for p in unit.parameters())
+             for unit in shard_units(chunk)), default=0
+        ))
         held, x = activation_bytes(chunk, x)
         act.append(held / leaves(x)[0].shape[0])
     if shapes is None:  # one chunk: the whole network, whose output the loss takes
@@ -294,6 +328,8 @@ def make_plan(
         layer_names=tuple(getattr(layer, "label", type(layer).__name__) for layer in layers),
         layer_costs=None if costs is None else tuple(costs),
         trace=trace,
+        split_bytes=tuple(split),
+        largest_layer_bytes=tuple(largest),
     )
 
 

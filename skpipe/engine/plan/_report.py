@@ -56,7 +56,10 @@ class PlanReport:
     bubble: float
     predicted_step_ms: float | None
     n_replicas: int = 1
-    # one row per rank of the (replica x stage) mesh: {'rank', 'replica', 'stage', 'device'}
+    tensor_parallel: int = 1
+    shard: str = "none"
+    # one row per rank of the (replica x stage x tensor) mesh: {'rank', 'replica', 'stage',
+    # 'tensor', 'device'}
     mesh: list[dict[str, Any]] = field(default_factory=list)
     # the planner's (schedule='auto' / n_stages='auto'): every plan considered, fastest first
     candidates: list[dict[str, Any]] = field(default_factory=list)
@@ -105,16 +108,25 @@ class PlanReport:
             )
 
         mesh = []
-        if self.n_replicas > 1:
+        if self.n_replicas > 1 or self.tensor_parallel > 1:
+            t = self.tensor_parallel
             mesh.append(
-                f"mesh: {self.n_replicas} replicas x {self.n_stages} stage(s), each replica "
-                f"steps on its share of a batch ({self.batch_rows} rows padded); rank = "
-                f"replica x {self.n_stages} + stage"
+                f"mesh: {self.n_replicas} replica{'s' if self.n_replicas > 1 else ''} x "
+                f"{self.n_stages} stage(s)"
+                + (f" x {t} tensor shards" if t > 1 else "")
+                + f", each replica steps on its share of a batch ({self.batch_rows} rows "
+                f"padded); rank = (replica x {self.n_stages} + stage)"
+                + (f" x {t} + tensor shard" if t > 1 else "")
+                + ("" if self.shard == "none" else
+                   f"; the replicas' state sharded (shard={self.shard!r}, FSDP2)")
             )
             for r in range(self.n_replicas):
                 ranks = [m for m in self.mesh if m["replica"] == r]
                 where = ", ".join(
-                    f"stage {m['stage']} rank {m['rank']} on {m['device']}" for m in ranks
+                    f"stage {m['stage']}"
+                    + (f".{m.get('tensor', 0)}" if t > 1 else "")
+                    + f" rank {m['rank']} on {m['device']}"
+                    for m in ranks
                 )
                 mesh.append(f"  replica {r}: {where}")
         tail = f"expected bubble: {self.bubble:.1%}"
@@ -132,9 +144,11 @@ class PlanReport:
         if self.measured_step_ms is not None:
             tail += f"; measured: {self.measured_step_ms:.2f} ms"
         lines = [head, *mesh, line(cols), *[line(r) for r in rows], tail]
-        if len(self.stage_MiB) > 1:
+        if len(self.stage_MiB) > 1 or self.tensor_parallel > 1 or self.shard != "none":
             lines.append(
-                "peak memory per stage (estimated): "
+                "peak memory per stage (estimated"
+                + (", per rank" if self.tensor_parallel > 1 or self.shard != "none" else "")
+                + "): "
                 + ", ".join(f"{mib:,.1f}" if mib >= 10 else f"{mib:.3f}" for mib in self.stage_MiB)
                 + " MiB"
             )
