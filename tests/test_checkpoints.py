@@ -52,6 +52,14 @@ CONFIGS = [
                  marks=pytest.mark.distributed, id="2bw"),
     pytest.param(dict(n_stages=3, n_microbatches=2, launcher="spawn", schedule="pipedream"),
                  marks=pytest.mark.distributed, id="pipedream"),
+    # tensor shards and sharded replicas: each stage's part written whole by its owner (the
+    # shards gathered one tensor at a time), read back into shards (Adam's moments included)
+    pytest.param(dict(n_stages=2, n_microbatches=2, launcher="spawn", tensor_parallel=2),
+                 marks=pytest.mark.distributed, id="tensor_parallel"),
+    pytest.param(dict(n_stages=1, n_replicas=2, launcher="spawn", shard="full"),
+                 marks=pytest.mark.distributed, id="shard-full"),
+    pytest.param(dict(n_stages=2, n_replicas=2, n_microbatches=2, launcher="spawn",
+                      shard="optimizer"), marks=pytest.mark.distributed, id="shard-optimizer"),
 ]
 
 

@@ -214,6 +214,7 @@ PARALLEL_CASES = [
     ("1f1b", 2, 2, 1, "full", 2),
     ("interleaved_1f1b", 2, 2, 1, "optimizer", 2),
     ("looped_bfs", 2, 2, 1, "full", 4),
+    ("1f1b", 2, 2, 2, "none", 2),
     ("1f1b", 2, 2, 2, "full", 2),
 ]
 

@@ -36,7 +36,7 @@ def buckets(tensors: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tens
     out: list[list[torch.Tensor]] = []
     size = 0
     for t in tensors:
-        nbytes = t.numel() * t.element_size()
+        nbytes = _local(t).numel() * t.element_size()
         if (
             not out
             or size + nbytes > limit
@@ -98,7 +98,7 @@ class ReplicaGradients:
                 self._next += 1
 
     def _start(self, b: int) -> None:
-        grads = [p.grad for p in self.buckets[b] if p.grad is not None]
+        grads = [_local(p.grad) for p in self.buckets[b] if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -117,8 +117,9 @@ class ReplicaGradients:
             for p in self.buckets[b]:
                 if p.grad is None:
                     continue
-                n = p.grad.numel()
-                p.grad.copy_(flat[start : start + n].view_as(p.grad))
+                grad = _local(p.grad)
+                n = grad.numel()
+                grad.copy_(flat[start : start + n].view_as(grad))
                 start += n
         self._running = []
         if self.buckets and self.buckets[0][0].device.type == "cuda":
@@ -130,3 +131,11 @@ class ReplicaGradients:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient: a tensor shard's local tensor (the replicas hold the
+    same shard, so summing the parts sums the shard), else the gradient itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t  # the local tensor itself
