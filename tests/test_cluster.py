@@ -101,6 +101,58 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path, n_repl
     assert max(float(line.rsplit(" ", 1)[1]) for line in lines) < 1e-5
 
 
+THREE_D = """
+import os
+import numpy as np, torch.distributed as dist
+from skpipe import PipeNetClassifier
+dist.init_process_group("gloo")
+rng = np.random.RandomState(0)
+X = rng.normal(size=(90, 6)).astype(np.float32); y = rng.randint(0, 3, size=90)
+kw = dict(module__hidden_layer_sizes=(16, 16, 16), module__activation="tanh", lr=0.01,
+          max_epochs=2, batch_size=13, random_state=0)
+one = PipeNetClassifier(**kw).fit(X, y)
+for schedule, shard, m in [("1f1b", "none", 2), ("interleaved_1f1b", "full", 2),
+                           ("gpipe", "optimizer", 4)]:
+    piped = PipeNetClassifier(n_stages=2, n_replicas=2, tensor_parallel=2, shard=shard,
+                              n_microbatches=m, schedule=schedule, **kw).fit(X, y)
+    diff = max(float((a - b).abs().max()) for a, b in zip(piped.module_.state_dict().values(),
+                                                           one.module_.state_dict().values()))
+    loss = abs(piped.history_[-1, "train_loss"] - one.history_[-1, "train_loss"])
+    os.write(1, (f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} {schedule}-{shard} "
+                 f"launcher {piped.config_.launcher} difference {max(diff, loss):.3g}\\n").encode())
+dist.destroy_process_group()
+"""
+
+
+def test_replicas_stages_and_tensor_shards_under_two_torchrun_agents(tmp_path):
+    """2 replicas x 2 stages x 2 tensor shards = 8 ranks on two "nodes" of 4: each node holds
+    one replica, a stage's two shards side by side in it (the tensor group inside a node)."""
+    script = tmp_path / "three_d.py"
+    script.write_text(THREE_D)
+    port = free_port()
+    agent = (f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 4 "
+             f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id skpipe-3d {script}")
+    shell = textwrap.dedent(f"""
+        {'ip link set lo up' if isolated_network() else 'true'}
+        export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1
+        {agent} > {tmp_path}/node_a.txt 2>&1 & a=$!
+        {agent} > {tmp_path}/node_b.txt 2>&1 & b=$!
+        wait $a; ra=$?; wait $b; rb=$?
+        exit $((ra + rb))
+    """)
+    out = subprocess.run([*isolated_network(), "bash", "-c", shell], capture_output=True,
+                         text=True, timeout=600)
+    logs = [(tmp_path / f"node_{n}.txt").read_text() for n in "ab"]
+    shown = "\n".join(log[-3000:] for log in logs)
+    assert out.returncode == 0, shown
+    lines = [line for log in logs for line in log.splitlines() if line.startswith("node ")]
+    assert len(lines) == 8 * 3, shown
+    assert {(line.split()[1], line.split()[3]) for line in lines} == {
+        (str(r // 4), str(r)) for r in range(8)}, shown
+    assert all("launcher torchrun" in line for line in lines)
+    assert max(float(line.rsplit(" ", 1)[1]) for line in lines) < 1e-5, shown
+
+
 def test_grid_search_on_a_dask_cluster_equals_the_sequential_search(tmp_path):
     distributed = pytest.importorskip("distributed")
     import joblib

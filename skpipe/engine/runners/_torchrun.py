@@ -64,9 +64,13 @@ class TorchrunRunner(Runner):
         cfg = self.config
         mesh = mesh_groups(cfg.n_replicas, cfg.n_stages, self.device, cfg.tensor_parallel)
         chunks = plan.chunks(module, self.stage)
-        if cfg.collective_state:  # sharding rewrites layers: shard copies, keep module's plain
-            chunks = {c: copy.deepcopy(chunk) for c, chunk in chunks.items()}
         materialize_all(chunks)  # this rank's layers only, where the network was built on meta
+        if cfg.collective_state:
+            # sharding rewrites the layers it shards: shard a copy, and leave module's own
+            # layers plain, their values let go (collect brings every tensor back whole)
+            own, chunks = chunks, {c: copy.deepcopy(chunk) for c, chunk in chunks.items()}
+            for chunk in own.values():
+                chunk.to("meta")
         styles = (
             stage_styles(chunks, plan.state_names(module, self.stage), cfg.tp_plan)
             if cfg.tensor_parallel > 1
