@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["schedule_efficiency", "overhead", "real_compute", "memory", "search_overhead", "channel",
            "scaling", "planner", "large_network", "callbacks", "async_pipelines",
-           "async_convergence"]
+           "async_convergence", "parallel_memory"]
 
 
 @pytest.mark.distributed
