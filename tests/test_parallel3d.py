@@ -108,3 +108,22 @@ def test_timeline_shows_each_stage_once_per_replica(data):
     # a stage's tensor shards run the same actions at once: one row per stage (shard 0's)
     assert sorted({s.rank for s in est.timeline_.spans}) == [0, 1]
     assert {s.kind for s in est.timeline_.spans} >= {"F", "B"}
+
+
+@pytest.mark.parametrize("layout", [dict(n_stages=2, tensor_parallel=2, n_microbatches=2),
+                                    dict(n_replicas=2, shard="full")])
+def test_lr_schedule_and_freezer_reach_shards(data, layout):
+    """Callbacks that change the learning rate and which weights train act on the shards as
+    on one device."""
+    from skorch.callbacks import Freezer, LRScheduler
+
+    def common():
+        return dict(max_epochs=3, batch_size=16, lr=0.05, random_state=0,
+                    module__hidden_layer_sizes=(8, 8), optimizer=torch.optim.SGD,
+                    callbacks=[LRScheduler("StepLR", step_size=1, gamma=0.5), Freezer(["0.*"])])
+
+    ref = PipeNetRegressor(**common()).fit(*data)
+    est = PipeNetRegressor(launcher="spawn", **layout, **common()).fit(*data)
+    same(est, ref)
+    assert not torch.equal(est.module_[2].weight, PipeNetRegressor(
+        **{**common(), "max_epochs": 1}).fit(*data).module_[2].weight)
