@@ -66,16 +66,15 @@ def isolated_network() -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("n_replicas", [1, 2], ids=["pipeline", "2-replicas"])
-def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path, n_replicas):
-    """Two nodes: one stage each (the pipeline spans them), or with two replicas of a
-    2-stage pipeline, one replica per node (rank = replica x 2 + stage), every schedule."""
-    script = tmp_path / "two_nodes.py"
-    script.write_text(TWO_NODES)
+def run_two_agents(tmp_path, code: str, nproc: int, *args: str) -> list[str]:
+    """Run ``code`` under two torchrun agents ("nodes") of ``nproc`` processes each, meeting at
+    a c10d rendezvous on loopback; the two nodes' logs (the test fails with them otherwise)."""
+    script = tmp_path / "job.py"
+    script.write_text(code)
     port = free_port()
-    agent = (f"{sys.executable} -m torch.distributed.run --nnodes 2 "
-             f"--nproc-per-node {n_replicas} --rdzv-backend c10d "
-             f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id skpipe-two-nodes {script} {n_replicas}")
+    agent = (f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node {nproc} "
+             f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id skpipe-two-nodes "
+             f"{script} {' '.join(args)}")
     shell = textwrap.dedent(f"""
         {'ip link set lo up' if isolated_network() else 'true'}
         export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1
@@ -85,9 +84,17 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path, n_repl
         exit $((ra + rb))
     """)
     out = subprocess.run([*isolated_network(), "bash", "-c", shell], capture_output=True,
-                         text=True, timeout=500)
+                         text=True, timeout=600)
     logs = [(tmp_path / f"node_{n}.txt").read_text() for n in "ab"]
-    assert out.returncode == 0, "\n".join(log[-2000:] for log in logs)
+    assert out.returncode == 0, "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+@pytest.mark.parametrize("n_replicas", [1, 2], ids=["pipeline", "2-replicas"])
+def test_two_torchrun_agents_as_two_nodes_train_like_one_device(tmp_path, n_replicas):
+    """Two nodes: one stage each (the pipeline spans them), or with two replicas of a
+    2-stage pipeline, one replica per node (rank = replica x 2 + stage), every schedule."""
+    logs = run_two_agents(tmp_path, TWO_NODES, n_replicas, str(n_replicas))
     lines = [line for log in logs for line in log.splitlines() if line.startswith("node ")]
     # with one replica: 1f1b, and the planner's pick; and the fit with callbacks
     n_schedules = (2 if n_replicas == 1 else 7) + 1
@@ -127,24 +134,8 @@ dist.destroy_process_group()
 def test_replicas_stages_and_tensor_shards_under_two_torchrun_agents(tmp_path):
     """2 replicas x 2 stages x 2 tensor shards = 8 ranks on two "nodes" of 4: each node holds
     one replica, a stage's two shards side by side in it (the tensor group inside a node)."""
-    script = tmp_path / "three_d.py"
-    script.write_text(THREE_D)
-    port = free_port()
-    agent = (f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 4 "
-             f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id skpipe-3d {script}")
-    shell = textwrap.dedent(f"""
-        {'ip link set lo up' if isolated_network() else 'true'}
-        export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1
-        {agent} > {tmp_path}/node_a.txt 2>&1 & a=$!
-        {agent} > {tmp_path}/node_b.txt 2>&1 & b=$!
-        wait $a; ra=$?; wait $b; rb=$?
-        exit $((ra + rb))
-    """)
-    out = subprocess.run([*isolated_network(), "bash", "-c", shell], capture_output=True,
-                         text=True, timeout=600)
-    logs = [(tmp_path / f"node_{n}.txt").read_text() for n in "ab"]
+    logs = run_two_agents(tmp_path, THREE_D, 4)
     shown = "\n".join(log[-3000:] for log in logs)
-    assert out.returncode == 0, shown
     lines = [line for log in logs for line in log.splitlines() if line.startswith("node ")]
     assert len(lines) == 8 * 3, shown
     assert {(line.split()[1], line.split()[3]) for line in lines} == {

@@ -20,23 +20,22 @@ from sklearn.utils.validation import check_random_state, validate_data
 from torch import nn
 
 from ..callbacks import CheckpointKey, params_hash
-from ..engine.parallel._devices import resolve_devices
 from ..engine.plan._budget import fit_budget
-from ..engine.plan._config import PipelineConfig, TrainSpec, make_config
+from ..engine.plan._config import PipelineConfig, TrainSpec
 from ..engine.plan._microbatch import reduction_of
 from ..engine.parallel._tensor import with_tensor_plan
 from ..engine.plan._plan import Plan, make_plan
 from ..engine.plan._report import PlanReport
 from ..engine.plan._timeline import Timeline
 from ..engine.planner._planner import Choice, annotated, chosen_sizes
-from ..engine.runners._runners import held_devices, make_runner, resolve_launcher, runner_class
+from ..engine.runners._runners import held_devices, make_runner, runner_class
 from ..engine.split._marks import mark_split_points
 from ..engine.state._portable import PortableModule
 from ..modules import MLP
-from ._checks import (check_asynchronous, check_batchnorm_rows, check_callbacks_fit,
-                      check_network_fits_data, check_optimizer, grad_clips, uses_checkpoints)
+from ._checks import (check_batchnorm_rows, check_network_fits_data, check_optimizer, grad_clips,
+                      uses_checkpoints)
 from ._data import FitInputs, rows_to_tensor, weighted_rows
-from ._layout import choose_layout, provisional_schedule
+from ._layout import choose_layout, layout_config, provisional_schedule
 from ._loop import run_loop
 from ._params import (
     NOT_DEFERRED,
@@ -292,39 +291,8 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         )
 
     def _config(self, n_stages: int, schedule: str, batch: int) -> PipelineConfig:
-        """The validated configuration for ``n_stages`` stages and ``schedule``, refusing
-        callbacks its launcher cannot run."""
-        # the processes of one stage: its replicas' tensor shards
-        launcher = resolve_launcher(
-            self.launcher, n_stages, self.n_replicas * self.tensor_parallel
-        )
-        check_callbacks_fit(self.callbacks, runner_class(launcher).weights_in_driver, launcher)
-        config = make_config(
-            n_stages=n_stages,
-            n_replicas=self.n_replicas,
-            tensor_parallel=self.tensor_parallel,
-            shard=self.shard,
-            n_microbatches=self.n_microbatches,
-            schedule=schedule,
-            chunks_per_stage=self.chunks_per_stage,
-            # 'auto' is the planner's to choose; 'uniform' validates the rest meanwhile
-            balance=(
-                ("uniform" if self.balance == "auto" else self.balance)
-                if isinstance(self.balance, str)
-                else tuple(self.balance)
-            ),
-            checkpoint=self.checkpoint,
-            launcher=launcher,
-            devices=resolve_devices(
-                self.devices, n_stages, launcher, self.n_replicas, self.tensor_parallel
-            ),
-            batch_size=batch,
-            precision=self.precision,
-            max_grad_norm=self.max_grad_norm,
-            timeout=float(self.timeout),
-        )
-        check_asynchronous(config, self.callbacks, self.n_stages)  # what skpipe's own cannot run
-        return config
+        """The validated configuration for ``n_stages`` stages and ``schedule``."""
+        return layout_config(self, n_stages, schedule, batch)
 
     def _choose_layout(
         self, module: nn.Module, inputs: FitInputs, predict: bool = False

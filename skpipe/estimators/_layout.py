@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..engine.parallel._devices import threads_per_worker
+from ..engine.parallel._devices import resolve_devices, threads_per_worker
 from ..engine.parallel._groups import broadcast_object, job_world
-from ..engine.plan._config import PipelineConfig
+from ..engine.plan._config import PipelineConfig, make_config
 from ..engine.plan._memory import human_bytes
 from ..engine.plan._schedules import SCHEDULES
 from ..engine.planner import _planner
+from ..engine.runners._runners import resolve_launcher, runner_class
+from ._checks import check_asynchronous, check_callbacks_fit
 
 
 def provisional_schedule(chunks_per_stage: int | str) -> str:
@@ -150,3 +152,39 @@ def _received(choice: object) -> tuple[PipelineConfig, _planner.Choice]:
     if not isinstance(choice, _planner.Choice):
         raise RuntimeError(f"rank 0 of the torchrun job sent no plan (got {choice!r})")
     return choice.config, choice
+
+
+def layout_config(est: Any, n_stages: int, schedule: str, batch: int) -> PipelineConfig:
+    """The validated configuration for ``n_stages`` stages and ``schedule``, refusing
+    callbacks its launcher cannot run (``est``: the estimator, whose parameters they are)."""
+    # the processes of one stage: its replicas' tensor shards
+    launcher = resolve_launcher(
+        est.launcher, n_stages, est.n_replicas * est.tensor_parallel
+    )
+    check_callbacks_fit(est.callbacks, runner_class(launcher).weights_in_driver, launcher)
+    config = make_config(
+        n_stages=n_stages,
+        n_replicas=est.n_replicas,
+        tensor_parallel=est.tensor_parallel,
+        shard=est.shard,
+        n_microbatches=est.n_microbatches,
+        schedule=schedule,
+        chunks_per_stage=est.chunks_per_stage,
+        # 'auto' is the planner's to choose; 'uniform' validates the rest meanwhile
+        balance=(
+            ("uniform" if est.balance == "auto" else est.balance)
+            if isinstance(est.balance, str)
+            else tuple(est.balance)
+        ),
+        checkpoint=est.checkpoint,
+        launcher=launcher,
+        devices=resolve_devices(
+            est.devices, n_stages, launcher, est.n_replicas, est.tensor_parallel
+        ),
+        batch_size=batch,
+        precision=est.precision,
+        max_grad_norm=est.max_grad_norm,
+        timeout=float(est.timeout),
+    )
+    check_asynchronous(config, est.callbacks, est.n_stages)  # what skpipe's own cannot run
+    return config
