@@ -148,37 +148,45 @@ def bare_process_rss() -> float:
     return float(out.stdout.strip())
 
 
-def run(
-    width: int, depth: int, stages: int, steps: int, batch: int, folder: str, network: str
-) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
-    sample = os.path.join(folder, f"weights-{stages}.npy")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", JOB, str(width), str(depth), str(stages), str(steps), str(batch),
-         sample, network],
-        stdout=subprocess.PIPE, text=True, env=env,
-    )
+def sampled_job(
+    code: str, args: list[object], what: str, **env: str
+) -> tuple[int, Sampler, list[dict], dict[str, float]]:
+    """Run ``code`` in a fresh Python process (``args`` on its command line, ``env`` added to
+    its environment) while sampling its memory and its children's; its pid, the sampler, the
+    JSON lines it printed and the times of its ``{"mark": ...}`` lines."""
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]), **env)
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            stdout=subprocess.PIPE, text=True, env=environ)
     sampler = Sampler(proc.pid)
-    lines = [json.loads(line) for line in proc.stdout if line.startswith("{")]
+    lines = [json.loads(line) for line in proc.stdout or () if line.startswith("{")]
     proc.wait()
     sampler.stop()
     if proc.returncode != 0:
-        raise RuntimeError(f"the n_stages={stages} fit failed (exit {proc.returncode})")
-    marks = {m["mark"]: m["t"] for m in lines if "mark" in m}
+        raise RuntimeError(f"{what} failed (exit {proc.returncode})")
+    return proc.pid, sampler, lines, {m["mark"]: m["t"] for m in lines if "mark" in m}
+
+
+def run(
+    width: int, depth: int, stages: int, steps: int, batch: int, folder: str, network: str
+) -> dict:
+    sample = os.path.join(folder, f"weights-{stages}.npy")
+    pid, sampler, lines, marks = sampled_job(
+        JOB, [width, depth, stages, steps, batch, sample, network], f"the n_stages={stages} fit"
+    )
     result = next(m for m in lines if "fit_s" in m)
     per, total = sampler.peaks(marks["fit"], marks["fitted"])  # the fit only
-    workers = sorted((b for pid, b in per.items() if pid != proc.pid), reverse=True)
+    workers = sorted((b for p, b in per.items() if p != pid), reverse=True)
     whole, _ = sampler.peaks()
     pickle_per, _ = sampler.peaks(marks["pickle"] - 0.05, marks["pickled"] + 0.05)
     return {
         "n_stages": stages,
         "fit_s": round(result["fit_s"], 2),
-        "driver_peak_GiB": round(per.get(proc.pid, 0) / GiB, 3),
+        "driver_peak_GiB": round(per.get(pid, 0) / GiB, 3),
         "worker_peak_GiB": [round(b / GiB, 3) for b in workers],
         "all_processes_peak_GiB": round(total / GiB, 3),  # the largest sum at one instant
-        "sum_of_peaks_GiB": round((per.get(proc.pid, 0) + sum(workers)) / GiB, 3),
-        "pickle_driver_peak_GiB": round(pickle_per.get(proc.pid, 0) / GiB, 3),
-        "process_peak_GiB": round(whole.get(proc.pid, 0) / GiB, 3),  # the whole job
+        "sum_of_peaks_GiB": round((per.get(pid, 0) + sum(workers)) / GiB, 3),
+        "pickle_driver_peak_GiB": round(pickle_per.get(pid, 0) / GiB, 3),
+        "process_peak_GiB": round(whole.get(pid, 0) / GiB, 3),  # the whole job
         "params": result["params"],
         "weight_GiB": round(result["weight_GiB"], 3),
         "weights": np.load(sample),

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
-from large_network import GiB, Sampler, bare_process_rss  # noqa: E402
+from large_network import GiB, bare_process_rss, sampled_job  # noqa: E402
 
 JOB = r"""
 import json, sys, time
@@ -54,29 +53,19 @@ print(json.dumps({"step_s": epoch["dur"] / len(epoch["batches"]),
 
 
 def run(width: int, depth: int, n_in: int, batch: int, steps: int, layout: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", JOB, str(width), str(depth), str(n_in), str(batch), str(steps),
-         json.dumps(layout)],
-        stdout=subprocess.PIPE, text=True, env=env,
+    pid, sampler, lines, marks = sampled_job(
+        JOB, [width, depth, n_in, batch, steps, json.dumps(layout)], f"the fit with {layout}",
+        OMP_NUM_THREADS="1",
     )
-    sampler = Sampler(proc.pid)
-    lines = [json.loads(line) for line in proc.stdout if line.startswith("{")]
-    proc.wait()
-    sampler.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"the fit with {layout} failed (exit {proc.returncode})")
-    marks = {m["mark"]: m["t"] for m in lines if "mark" in m}
     result = next(m for m in lines if "step_s" in m)
     per, total = sampler.peaks(marks["fit"], marks["fitted"])
-    workers = sorted((b for pid, b in per.items() if pid != proc.pid), reverse=True)
+    workers = sorted((b for p, b in per.items() if p != pid), reverse=True)
     return {
         "layout": layout,
         "step_s": round(result["step_s"], 3),
         "loss": result["loss"],
         "params": result["params"],
-        "driver_peak_GiB": round(per.get(proc.pid, 0) / GiB, 3),
+        "driver_peak_GiB": round(per.get(pid, 0) / GiB, 3),
         "worker_peak_GiB": [round(b / GiB, 3) for b in workers],
         "all_processes_peak_GiB": round(total / GiB, 3),
     }

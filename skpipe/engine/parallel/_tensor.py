@@ -47,18 +47,18 @@ def builtin_plan(module: nn.Module) -> dict[str, str] | None:
         for k in range(0, len(linears) - 1, 2):
             plan[linears[k]], plan[linears[k + 1]] = "colwise", "rowwise"
         return plan
-    if isinstance(module, modules.TabularResNet):
-        plan = {}
-        for name, m in module.named_children():
-            if isinstance(m, modules.ResidualBlock):
-                plan[f"{name}.up"], plan[f"{name}.down"] = "colwise", "rowwise"
-        return plan
-    if isinstance(module, modules.FTTransformer):
-        plan = {}
-        for name, m in module.named_children():
-            if isinstance(m, modules.TransformerBlock):
-                plan[f"{name}.ffn.0"], plan[f"{name}.ffn.3"] = "colwise", "rowwise"
-        return plan
+    # networks of blocks: in each block, the colwise layer and its rowwise partner
+    blocks = {
+        modules.TabularResNet: (modules.ResidualBlock, "up", "down"),
+        modules.FTTransformer: (modules.TransformerBlock, "ffn.0", "ffn.3"),
+    }
+    for network, (block, col, row) in blocks.items():
+        if isinstance(module, network):
+            plan = {}
+            for name, m in module.named_children():
+                if isinstance(m, block):
+                    plan[f"{name}.{col}"], plan[f"{name}.{row}"] = "colwise", "rowwise"
+            return plan
     return None
 
 
