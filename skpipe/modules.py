@@ -169,6 +169,42 @@ class FeatureTokenizer(nn.Module):
         return torch.cat([tokens, self.cls.expand(x.shape[0], 1, -1)], dim=1)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on (rows, tokens, d) with the heads' projections as four
+    ``nn.Linear`` layers (``q``, ``k``, ``v``, ``out``), so that tensor parallelism can split
+    the heads over ranks: ``q``/``k``/``v`` split by output (each rank computes its heads),
+    ``out`` by input (the heads' results summed). The number of heads a rank computes is read
+    from the width it is given, so the same module runs whole or split.
+
+    Initialised as torch's ``nn.MultiheadAttention``: the three projections together Xavier-
+    uniform (as one 3d x d matrix), their biases and ``out``'s bias zero.
+    """
+
+    def __init__(self, d_token: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_token // n_heads
+        self.dropout = dropout
+        self.q, self.k, self.v, self.out = (nn.Linear(d_token, d_token) for _ in range(4))
+        bound = (6.0 / (4 * d_token)) ** 0.5  # xavier_uniform_ of the packed (3d, d) matrix
+        for layer in (self.q, self.k, self.v):
+            nn.init.uniform_(layer.weight, -bound, bound)
+            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows, tokens, _ = x.shape
+        q, k, v = (self._heads(p(x)) for p in (self.q, self.k, self.v))
+        p = self.dropout if self.training else 0.0
+        h = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return self.out(h.transpose(1, 2).reshape(rows, tokens, -1))
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """(rows, tokens, heads x head_dim) -> (rows, heads, tokens, head_dim)."""
+        rows, tokens, width = t.shape
+        return t.view(rows, tokens, width // self.head_dim, self.head_dim).transpose(1, 2)
+
+
 class TransformerBlock(nn.Module):
     """A pre-norm Transformer block on (rows, tokens, d): attention, then a feed-forward
     network, each with a residual connection; one tensor in, one out."""
@@ -176,8 +212,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_token: int, n_heads: int, ffn_factor: float, dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_token)
-        self.attention = nn.MultiheadAttention(d_token, n_heads, dropout=dropout,
-                                               batch_first=True)
+        self.attention = SelfAttention(d_token, n_heads, dropout)
         self.norm2 = nn.LayerNorm(d_token)
         hidden = max(1, int(d_token * ffn_factor))
         self.ffn = nn.Sequential(nn.Linear(d_token, hidden), nn.GELU(), nn.Dropout(dropout),
@@ -185,8 +220,7 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.norm1(x)
-        x = x + self.dropout(self.attention(h, h, h, need_weights=False)[0])
+        x = x + self.dropout(self.attention(self.norm1(x)))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 

@@ -33,7 +33,7 @@ def same(est, ref, atol=1e-5):
 @pytest.mark.parametrize("module,params", [
     # each block's up colwise, down rowwise; a 2-stage cut between blocks
     (TabularResNet, dict(module__width=8, module__n_blocks=2)),
-    # each block's feed-forward colwise then rowwise; attention replicated (heads packed)
+    # each block's attention heads split (q, k, v colwise, out rowwise), feed-forward pair
     (FTTransformer, dict(module__d_token=8, module__n_blocks=2, module__n_heads=2)),
 ])
 def test_built_in_plans_of_skpipe_networks_train_like_one_device(data, module, params):

@@ -19,7 +19,7 @@ last backward, which would hold a whole stage's weights and gradients gathered a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from math import inf
 from typing import Any
 
@@ -40,8 +40,8 @@ def is_dtensor(t: Any) -> bool:
 
 def shard_replicas(layers: nn.Module, mesh: Any, shard: str) -> list[nn.Module]:
     """FSDP2 over the replicas' ``mesh`` on every unit of ``layers`` (``split._names.
-    shard_units``: its layers, an MLP's or a stack's opened), then on ``layers`` for any
-    parameter left (see the module's doc); the sharded modules."""
+    shard_units``: its layers, an MLP's or a stack's opened), then on ``layers``, the root (any
+    parameter left is its own; see the module's doc); the sharded modules."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = SHARD_STYLES[shard]
@@ -50,8 +50,9 @@ def shard_replicas(layers: nn.Module, mesh: Any, shard: str) -> list[nn.Module]:
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
         for unit in shard_units(layers)
     ]
-    if any(not is_dtensor(p) for p in layers.parameters()):
-        out.append(fully_shard(layers, mesh=mesh, reshard_after_forward=reshard))
+    # always the root, parameters left or not: FSDP2 keeps a root's weights gathered from its
+    # forward to its backward, so units left as roots of their own would hold them all at once
+    out.append(fully_shard(layers, mesh=mesh, reshard_after_forward=reshard))
     for m in out:
         # a sum over the replicas, not their mean, as a plain SUM (gloo has no PREMUL_SUM)
         m.set_gradient_divide_factor(1.0)
@@ -83,13 +84,14 @@ def whole(t: Any) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def whole_state(state: Any) -> Any:
-    """A (nested) state with every DTensor gathered whole."""
+def map_dtensors(state: Any, fn: Callable[[Any], Any]) -> Any:
+    """A (nested) state with ``fn(t)`` in place of each DTensor ``t``, visited in order (dicts
+    by their keys' order, lists by index: the order every rank of a gathering must keep)."""
     if isinstance(state, Mapping):
-        return {k: whole_state(v) for k, v in state.items()}
+        return {k: map_dtensors(v, fn) for k, v in state.items()}
     if isinstance(state, list):
-        return [whole_state(v) for v in state]
-    return whole(state)
+        return [map_dtensors(v, fn) for v in state]
+    return fn(state) if is_dtensor(state) else state
 
 
 def like(own: Any, value: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,11 @@ A plan maps submodule names of the whole network (torch's patterns: ``"blocks.*.
 ``"rowwise"`` (its inputs split, the partial outputs summed), ``"replicate"`` (every rank holds
 all of it: the default for what the plan does not name) or a torch ``ParallelStyle``. A colwise
 layer followed by a rowwise one keeps the activation between them split, the Megatron-LM pair;
-where a stage boundary falls between the two, or a colwise layer has no rowwise partner, the
-colwise layer gathers its output and the rowwise layer splits its input, so that every stage
-boundary carries whole (replicated) activations: rank (replica, s, i) sends to (replica, s+1, i).
+colwise siblings before a rowwise one inside a module that is not a Sequential (an attention's
+q, k and v, then its out) all keep theirs split. Where a stage boundary falls between a pair,
+or a colwise layer has no rowwise partner, the colwise layer gathers its output and the
+rowwise layer splits its input, so that every stage boundary carries whole (replicated)
+activations: rank (replica, s, i) sends to (replica, s+1, i).
 
 skpipe's own networks have plans built in (``builtin_plan``); a user's network gets one from
 ``tp_plan``. Plans are checked against the network before any worker starts (``check_plan``).
@@ -35,9 +37,9 @@ def builtin_plan(module: nn.Module) -> dict[str, str] | None:
     - ``MLP``: its Linear layers in pairs, colwise then rowwise (an odd last one replicated);
     - ``TabularResNet``: each block's ``up`` colwise and ``down`` rowwise (the residual stream,
       the first and the last Linear replicated);
-    - ``FTTransformer``: each block's feed-forward network colwise then rowwise. Attention stays
-      replicated: torch's ``nn.MultiheadAttention`` packs the heads' projections into one
-      tensor, which ``parallelize_module`` cannot split by head.
+    - ``FTTransformer``: in each block, the attention's heads split (its ``q``, ``k``, ``v``
+      colwise, ``out`` rowwise: each rank computes n_heads / t heads) and the feed-forward
+      network colwise then rowwise (the tokenizer, norms and head replicated).
     """
     from ... import modules
 
@@ -56,10 +58,27 @@ def builtin_plan(module: nn.Module) -> dict[str, str] | None:
         if isinstance(module, network):
             plan = {}
             for name, m in module.named_children():
+                if isinstance(m, modules.TransformerBlock):
+                    for part in ("q", "k", "v"):
+                        plan[f"{name}.attention.{part}"] = "colwise"
+                    plan[f"{name}.attention.out"] = "rowwise"
                 if isinstance(m, block):
                     plan[f"{name}.{col}"], plan[f"{name}.{row}"] = "colwise", "rowwise"
             return plan
     return None
+
+
+def _check_heads(module: nn.Module, t: int) -> None:
+    """Each attention of skpipe's FTTransformer splits whole heads over the ``t`` ranks."""
+    from ... import modules
+
+    for name, m in module.named_modules():
+        if isinstance(m, modules.SelfAttention) and m.n_heads % t:
+            raise ValueError(
+                f"tensor_parallel={t} must divide the number of heads of {name!r} "
+                f"(n_heads={m.n_heads}): each rank computes whole heads; choose a "
+                f"tensor_parallel that divides {m.n_heads}."
+            )
 
 
 def plan_for(
@@ -75,6 +94,7 @@ def plan_for(
                 "submodule name (e.g. '2' or 'blocks.*.ffn.0') to 'colwise', 'rowwise', "
                 "'replicate' or a torch ParallelStyle."
             )
+        _check_heads(module, tensor_parallel)
         return check_plan(module, plan, tensor_parallel)
     return check_plan(module, tp_plan, tensor_parallel)
 
@@ -181,13 +201,13 @@ def chunk_styles(
         styles = [style for pattern, style in plan.items() if matches(pattern, whole)]
         if styles and styles[-1] != "replicate":
             planned.append((local, styles[-1]))
+    kept = _kept_split(layers, planned)
     out: dict[str, Any] = {}
     for k, (local, style) in enumerate(planned):
         if not isinstance(style, str):
             out[local] = style
         elif style == "colwise":
-            paired = k + 1 < len(planned) and planned[k + 1][1] == "rowwise"
-            out[local] = ColwiseParallel() if paired else ColwiseParallel(
+            out[local] = ColwiseParallel() if kept[k] else ColwiseParallel(
                 output_layouts=Replicate()
             )
         else:
@@ -196,6 +216,27 @@ def chunk_styles(
                 input_layouts=Replicate()
             )
     return out
+
+
+def _kept_split(layers: nn.Module, planned: list[tuple[str, PlanValue]]) -> list[bool]:
+    """Per planned layer (in order), whether a colwise one keeps its output split: the next
+    planned layer is rowwise (the pair), or it is a colwise sibling that keeps its own split
+    inside a module that is not a Sequential (branches of one input, as an attention's q, k
+    and v before its out)."""
+    kept = [False] * len(planned)
+    for k in reversed(range(len(planned) - 1)):
+        local, style = planned[k]
+        following, after = planned[k + 1]
+        if style != "colwise":
+            continue
+        parent = local.rpartition(".")[0]
+        kept[k] = after == "rowwise" or (
+            after == "colwise"
+            and kept[k + 1]
+            and following.rpartition(".")[0] == parent
+            and not isinstance(layers.get_submodule(parent), nn.Sequential)
+        )
+    return kept
 
 
 def stage_styles(

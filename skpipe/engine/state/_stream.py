@@ -12,6 +12,17 @@ import torch
 
 
 @dataclass(frozen=True)
+class LazyTensor:
+    """A tensor made only when it is streamed (``read()``): a sharded tensor gathered whole
+    just before its bytes go, so the sender holds one whole tensor at a time, never its whole
+    state. ``shape`` and ``dtype`` are the tensor ``read()`` returns."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class TensorSlot:
     """Where a streamed tensor goes in its payload: its place in the stream, shape and dtype."""
 
@@ -21,12 +32,13 @@ class TensorSlot:
 
 
 def split_tensors(obj: Any) -> tuple[Any, list[Any]]:
-    """``obj`` (nested dicts, lists, tuples) with each tensor replaced by a ``TensorSlot``, and
-    the tensors in slot order (as they are, on their device: nothing is copied here)."""
-    found: list[torch.Tensor] = []
+    """``obj`` (nested dicts, lists, tuples) with each tensor (or ``LazyTensor``) replaced by a
+    ``TensorSlot``, and the tensors in slot order (as they are, on their device: nothing is
+    copied or read here)."""
+    found: list[Any] = []
 
     def walk(o: Any) -> Any:
-        if isinstance(o, torch.Tensor):
+        if isinstance(o, (torch.Tensor, LazyTensor)):
             found.append(o)
             return TensorSlot(len(found) - 1, tuple(o.shape), o.dtype)
         if isinstance(o, dict):
@@ -64,10 +76,13 @@ def _raw(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-def write_tensors(fd: int, tensors: Iterable[torch.Tensor]) -> None:
+def write_tensors(fd: int, tensors: Iterable[Any]) -> None:
     """Write each tensor's bytes to ``fd``, one tensor at a time (a device tensor is brought
-    to the CPU alone): the sender never holds a second copy of its state."""
+    to the CPU alone, a ``LazyTensor`` read just before): the sender never holds a second copy
+    of its state."""
     for t in tensors:
+        if isinstance(t, LazyTensor):
+            t = t.read()
         data = _raw(t.detach().cpu().contiguous()) if t.numel() else memoryview(b"")
         while len(data):
             data = data[os.write(fd, data):]

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ..parallel._sharding import assign, place_optimizer_state, whole, whole_state
+from ..parallel._sharding import assign, map_dtensors, place_optimizer_state, whole
 from ..plan._config import PipelineConfig
+from ..state._stream import LazyTensor
 from ..state._named import (
     cpu_copy,
     read_state_files,
@@ -54,33 +55,38 @@ class StageState:
                 if key in flags:
                     p.requires_grad_(flags[key])
 
-    def state_dicts(self) -> dict[int, dict[str, torch.Tensor]]:
+    def state_dicts(self, lazy: bool = False) -> dict[int, dict[str, torch.Tensor]]:
         """Each chunk's layer parameters and buffers, on the CPU. Where the state is split
         over ranks (``config.collective_state``) every rank of the stage must call this: the
-        owner gets each tensor whole (gathered one at a time), the others nothing."""
+        owner gets each tensor whole, the others nothing (see ``_gathered``)."""
         if not self.config.collective_state:
             return {
                 c: {k: v.detach().cpu() for k, v in self.chunks[c].layers.state_dict().items()}
                 for c in self.chunk_ids
             }
-        out: dict[int, dict[str, torch.Tensor]] = {}
-        for c in self.chunk_ids:
-            for k, v in self.chunks[c].layers.state_dict().items():
-                full = whole(v).detach()
-                if self.owns_state:
-                    out.setdefault(c, {})[k] = full.cpu()
-        return out
+        own = {c: dict(self.chunks[c].layers.state_dict()) for c in self.chunk_ids}
+        return self._gathered(own, lazy) or {}
 
-    def optimizer_state(self, copy: bool = True) -> dict[str, Any]:
+    def optimizer_state(self, copy: bool = True, lazy: bool = False) -> dict[str, Any]:
         """This host's optimizer state dict: a copy on the CPU, or (``copy=False``, for
         streaming it away tensor by tensor) the live tensors themselves; whole where it is
         split over ranks, on the owner (every rank of the stage calls this; see state_dicts)."""
         state = self.optimizer.state_dict()
         if self.config.collective_state:
-            state = whole_state(state)
-            if not self.owns_state:
-                return {"state": {}, "param_groups": []}
+            state = self._gathered(state, lazy) or {"state": {}, "param_groups": []}
         return cpu_copy(state) if copy else state
+
+    def _gathered(self, state: Any, lazy: bool) -> Any:
+        """``state`` with each DTensor whole: on the owner gathered now, or (``lazy``) a
+        ``LazyTensor`` gathered when the reply streams it, so that the owner holds one whole
+        tensor at a time; on the stage's other ranks each is gathered now, in the same order
+        (their part of every gathering), and dropped: None."""
+        if not self.owns_state:
+            map_dtensors(state, _gather_and_drop)
+            return None
+        if not lazy:
+            return map_dtensors(state, lambda t: whole(t).detach().cpu())
+        return map_dtensors(state, _gathered_when_read)
 
     def load_state(
         self, chunk_states: dict[int, dict[str, torch.Tensor]], optimizer_state: dict[str, Any]
@@ -127,3 +133,11 @@ class StageState:
                     f"written by schedule {self.schedule_name!r}, which needs them to resume"
                 )
             self.pipe.load_stash(mine[0])
+
+
+def _gather_and_drop(t: Any) -> None:
+    whole(t)  # this rank's part of the gathering; the owner keeps the result
+
+
+def _gathered_when_read(t: Any) -> LazyTensor:
+    return LazyTensor(tuple(t.shape), t.dtype, lambda: whole(t).detach().cpu())

@@ -185,7 +185,7 @@ class Worker:
 
     def get_state(self, m: P.GetState) -> Any:
         host = self.stages()
-        return _Stream((host.state_dicts(), host.optimizer_state(copy=False)))
+        return _Stream((host.state_dicts(lazy=True), host.optimizer_state(copy=False, lazy=True)))
 
     def set_state(self, m: P.SetState) -> None:
         self.stages().load_state(m.chunks, m.optimizer)
@@ -206,7 +206,7 @@ class Worker:
         self.stages().drop_training_state()
 
     def collect(self, m: P.Collect) -> Any:
-        return _Stream(self.stages().state_dicts())
+        return _Stream(self.stages().state_dicts(lazy=True))
 
     def record_timeline(self, m: P.RecordTimeline) -> None:
         self.stages().record_timeline(m.steps)

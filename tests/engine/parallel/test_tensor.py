@@ -27,7 +27,8 @@ def test_built_in_plans_pair_the_layers():
     assert builtin_plan(TabularResNet(4, 3, width=8, n_blocks=2)) == {
         "1.up": "colwise", "1.down": "rowwise", "2.up": "colwise", "2.down": "rowwise"}
     assert builtin_plan(FTTransformer(4, 3, d_token=8, n_blocks=1, n_heads=2)) == {
-        "1.ffn.0": "colwise", "1.ffn.3": "rowwise"}
+        "1.attention.q": "colwise", "1.attention.k": "colwise", "1.attention.v": "colwise",
+        "1.attention.out": "rowwise", "1.ffn.0": "colwise", "1.ffn.3": "rowwise"}
     assert builtin_plan(nn.Sequential(nn.Linear(4, 4))) is None
 
 
@@ -59,6 +60,25 @@ def test_a_boundary_between_a_pair_gathers_and_splits_again():
     assert isinstance(first["0"], ColwiseParallel) and first["0"].output_layouts == (Replicate(),)
     assert isinstance(second["0"], RowwiseParallel) and second["0"].input_layouts == (Replicate(),)
     assert isinstance(second["2"], ColwiseParallel) and second["2"].output_layouts == (Shard(-1),)
+
+
+def test_attention_keeps_its_heads_split_from_q_k_v_to_out():
+    net = FTTransformer(4, 3, d_token=8, n_blocks=1, n_heads=4)
+    styles = styles_of(net, builtin_plan(net), 1, 2)  # the block alone
+    for part in ("q", "k", "v"):  # each rank's heads: q, k and v stay split
+        assert styles[f"0.attention.{part}"].output_layouts == (Shard(-1),), part
+    assert styles["0.attention.out"].input_layouts == (Shard(-1),)
+    # in a Sequential, consecutive colwise layers feed each other: only the last is paired
+    chain = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    seq = chunk_styles(chain, {f"{i}.weight": f"{i}.weight" for i in range(3)},
+                       {"0": "colwise", "1": "colwise", "2": "rowwise"})
+    assert seq["0"].output_layouts == (Replicate(),) and seq["1"].output_layouts == (Shard(-1),)
+
+
+def test_heads_must_divide_by_tensor_parallel():
+    net = FTTransformer(4, 3, d_token=12, n_blocks=1, n_heads=3)
+    with pytest.raises(ValueError, match=r"number of heads of '1.attention' \(n_heads=3\)"):
+        plan_for(net, None, 2)
 
 
 def test_shard_units_open_containers():
