@@ -4,7 +4,11 @@
    batch against 1 replica x 2 stages, the same rows per replica; throughput = 2 x t1 / t2.
 2. Real compute on this machine's cores: ``n_stages=1, n_replicas=2`` (one thread per worker)
    against one process with one thread (ideal 2x) and with two threads, on a deep MLP.
-3. The gradient all-reduce per step (summing a stage's gradients over its replicas) against the
+3. Against raw torch DDP (issue 22's goal: within 1.05x): ``n_replicas=2, n_stages=1`` on
+   ``spawn`` beside ``DistributedDataParallel`` over two gloo processes, one thread each, on the
+   same network (skpipe's ``MLP``), data, batch and optimizer (Adam), each process taking half
+   of every batch; seconds per epoch (the first epoch left out), alternated ``--runs`` times.
+4. The gradient all-reduce per step (summing a stage's gradients over its replicas) against the
    parameter bytes, so that a cluster user can predict it: the raw all-reduce in skpipe's
    buckets between two gloo processes (ms and the bandwidth it implies), and what a skpipe step
    still waited for after its backward (the rest overlapped with it).
@@ -12,7 +16,7 @@
 Every ratio compares runs made side by side in this script, alternated ``--runs`` times;
 figures are medians.
 
-    python benchmarks/scaling.py [--quick] [--runs 3]
+    python benchmarks/scaling.py [--quick] [--runs 3] [--only ddp]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import SleepLayer, emit, median, runner_step_times  # noqa: E402
 
 from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
+from skpipe.modules import MLP  # noqa: E402
 from skpipe.engine.plan._config import make_config  # noqa: E402
 from skpipe.engine.parallel._replicas import BUCKET_BYTES  # noqa: E402
 
@@ -109,6 +114,72 @@ def real_compute(quick: bool, runs: int, batch: int) -> dict:
     }
 
 
+def _ddp_epochs(rank: int, world: int, port: int, data: tuple, hidden: tuple, batch: int,
+                epochs: int, queue: object) -> None:
+    """Raw torch DDP: each of ``world`` gloo processes takes its share of every batch."""
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    X, y = (torch.from_numpy(a) for a in data)
+    torch.manual_seed(0)
+    net = nn.parallel.DistributedDataParallel(MLP(X.shape[1], 2, hidden))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    durations = []
+    for _ in range(epochs):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for start in range(0, len(X), batch):
+            rows = slice(start + rank * batch // world, start + (rank + 1) * batch // world)
+            optimizer.zero_grad()
+            loss = criterion(net(X[rows]), y[rows])
+            loss.backward()
+            optimizer.step()
+            loss.item()  # what a training loop reports
+        durations.append(time.perf_counter() - t0)
+    if rank == 0:
+        queue.put(durations)  # type: ignore[attr-defined]
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def versus_ddp(quick: bool, runs: int) -> dict:
+    n, width, depth, epochs, batch = (512, 64, 2, 3, 64) if quick else (8192, 512, 8, 4, 256)
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(n, width)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    hidden = (width,) * depth
+    saved = os.environ.get("OMP_NUM_THREADS")
+    ddp, ours = [], []
+    for _ in range(runs):
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(_ddp_epochs, nprocs=2, join=True, start_method="spawn",
+                           args=(2, free_port(), (X, y), hidden, batch, epochs, queue))
+        ddp.append(median(queue.get()[1:]))
+        os.environ["OMP_NUM_THREADS"] = "2"  # two cores for the two workers: one thread each
+        ours.append(epoch_time(1, (X, y), n_replicas=2, n_stages=1, launcher="spawn",
+                               module__hidden_layer_sizes=hidden, max_epochs=epochs,
+                               batch_size=batch, optimizer=torch.optim.Adam, lr=1e-3,
+                               random_state=0))
+        shutdown_workers()
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    return {
+        "rows": n, "width": width, "hidden_layers": depth, "batch_size": batch,
+        "optimizer": "Adam", "processes": "2 x 1 thread, gloo",
+        "raw_ddp_s_per_epoch": round(median(ddp), 4),
+        "skpipe_s_per_epoch": round(median(ours), 4),
+        "skpipe_vs_ddp": round(median([a / b for a, b in zip(ours, ddp, strict=True)]), 3),
+    }
+
+
 def _raw_allreduce(rank: int, world: int, port: int, sizes: list[int], steps: int,
                    queue: object) -> None:
     """All-reduce ``sizes`` bytes in skpipe's buckets between ``world`` plain gloo processes."""
@@ -137,9 +208,7 @@ def _raw_allreduce(rank: int, world: int, port: int, sizes: list[int], steps: in
 def allreduce_cost(sizes_mib: list[float], steps: int) -> dict:
     """Per size: the raw all-reduce between two processes (what a step pays without overlap),
     and what a skpipe step with two one-stage replicas waited for after its backward."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     sizes = [int(mib * 2**20) for mib in sizes_mib]
     mp.start_processes(_raw_allreduce, args=(2, port, sizes, steps, queue), nprocs=2,
@@ -168,8 +237,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", choices=["ddp"], help="only the comparison with raw DDP")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
+    if args.only == "ddp":
+        emit("scaling", {"runs": runs, "versus_ddp": versus_ddp(args.quick, runs)})
+        return
     if args.quick:
         weak = weak_scaling(0.002, 0.004, 2, 2, runs)
     else:
@@ -177,10 +250,11 @@ def main() -> None:
     shutdown_workers()
     batches = [256] if args.quick else [256, 1024]
     real = [real_compute(args.quick, runs, batch) for batch in batches]
+    ddp = versus_ddp(args.quick, runs)  # goal: skpipe_vs_ddp <= 1.05
     sizes = [1.0, 4.0] if args.quick else [4.0, 16.0, 64.0, 256.0]
     cost = allreduce_cost(sizes, 2 if args.quick else 5)
     emit("scaling", {"runs": runs, "weak_scaling_sleep": weak, "real_compute": real,
-                     "gradient_allreduce": cost})
+                     "versus_ddp": ddp, "gradient_allreduce": cost})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch.distributed.pipelining import pipe_split
 
 import skpipe
 from skpipe import PipeNetClassifier, PipeNetRegressor
+from skpipe.modules import FTTransformer
 from tests.conftest import worker_pids
 
 rng = np.random.RandomState(0)
@@ -117,6 +118,7 @@ CASES = [
     ("tensor_parallel=0", dict(SPAWN, tensor_parallel=0), X, Y, ValueError, r"The 'tensor_parallel' parameter .*Got 0 instead"),
     ("tp-width", dict(SPAWN, tensor_parallel=2, module__hidden_layer_sizes=(15, 8)), X, Y, ValueError, r"tensor_parallel=2 must divide the width colwise layer '0' is split along \(out_features=15\)"),
     ("tp-width-3", dict(SPAWN, tensor_parallel=3, module__hidden_layer_sizes=(9, 9, 8)), X, Y, ValueError, r"tensor_parallel=3 must divide the width colwise layer '4' is split along \(out_features=8\)"),
+    ("tp-heads", dict(SPAWN, tensor_parallel=2, module=FTTransformer, module__d_token=12, module__n_heads=3, module__n_blocks=1), X, Y, ValueError, r"tensor_parallel=2 must divide the number of heads of '1.attention' \(n_heads=3\)"),
     ("tp_plan-missing", dict(SPAWN, tensor_parallel=2, module__hidden_layer_sizes=(8, 8), tp_plan={"lin": "colwise"}), X, Y, ValueError, r"tp_plan names submodule 'lin', which MLP does not have; its submodules: \['0', '1', '2'"),
     ("tp_plan-close", dict(SPAWN, tensor_parallel=2, module=NotSequential, tp_plan={"lin2": "colwise"}), X, Y, ValueError, r"tp_plan names submodule 'lin2', which NotSequential does not have; closest: \['lin'\]"),
     ("tp_plan-style", dict(SPAWN, tensor_parallel=2, module__hidden_layer_sizes=(8, 8), tp_plan={"0": "columnwise"}), X, Y, ValueError, r"tp_plan\['0'\] is 'columnwise', which is not one of \['colwise', 'rowwise', 'replicate'\] or a torch ParallelStyle"),

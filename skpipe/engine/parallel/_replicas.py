@@ -10,7 +10,8 @@ always start in the same order on every replica, so the collectives match whatev
 Zero-bubble schedules write weight gradients themselves (torch's split backward sets
 ``param.grad`` without autograd's accumulation, which is also why DDP's hooks miss them,
 pytorch#144530): there no bucket starts early, and ``finish`` sums them all once the schedule
-has run, which is always correct. ``finish`` waits for every bucket and writes the sums back.
+has run, which is always correct. ``finish`` waits for every bucket; each parameter's gradient
+then is its slice of the summed buffer (no copy back; a tensor shard's is copied into).
 """
 
 from __future__ import annotations
@@ -119,7 +120,11 @@ class ReplicaGradients:
                     continue
                 grad = _local(p.grad)
                 n = grad.numel()
-                grad.copy_(flat[start : start + n].view_as(grad))
+                summed = flat[start : start + n].view_as(grad)
+                if grad is p.grad:  # the sum becomes the gradient: no copy back
+                    p.grad = summed
+                else:  # a tensor shard's local gradient
+                    grad.copy_(summed)
                 start += n
         self._running = []
         if self.buckets and self.buckets[0][0].device.type == "cuda":
