@@ -127,3 +127,16 @@ def test_lr_schedule_and_freezer_reach_shards(data, layout):
     same(est, ref)
     assert not torch.equal(est.module_[2].weight, PipeNetRegressor(
         **{**common(), "max_epochs": 1}).fit(*data).module_[2].weight)
+
+
+def test_the_planner_chooses_for_tensor_shards_and_counts_their_messages(data):
+    """schedule='auto' with tensor shards: the planner predicts a step for one rank of the mesh
+    (its compute halved, the shards' all-reduces counted) and the fit trains as one device."""
+    common = dict(max_epochs=1, batch_size=16, lr=0.05, random_state=0,
+                  module__hidden_layer_sizes=(8, 8), optimizer=torch.optim.SGD)
+    ref = PipeNetRegressor(**common).fit(*data)
+    est = PipeNetRegressor(n_stages=2, tensor_parallel=2, schedule="auto", launcher="spawn",
+                           **common).fit(*data)
+    same(est, ref)
+    assert est.plan_.candidates and est.plan_.predicted_step_ms > 0
+    assert est.config_.tp_plan  # the plan the planner counted is the one the fit split by

@@ -300,11 +300,13 @@ class BasePipeNet(CallbackSupportMixin, PredictMixin, PrefixedParamsMixin):
         """The layout the fit runs with ('auto' parameters chosen by the planner)."""
         batch = inputs.config.batch_size
         measured_on = rows_to_tensor(inputs.X, slice(0, min(batch, inputs.X.shape[0])))
+        # the planner counts the tensor shards' messages by the plan the fit splits by
+        first = with_tensor_plan(inputs.config, module, self.tp_plan)
         config, choice = choose_layout(
-            self, module, measured_on, lambda n, s: self._config(n, s, batch), inputs.config,
+            self, module, measured_on, lambda n, s: self._config(n, s, batch), first,
             (inputs.spec.optimizer, inputs.spec.optimizer_kwargs), predict,
         )
-        if config is inputs.config:
+        if config is first:
             return inputs, choice
         sample = rows_to_tensor(inputs.X, slice(0, min(config.microbatch_rows, inputs.X.shape[0])))
         return dataclasses.replace(inputs, config=config, sample=sample), choice

@@ -83,7 +83,9 @@ def choose_layout(
         counts = list(range(1, n_layers + 1))
     last_error: ValueError | None = None
     for n in counts:
-        config = first if n == first.n_stages else config_for(n, first.schedule)
+        config = first if n == first.n_stages else dataclasses.replace(
+            config_for(n, first.schedule), tp_plan=first.tp_plan
+        )
         if n == 1:
             if not auto_stages:
                 return config, None  # one stage: nothing to split or plan

@@ -37,12 +37,21 @@ def optimizer_finish(
     its last action (all of them one after the other where one process holds every stage)."""
     if optimizer is None or not sim.finish_seconds:
         return float(sim.step_seconds)
-    nbytes = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
+    nbytes = [
+        stepped_bytes(b, config)
+        for b in stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
+    ]
     tensors = stage_sums(profile.parameter_tensors, bounds, owners, config.n_stages)
     steps = [optimizer.seconds(b, int(t)) for b, t in zip(nbytes, tensors, strict=True)]
     if len(sim.finish_seconds) == 1:  # 'local': one process steps every stage
         return float(sim.finish_seconds[0]) + sum(steps)
     return max(f + o for f, o in zip(sim.finish_seconds, steps, strict=True))
+
+
+def stepped_bytes(nbytes: float, config: PipelineConfig) -> float:
+    """Of a stage's parameter bytes (its tensor shard's), what its optimizer steps: 1/k where
+    the replicas shard their state."""
+    return nbytes / config.n_replicas if config.shard != "none" else nbytes
 
 
 def contention(
@@ -92,7 +101,7 @@ def replica_sum_seconds(
     sum bucket by bucket while the backward runs: what the backward (half of a stage's busy
     time) does not hide waits, and at least the last bucket."""
     k = config.n_replicas
-    if k < 2:
+    if k < 2 or config.shard != "none":  # sharded: reduce-scattered in each backward
         return 0.0
     grads = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
 

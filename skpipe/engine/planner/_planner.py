@@ -31,6 +31,7 @@ from ._measure import (
     rows_to_measure,
 )
 from ._async import predict_async
+from ._mesh import mesh_split, rank_profile, rank_state_bytes
 from ._costs import (
     REPLICA_BUCKET_BYTES,
     chunk_costs,
@@ -121,7 +122,13 @@ def predict(
             step += driver_message_seconds(profile, config, message)
     # weights, gradients, two Adam moments, and the versions an asynchronous stage keeps
     params = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)
-    peaks = [(4.0 + spec.weight_copies(config.n_stages, s)) * b for s, b in enumerate(params)]
+    largest = [0.0] * config.n_stages
+    for c, (s, e) in enumerate(bounds):
+        largest[owners[c]] = max([largest[owners[c]], *profile.parameter_bytes[s:e]])
+    peaks = [
+        rank_state_bytes(b, largest[s], config, 4.0 + spec.weight_copies(config.n_stages, s))
+        for s, b in enumerate(params)
+    ]
     if local:
         activation = activations[0]
         peaks = [p + activation / config.n_stages for p in peaks]
@@ -322,11 +329,12 @@ def choose(
     rows = rows_to_measure(config.share_rows)
     profile = measure(module, sample, rows, device, threads)
     local = config.launcher == "local"
-    message = (
-        MessageCost(0.0, 0.0, 0.0) if local or config.n_stages == 1 else message_cost(device)
-    )
+    alone = config.n_stages == 1 and config.n_replicas == 1 and config.tensor_parallel == 1
+    message = MessageCost(0.0, 0.0, 0.0) if local or alone else message_cost(device)
+    # what one rank of the mesh computes, holds and sends (tensor shards, sharded replicas)
+    ranked = rank_profile(profile, config, message, mesh_split(module, sample, config))
     found = candidates(
-        profile,
+        ranked,
         config,
         message=message,
         local=local,

@@ -34,6 +34,7 @@ from typing import Any
 from ..parallel._devices import threads_per_worker
 from ..state._stream import join_tensors, read_tensors, slots
 from ._protocol import Close, Failed, Message, Ok, Reset, Streamed, decode, encode
+from ._shared import Outbox
 
 # Starting a worker (importing torch, joining the group) is not bounded by the step timeout.
 STARTUP_TIMEOUT = 120.0
@@ -72,6 +73,7 @@ class WorkerGroup:
         self.timeout = timeout
         self.idle_since = time.monotonic()
         self.pending_reset = False
+        self._outbox = Outbox(n_workers)  # batches through shared memory
         self.procs: list[subprocess.Popen[bytes]] = []
         self.conns: list[Connection] = []
         self._authkey = os.urandom(32)
@@ -152,7 +154,7 @@ class WorkerGroup:
     # -- messaging -----------------------------------------------------------------------------
     def send(self, rank: int, message: Message) -> None:
         try:
-            self.conns[rank].send_bytes(encode(message))
+            self.conns[rank].send_bytes(encode(self._outbox.pack(rank, message)))
         except (BrokenPipeError, ConnectionError, OSError):
             raise self._dead(rank) from None
 
@@ -219,6 +221,7 @@ class WorkerGroup:
                 )
             for conn in wait(list(pending), timeout=min(remaining, 0.5)):
                 rank = pending.pop(conn)
+                self._outbox.acknowledged(rank)  # it has read its batch, whatever it answers
                 try:
                     reply = decode(conn.recv_bytes())  # type: ignore[union-attr]
                     if isinstance(reply, Ok) and isinstance(reply.payload, Streamed):
@@ -275,6 +278,7 @@ class WorkerGroup:
                 pass
         for conn in self.conns:
             conn.close()
+        self._outbox.close()
         self.conns = []
         self.procs = []
         self._socket.close()

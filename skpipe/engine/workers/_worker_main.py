@@ -18,6 +18,7 @@ from multiprocessing.connection import Client
 from typing import Any
 
 from . import _protocol as P
+from ._shared import Inbox
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -260,6 +261,7 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     worker = Worker(rank, world)
+    inbox = Inbox()  # a batch's arrays, sent through shared memory
     idle = float(os.environ.get("SKPIPE_IDLE_TIMEOUT", "300"))
     while True:
         try:
@@ -271,6 +273,7 @@ def main() -> None:
         if isinstance(message, P.Close):
             break
         try:
+            message = inbox.unpack(message)
             handler = HANDLERS.get(type(message))
             if handler is None:
                 raise ValueError(f"unknown message {type(message).__name__}")
