@@ -101,13 +101,16 @@ def test_grid_search_over_tensor_parallel_and_shard_scores_as_one_device():
     assert wait_no_workers() == []
 
 
-def test_timeline_shows_each_stage_once_per_replica(data):
-    est = PipeNetRegressor(n_stages=2, tensor_parallel=2, n_microbatches=2, launcher="spawn",
-                           max_epochs=1, batch_size=16, timeline_steps=1,
+def test_timeline_has_a_row_per_rank_of_the_mesh(data):
+    est = PipeNetRegressor(n_stages=2, tensor_parallel=2, n_microbatches=2, n_replicas=2,
+                           launcher="spawn", max_epochs=1, batch_size=16, timeline_steps=1,
                            module__hidden_layer_sizes=(8, 8)).fit(*data)
-    # a stage's tensor shards run the same actions at once: one row per stage (shard 0's)
-    assert sorted({s.rank for s in est.timeline_.spans}) == [0, 1]
-    assert {s.kind for s in est.timeline_.spans} >= {"F", "B"}
+    timeline = est.timeline_
+    assert timeline.n_ranks == 8 and sorted({s.rank for s in timeline.spans}) == list(range(8))
+    assert timeline.rank_label(5) == "replica 1 stage 0 shard 1"  # (1 x 2 + 0) x 2 + 1
+    for rank in range(8):  # each shard runs every micro-batch's forward and backward
+        kinds = [s.kind for s in timeline.spans if s.rank == rank]
+        assert kinds.count("F") == 2 and kinds.count("B") == 2, rank
 
 
 @pytest.mark.parametrize("layout", [dict(n_stages=2, tensor_parallel=2, n_microbatches=2),

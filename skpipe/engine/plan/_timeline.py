@@ -104,22 +104,28 @@ class Timeline:
     n_microbatches: int
     chunks_per_stage: int
     schedule: str
-    n_replicas: int = 1  # rows are ranks of the (replica x stage) mesh: n_replicas x n_stages
+    n_replicas: int = 1
+    # rows are the ranks of the (replica x stage x tensor) mesh, as the processes are numbered:
+    # rank = (replica x n_stages + stage) x tensor_parallel + tensor shard
+    tensor_parallel: int = 1
 
     @classmethod
     def of(cls, spans: list[Span], config: Any) -> Timeline:
         """The timeline of spans recorded under ``config`` (a PipelineConfig)."""
         return cls(spans, config.n_stages, config.n_microbatches, config.chunks_per_stage,
-                   config.schedule, getattr(config, "n_replicas", 1))
+                   config.schedule, getattr(config, "n_replicas", 1),
+                   getattr(config, "tensor_parallel", 1))
 
     @property
     def n_ranks(self) -> int:
-        return self.n_stages * self.n_replicas
+        return self.n_stages * self.n_replicas * self.tensor_parallel
 
     def rank_label(self, rank: int) -> str:
-        """'stage s' (and its replica, with several) of a timeline row."""
-        stage, replica = rank % self.n_stages, rank // self.n_stages
-        return f"replica {replica} stage {stage}" if self.n_replicas > 1 else f"stage {stage}"
+        """'stage s' (and its replica and tensor shard, where there are several) of a row."""
+        t = self.tensor_parallel
+        shard, stage, replica = rank % t, rank // t % self.n_stages, rank // t // self.n_stages
+        label = f"stage {stage}" + (f" shard {shard}" if t > 1 else "")
+        return f"replica {replica} {label}" if self.n_replicas > 1 else label
 
     @property
     def theoretical_bubble(self) -> float:

@@ -115,10 +115,11 @@ class StageHost(StageState):
         self.pipe = async_stage(self, replica_group) if self.asynchronous else None
         self._schedule: Any = None if self.pipe else self._build_schedule()
         self.meter: ActivationMeter | None = None
-        # timeline rows are ranks of the whole (replica x stage) mesh
-        offset = replica * config.n_stages
+        # timeline rows are ranks of the whole (replica x stage x tensor) mesh
         self.recorder = Recorder(
-            offset + rank, lambda chunk: offset + config.owner(chunk), device
+            config.rank_of(replica, rank, tensor_rank),
+            lambda chunk: config.rank_of(replica, config.owner(chunk), tensor_rank),
+            device,
         )
         # summing the gradients over the replicas, overlapped with the backward where the
         # schedule's backward lets autograd accumulate them (not the zero-bubble ones)
@@ -138,10 +139,7 @@ class StageHost(StageState):
         return _schedules.SCHEDULES[self.schedule_name].asynchronous
 
     def record_timeline(self, steps: int) -> None:
-        """Record the spans of the next ``steps`` steps (a stage's tensor shards run the same
-        actions at once: shard 0 records them)."""
-        if self.tensor_rank:
-            return
+        """Record the spans of the next ``steps`` steps (every tensor shard its own row)."""
         self.recorder.steps_left = steps
         if self.pipe:
             self.pipe.record = range(self.pipe.fed, self.pipe.fed + steps)
