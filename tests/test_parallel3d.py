@@ -143,3 +143,36 @@ def test_the_planner_chooses_for_tensor_shards_and_counts_their_messages(data):
     same(est, ref)
     assert est.plan_.candidates and est.plan_.predicted_step_ms > 0
     assert est.config_.tp_plan  # the plan the planner counted is the one the fit split by
+
+
+class AutocastProbe(nn.Module):
+    """Adds 10 where it runs under autocast: the training loss shows where bf16 was on."""
+
+    def forward(self, x):
+        return x + (10.0 if torch.is_autocast_enabled(x.device.type) else 0.0)
+
+
+class ProbedNet(nn.Sequential):
+    def __init__(self, n_features_in, n_outputs):
+        super().__init__(nn.Linear(n_features_in, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, n_outputs), AutocastProbe())
+
+
+@pytest.mark.parametrize("layout", [
+    dict(n_stages=2, tensor_parallel=2, n_microbatches=2,
+         tp_plan={"0": "colwise", "2": "rowwise", "4": "colwise"}),
+    dict(n_replicas=2, shard="full"),
+])
+def test_bf16_autocast_on_shards_trains_as_one_device_does(data, layout):
+    """bf16 autocast on tensor shards (their partial sums all-reduced in bf16) and on sharded
+    replicas: on (the probe's offset is in every loss), and the losses and weights follow one
+    device's bf16 fit to bf16's precision."""
+    common = dict(module=ProbedNet, max_epochs=4, batch_size=16, lr=0.01, random_state=0,
+                  precision="bf16", optimizer=torch.optim.SGD)
+    ref = PipeNetRegressor(**common).fit(*data)
+    est = PipeNetRegressor(launcher="spawn", **layout, **common).fit(*data)
+    losses, expected = est.history_[:, "train_loss"], ref.history_[:, "train_loss"]
+    assert losses[0] > 50  # (10 + error)^2: the shards computed under autocast
+    np.testing.assert_allclose(losses, expected, rtol=3e-2)
+    for key, value in ref.module_.state_dict().items():
+        torch.testing.assert_close(est.module_.state_dict()[key], value, atol=2e-2, rtol=2e-2)
