@@ -139,7 +139,17 @@ def _ddp_epochs(rank: int, world: int, port: int, data: tuple, hidden: tuple, ba
         durations.append(time.perf_counter() - t0)
     if rank == 0:
         queue.put(durations)  # type: ignore[attr-defined]
+    _leave(store, rank, world)
+
+
+def _leave(store: dist.TCPStore, rank: int, world: int) -> None:
+    """End a rank's process group; rank 0, which serves the store, leaves last (a rank still
+    tearing its group down waits for the store forever once rank 0 has gone)."""
     dist.destroy_process_group()
+    if rank:
+        store.set(f"left{rank}", "1")
+    else:
+        store.wait([f"left{r}" for r in range(1, world)])
 
 
 def free_port() -> int:
@@ -202,7 +212,7 @@ def _raw_allreduce(rank: int, world: int, port: int, sizes: list[int], steps: in
         out.append(median(times[1:]))
     if rank == 0:
         queue.put(out)  # type: ignore[attr-defined]
-    dist.destroy_process_group()
+    _leave(store, rank, world)
 
 
 def allreduce_cost(sizes_mib: list[float], steps: int) -> dict:
