@@ -77,21 +77,13 @@ class Outbox:
         """``message`` with each large numpy array in it written to ``rank``'s segment."""
         if not self.enabled or not isinstance(message, BATCH_MESSAGES):
             return message
-        return self._walk(rank, message)
 
-    def _walk(self, rank: int, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray) and obj.nbytes >= SMALLEST and obj.dtype != object:
-            return self._write(rank, np.ascontiguousarray(obj))
-        if isinstance(obj, BATCH_MESSAGES):
-            changed = {
-                f.name: self._walk(rank, getattr(obj, f.name)) for f in dataclasses.fields(obj)
-            }
-            return dataclasses.replace(obj, **changed)
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self._walk(rank, v) for v in obj)
-        if isinstance(obj, dict):
-            return {k: self._walk(rank, v) for k, v in obj.items()}
-        return obj
+        def share(obj: Any) -> Any:
+            if isinstance(obj, np.ndarray) and obj.nbytes >= SMALLEST and obj.dtype != object:
+                return self._write(rank, np.ascontiguousarray(obj))
+            return obj
+
+        return _rebuilt(message, share)
 
     def _write(self, rank: int, array: np.ndarray) -> SharedArray:
         n = -(-array.nbytes // ALIGN) * ALIGN
@@ -147,30 +139,37 @@ class Inbox:
     def unpack(self, message: Any) -> Any:
         """``message`` with each ``SharedArray`` copied out of its segment (only the batch
         messages carry any)."""
-        if isinstance(message, SharedArray):
+
+        def copied(obj: Any) -> Any:
+            if not isinstance(obj, SharedArray):
+                return obj
             view = np.frombuffer(
-                self._mapped(message.path), dtype=np.dtype(message.dtype),
-                count=int(np.prod(message.shape)), offset=message.offset,
+                self._mapped(obj.path), dtype=np.dtype(obj.dtype),
+                count=int(np.prod(obj.shape)), offset=obj.offset,
             )
-            return view.reshape(message.shape).copy()
-        if isinstance(message, BATCH_MESSAGES):
-            changed = {
-                f.name: self.unpack(getattr(message, f.name))
-                for f in dataclasses.fields(message)
-            }
-            return dataclasses.replace(message, **changed)
-        if isinstance(message, (list, tuple)):
-            return type(message)(self.unpack(v) for v in message)
-        if isinstance(message, dict):
-            return {k: self.unpack(v) for k, v in message.items()}
-        return message
+            return view.reshape(obj.shape).copy()
+
+        return _rebuilt(message, copied)
 
     def _mapped(self, path: str) -> mmap.mmap:
-        if path != self._path:
-            if self._map is not None:
-                self._map.close()
-            with open(path, "r+b") as f:
-                self._map = mmap.mmap(f.fileno(), 0)
-            self._path = path
-        assert self._map is not None
-        return self._map
+        if path == self._path and self._map is not None:
+            return self._map
+        if self._map is not None:
+            self._map.close()
+        with open(path, "r+b") as f:
+            mapped = mmap.mmap(f.fileno(), 0)
+        self._path, self._map = path, mapped
+        return mapped
+
+
+def _rebuilt(obj: Any, leaf: Any) -> Any:
+    """``obj`` (a batch message, or lists, tuples and dicts in one) with ``leaf(x)`` in place
+    of everything else ``x`` in it."""
+    if isinstance(obj, BATCH_MESSAGES):
+        fields = {f.name: _rebuilt(getattr(obj, f.name), leaf) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **fields)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rebuilt(v, leaf) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _rebuilt(v, leaf) for k, v in obj.items()}
+    return leaf(obj)
