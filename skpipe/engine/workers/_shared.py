@@ -12,7 +12,9 @@ A segment's bytes are reused only after the rank has replied to every message th
 them (``Outbox.acknowledged``), and a full segment is replaced by a larger one, not
 overwritten. A segment's file is unlinked once the rank has replied to a message that refers
 to it (the rank has mapped it by then), and at ``Outbox.close``: nothing is left in
-``/dev/shm``. Where there is no ``/dev/shm`` (not Linux), arrays go through the socket.
+``/dev/shm`` (only a driver killed outright, SIGKILL, leaves its current ``skpipe-batch-*``
+files, a few batches' bytes). Where there is no ``/dev/shm`` (not Linux), arrays go through the
+socket.
 """
 
 from __future__ import annotations
