@@ -49,22 +49,22 @@ def builtin_plan(module: nn.Module) -> dict[str, str] | None:
         for k in range(0, len(linears) - 1, 2):
             plan[linears[k]], plan[linears[k + 1]] = "colwise", "rowwise"
         return plan
-    # networks of blocks: in each block, the colwise layer and its rowwise partner
+    # networks of blocks: each block's split layers (by their names in it) and their styles
+    attention = {"attention.q": "colwise", "attention.k": "colwise", "attention.v": "colwise",
+                 "attention.out": "rowwise"}
     blocks = {
-        modules.TabularResNet: (modules.ResidualBlock, "up", "down"),
-        modules.FTTransformer: (modules.TransformerBlock, "ffn.0", "ffn.3"),
+        modules.TabularResNet: (modules.ResidualBlock, {"up": "colwise", "down": "rowwise"}),
+        modules.FTTransformer: (
+            modules.TransformerBlock, {**attention, "ffn.0": "colwise", "ffn.3": "rowwise"}
+        ),
     }
-    for network, (block, col, row) in blocks.items():
+    for network, (block, styles) in blocks.items():
         if isinstance(module, network):
-            plan = {}
-            for name, m in module.named_children():
-                if isinstance(m, modules.TransformerBlock):
-                    for part in ("q", "k", "v"):
-                        plan[f"{name}.attention.{part}"] = "colwise"
-                    plan[f"{name}.attention.out"] = "rowwise"
-                if isinstance(m, block):
-                    plan[f"{name}.{col}"], plan[f"{name}.{row}"] = "colwise", "rowwise"
-            return plan
+            return {
+                f"{name}.{layer}": style
+                for name, m in module.named_children() if isinstance(m, block)
+                for layer, style in styles.items()
+            }
     return None
 
 

@@ -171,15 +171,10 @@ class Plan:
         moments are 1/k per replica (the weights gathered for the step), with ``'full'``
         everything, plus the largest layer's weights and gradient gathered at once."""
         cfg = self.config
-        t, k = cfg.tensor_parallel, cfg.n_replicas
         split = self.split_bytes[chunk] if self.split_bytes else 0
-        mine = self.parameter_bytes[chunk] - split + split / t
-        if cfg.shard == "optimizer":
-            return mine + (copies - 1) * mine / k
-        if cfg.shard == "full":
-            largest = self.largest_layer_bytes[chunk] if self.largest_layer_bytes else 0
-            return copies * mine / k + 2 * largest
-        return copies * mine
+        mine = self.parameter_bytes[chunk] - split + split / cfg.tensor_parallel
+        largest = self.largest_layer_bytes[chunk] if self.largest_layer_bytes else 0
+        return rank_state_bytes(mine, largest, cfg, copies)
 
     def held_bytes_per_row(self, chunk: int, held: int) -> float:
         """Bytes per row chunk ``chunk`` holds for backward with ``held`` micro-batches in
@@ -352,6 +347,21 @@ def _check_unshared(named: list[tuple[str, nn.Module]], bounds: list[tuple[int, 
                         "stages would each train their own copy. Keep the layers that share it "
                         "in one chunk (move the split point or pass balance), or untie them."
                     )
+
+
+def rank_state_bytes(nbytes: float, largest: float, config: PipelineConfig,
+                     copies: float) -> float:
+    """The training state one rank holds of ``nbytes`` parameter bytes (its tensor shard's;
+    ``largest``: its largest layer's), ``copies`` of it unsharded (weights, gradients, Adam's
+    two moments, stashed versions): with ``shard='optimizer'`` all but the weights are 1/k per
+    replica, with ``'full'`` everything, plus the largest layer's weights and gradient gathered
+    at once."""
+    k = config.n_replicas
+    if config.shard == "optimizer":
+        return nbytes + (copies - 1) * nbytes / k
+    if config.shard == "full":
+        return copies * nbytes / k + 2 * largest
+    return copies * nbytes
 
 
 def _qualified(named: list[tuple[str, nn.Module]], start: int, local: str) -> str:

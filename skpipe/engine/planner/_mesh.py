@@ -100,19 +100,6 @@ def rank_profile(
     return dataclasses.replace(profile, fiw=tuple(fiw), parameter_bytes=params)
 
 
-def rank_state_bytes(nbytes: float, largest: float, config: PipelineConfig,
-                     copies: float) -> float:
-    """The training state one rank holds for a stage of ``nbytes`` parameter bytes (its
-    tensor shard's; ``largest``: its largest layer's), ``copies`` of it unsharded (weights,
-    gradients, Adam's two moments, stashed versions): as ``Plan.state_bytes`` counts it."""
-    k = config.n_replicas
-    if config.shard == "optimizer":
-        return nbytes + (copies - 1) * nbytes / k
-    if config.shard == "full":
-        return copies * nbytes / k + 2 * largest
-    return copies * nbytes
-
-
 def mesh_split(
     module: nn.Module, sample: torch.Tensor, config: PipelineConfig
 ) -> TensorSplit | None:

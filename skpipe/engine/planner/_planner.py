@@ -31,7 +31,8 @@ from ._measure import (
     rows_to_measure,
 )
 from ._async import predict_async
-from ._mesh import mesh_split, rank_profile, rank_state_bytes
+from ..plan._plan import rank_state_bytes
+from ._mesh import mesh_split, rank_profile
 from ._costs import (
     REPLICA_BUCKET_BYTES,
     chunk_costs,

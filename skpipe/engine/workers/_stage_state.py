@@ -85,7 +85,7 @@ class StageState:
             map_dtensors(state, _gather_and_drop)
             return None
         if not lazy:
-            return map_dtensors(state, lambda t: whole(t).detach().cpu())
+            return map_dtensors(state, _whole_on_cpu)
         return map_dtensors(state, _gathered_when_read)
 
     def load_state(
@@ -139,5 +139,9 @@ def _gather_and_drop(t: Any) -> None:
     whole(t)  # this rank's part of the gathering; the owner keeps the result
 
 
+def _whole_on_cpu(t: Any) -> torch.Tensor:
+    return whole(t).detach().cpu()
+
+
 def _gathered_when_read(t: Any) -> LazyTensor:
-    return LazyTensor(tuple(t.shape), t.dtype, lambda: whole(t).detach().cpu())
+    return LazyTensor(tuple(t.shape), t.dtype, lambda: _whole_on_cpu(t))
