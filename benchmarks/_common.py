@@ -158,3 +158,59 @@ class RowSleepLayer(SplitSleepLayer):
     def times(self, x: torch.Tensor) -> tuple[float, float, float]:
         r = x.shape[0] / 16
         return self.f * r, self.i * r, self.w * r
+
+
+# -- raw torch processes beside skpipe -------------------------------------------------------
+RAW_LIMIT_S = 300.0  # a raw torch run that takes longer has hung: it is stopped, with its stacks
+
+
+def _raw_rank(rank: int, fn: Callable, world: int, port: int, args: tuple, queue: object,
+              limit: float) -> None:
+    """One raw torch process: a gloo group over loopback, ``fn(rank, world, *args)``, rank 0's
+    result put on ``queue``. It then leaves at once (``os._exit``), without tearing the group
+    down: a gloo group's teardown can hang (pytorch/pytorch#75097), and nothing is left to do.
+    Rank 0, which serves the store, leaves last."""
+    import faulthandler
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(limit - 10.0, exit=True)  # a hang shows where it is
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # nothing listens beyond 127.0.0.1
+    torch.set_num_threads(1)
+    wait = timedelta(seconds=limit - 20.0)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=wait)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=wait)
+    result = fn(rank, world, *args)
+    dist.barrier()
+    if rank:
+        store.set(f"left{rank}", "1")
+    else:
+        queue.put(result)  # type: ignore[attr-defined]
+        store.wait([f"left{r}" for r in range(1, world)])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_raw_ranks(fn: Callable, world: int, args: tuple, limit: float = RAW_LIMIT_S) -> object:
+    """Rank 0's result of ``fn(rank, world, *args)`` run by ``world`` spawned gloo processes
+    (one thread each); they are killed, and RuntimeError raised, when they take over ``limit``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    queue = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.start_processes(_raw_rank, args=(fn, world, port, args, queue, limit),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + limit
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise RuntimeError(f"the raw torch processes of {fn.__name__} did not finish "
+                               f"within {limit:g} s (their stacks are above)")
+    return queue.get()

@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SleepLayer, emit, median, runner_step_times  # noqa: E402
+from _common import SleepLayer, emit, median, run_raw_ranks, runner_step_times  # noqa: E402
 
 from skpipe import PipeNetClassifier, shutdown_workers  # noqa: E402
 from skpipe.modules import MLP  # noqa: E402
@@ -114,12 +112,9 @@ def real_compute(quick: bool, runs: int, batch: int) -> dict:
     }
 
 
-def _ddp_epochs(rank: int, world: int, port: int, data: tuple, hidden: tuple, batch: int,
-                epochs: int, queue: object) -> None:
+def _ddp_epochs(rank: int, world: int, data: tuple, hidden: tuple, batch: int,
+                epochs: int) -> list[float]:
     """Raw torch DDP: each of ``world`` gloo processes takes its share of every batch."""
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     X, y = (torch.from_numpy(a) for a in data)
     torch.manual_seed(0)
     net = nn.parallel.DistributedDataParallel(MLP(X.shape[1], 2, hidden))
@@ -137,25 +132,7 @@ def _ddp_epochs(rank: int, world: int, port: int, data: tuple, hidden: tuple, ba
             optimizer.step()
             loss.item()  # what a training loop reports
         durations.append(time.perf_counter() - t0)
-    if rank == 0:
-        queue.put(durations)  # type: ignore[attr-defined]
-    _leave(store, rank, world)
-
-
-def _leave(store: dist.TCPStore, rank: int, world: int) -> None:
-    """End a rank's process group; rank 0, which serves the store, leaves last (a rank still
-    tearing its group down waits for the store forever once rank 0 has gone)."""
-    dist.destroy_process_group()
-    if rank:
-        store.set(f"left{rank}", "1")
-    else:
-        store.wait([f"left{r}" for r in range(1, world)])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return durations
 
 
 def versus_ddp(quick: bool, runs: int) -> dict:
@@ -167,10 +144,9 @@ def versus_ddp(quick: bool, runs: int) -> dict:
     saved = os.environ.get("OMP_NUM_THREADS")
     ddp, ours = [], []
     for _ in range(runs):
-        queue = mp.get_context("spawn").SimpleQueue()
-        mp.start_processes(_ddp_epochs, nprocs=2, join=True, start_method="spawn",
-                           args=(2, free_port(), (X, y), hidden, batch, epochs, queue))
-        ddp.append(median(queue.get()[1:]))
+        durations: list[float] = run_raw_ranks(  # type: ignore[assignment]
+            _ddp_epochs, 2, ((X, y), hidden, batch, epochs))
+        ddp.append(median(durations[1:]))
         os.environ["OMP_NUM_THREADS"] = "2"  # two cores for the two workers: one thread each
         ours.append(epoch_time(1, (X, y), n_replicas=2, n_stages=1, launcher="spawn",
                                module__hidden_layer_sizes=hidden, max_epochs=epochs,
@@ -190,12 +166,8 @@ def versus_ddp(quick: bool, runs: int) -> dict:
     }
 
 
-def _raw_allreduce(rank: int, world: int, port: int, sizes: list[int], steps: int,
-                   queue: object) -> None:
+def _raw_allreduce(rank: int, world: int, sizes: list[int], steps: int) -> list[float]:
     """All-reduce ``sizes`` bytes in skpipe's buckets between ``world`` plain gloo processes."""
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     out = []
     for nbytes in sizes:
         flat = torch.ones(nbytes // 4)
@@ -210,20 +182,14 @@ def _raw_allreduce(rank: int, world: int, port: int, sizes: list[int], steps: in
                 work.wait()
             times.append(time.perf_counter() - t0)
         out.append(median(times[1:]))
-    if rank == 0:
-        queue.put(out)  # type: ignore[attr-defined]
-    _leave(store, rank, world)
+    return out
 
 
 def allreduce_cost(sizes_mib: list[float], steps: int) -> dict:
     """Per size: the raw all-reduce between two processes (what a step pays without overlap),
     and what a skpipe step with two one-stage replicas waited for after its backward."""
-    port = free_port()
-    queue = mp.get_context("spawn").SimpleQueue()
     sizes = [int(mib * 2**20) for mib in sizes_mib]
-    mp.start_processes(_raw_allreduce, args=(2, port, sizes, steps, queue), nprocs=2,
-                       join=True, start_method="spawn")
-    raw = queue.get()
+    raw: list[float] = run_raw_ranks(_raw_allreduce, 2, (sizes, steps))  # type: ignore[assignment]
     rows = []
     for mib, raw_s in zip(sizes_mib, raw, strict=True):
         width = 512

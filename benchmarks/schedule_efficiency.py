@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SleepLayer, cpu_config, emit, median, runner_step_times  # noqa: E402
+from _common import (  # noqa: E402
+    SleepLayer, cpu_config, emit, median, run_raw_ranks, runner_step_times,
+)
 
 from skpipe.engine.plan import _schedules as S  # noqa: E402
 
@@ -33,15 +33,11 @@ def network(p: int, v: int, f: float, b: float) -> nn.Sequential:
 
 
 def _raw_worker(
-    rank: int, world: int, port: int, schedule: str, m: int, f: float, b: float, steps: int,
-    batch: int, queue: object,
-) -> None:
+    rank: int, world: int, schedule: str, m: int, f: float, b: float, steps: int, batch: int,
+) -> float:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as ts
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     spec = S.SCHEDULES[schedule]
     v = S.resolve_chunks(schedule, "auto")
     net = network(world, v, f, b)
@@ -75,25 +71,11 @@ def _raw_worker(
         sched.step(*((x,) if holds_first else ()), target=tgt if holds_last else None)
         dist.barrier()
         times.append(time.perf_counter() - t0)
-    if rank == 0:
-        queue.put(median(times[1:]))
-    dist.destroy_process_group()
+    return median(times[1:])
 
 
 def raw_step_time(schedule, p, m, f, b, steps, batch) -> float:  # noqa: ANN001
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(
-        _raw_worker,
-        args=(p, port, schedule, m, f, b, steps, batch, queue),
-        nprocs=p,
-        join=True,
-        start_method="spawn",
-    )
-    return queue.get()
+    return run_raw_ranks(_raw_worker, p, (schedule, m, f, b, steps, batch))  # type: ignore[return-value]
 
 
 def skpipe_step_time(schedule, p, m, f, b, steps, batch) -> float:  # noqa: ANN001
