@@ -59,33 +59,32 @@ def job_world(
             )
         dist.init_process_group(backend_for(device))
     world = dist.get_world_size()
-    if tensor_parallel > 1 and world != n_stages * n_replicas * tensor_parallel:
+    if world == n_stages * n_replicas * tensor_parallel:
+        return _world()
+    if tensor_parallel == 1 and n_replicas == 1:
+        hint = "set n_stages to the number of processes of the job"
+        if world % n_stages == 0:
+            hint += f", or n_replicas={world // n_stages} to run that many pipelines"
         raise ValueError(
-            f"n_replicas ({n_replicas}) x n_stages ({n_stages}) x tensor_parallel "
-            f"({tensor_parallel}) = {n_replicas * n_stages * tensor_parallel} processes, but the "
-            f"torchrun world size is {world}; with launcher='torchrun' every process holds one "
-            "tensor shard of one stage of one replica."
+            f"n_stages ({n_stages}) must equal the torchrun world size ({world}) with "
+            f"launcher='torchrun' and n_replicas=1; {hint}."
         )
-    if tensor_parallel == 1 and world != n_stages * n_replicas:
-        if n_replicas == 1:
-            hint = "set n_stages to the number of processes of the job"
-            if world % n_stages == 0:
-                hint += f", or n_replicas={world // n_stages} to run that many pipelines"
-            raise ValueError(
-                f"n_stages ({n_stages}) must equal the torchrun world size ({world}) with "
-                f"launcher='torchrun' and n_replicas=1; {hint}."
-            )
-        raise ValueError(
-            f"n_replicas ({n_replicas}) x n_stages ({n_stages}) = {n_replicas * n_stages} "
-            f"processes, but the torchrun world size is {world}; with launcher='torchrun' every "
-            "process holds one stage of one replica"
-            + (
-                f": n_replicas={world // n_stages} fits this job."
-                if world % n_stages == 0
-                else f", and {world} processes cannot be split into pipelines of {n_stages}."
-            )
+    pipeline = n_stages * tensor_parallel  # the processes of one replica
+    factors = f"n_replicas ({n_replicas}) x n_stages ({n_stages})"
+    shape, holds = f"pipelines of {n_stages}", "one stage of one replica"
+    if tensor_parallel > 1:
+        factors += f" x tensor_parallel ({tensor_parallel})"
+        shape = f"pipelines of {n_stages} stages x {tensor_parallel} tensor shards"
+        holds = "one tensor shard of one stage of one replica"
+    raise ValueError(
+        f"{factors} = {n_replicas * pipeline} processes, but the torchrun world size is {world}; "
+        f"with launcher='torchrun' every process holds {holds}"
+        + (
+            f": n_replicas={world // pipeline} fits this job."
+            if world % pipeline == 0
+            else f", and {world} processes cannot be split into {shape}."
         )
-    return _world()
+    )
 
 
 def job_active() -> bool:

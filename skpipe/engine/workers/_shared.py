@@ -10,11 +10,11 @@ soon as it decodes the message, before it does anything else.
 
 A segment's bytes are reused only after the rank has replied to every message that refers to
 them (``Outbox.acknowledged``), and a full segment is replaced by a larger one, not
-overwritten. A segment's file is unlinked once the rank has replied to a message that refers
-to it (the rank has mapped it by then), and at ``Outbox.close``: nothing is left in
-``/dev/shm`` (only a driver killed outright, SIGKILL, leaves its current ``skpipe-batch-*``
-files, a few batches' bytes). Where there is no ``/dev/shm`` (not Linux), arrays go through the
-socket.
+overwritten. A segment's file is unlinked by the worker as soon as it has mapped it (the driver
+holds it mapped already), else by the driver once the rank has replied, and at
+``Outbox.close``: nothing is left in ``/dev/shm``, even when the driver is killed outright
+(SIGKILL), except a segment made for a message its worker never read. Where there is no
+``/dev/shm`` (not Linux), arrays go through the socket.
 """
 
 from __future__ import annotations
@@ -160,6 +160,10 @@ class Inbox:
             self._map.close()
         with open(path, "r+b") as f:
             mapped = mmap.mmap(f.fileno(), 0)
+        try:  # both sides hold it mapped now: nobody needs its name, whoever dies next
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         self._path, self._map = path, mapped
         return mapped
 

@@ -17,6 +17,15 @@ def ours():
     return set(glob.glob(os.path.join(SHM_DIR, "skpipe-batch-*")))
 
 
+@pytest.fixture(autouse=True)
+def no_segment_left():
+    """Whatever a test leaves in /dev/shm (it failed halfway) is removed after it."""
+    before = ours()
+    yield
+    for path in ours() - before:
+        os.unlink(path)
+
+
 def step(x, y=None):
     return P.Step(x, np.arange(4) if y is None else y, 4)
 
@@ -59,3 +68,16 @@ def test_other_messages_and_a_disabled_outbox_are_left_alone():
     assert Outbox(1).pack(0, setup_like) is setup_like
     plain = Outbox(1, enabled=False).pack(0, step(x))
     assert plain.x is x
+
+
+def test_a_segment_is_unlinked_once_its_worker_has_mapped_it():
+    """A driver killed outright (no reply, no close) leaves nothing its worker has read."""
+    before = ours()
+    out, inbox = Outbox(1), Inbox()
+    x = np.ones((128, 256), np.float32)
+    packed = out.pack(0, step(x))
+    assert ours() - before  # written, not yet read
+    np.testing.assert_array_equal(inbox.unpack(packed).x, x)
+    assert ours() == before  # the worker read it: the name is gone, no reply needed
+    np.testing.assert_array_equal(inbox.unpack(out.pack(0, step(2 * x))).x, 2 * x)
+    out.close()
