@@ -229,11 +229,13 @@ def check_asynchronous(config: Any, callbacks: list[Any] | None, n_stages: Any =
     clips = ["max_grad_norm"] if config.max_grad_norm is not None else []
     clips += [type(cb).__name__ for cb in _callback_list(callbacks)
               if isinstance(cb, GradientNormClipping)]
-    if clips:
+    if clips and name == "pipedream":
         raise ValueError(
-            f"{where} cannot clip by the global gradient norm (got {', '.join(clips)}): its "
-            "stages update at different times, and a norm over all of them would put the "
-            "flush between batches back. Use a synchronous schedule to clip."
+            f"{where} cannot clip by the global gradient norm (got {', '.join(clips)}): each "
+            "stage updates after every micro-batch and the next forward runs on that update, "
+            "so a norm over all stages would make every stage wait for the first stage's "
+            "backward: the flush between micro-batches back. Use schedule='2bw', which clips "
+            "each batch's gradient by its global norm without a wait, or a synchronous schedule."
         )
     saves = [type(cb).__name__ for cb in _callback_list(callbacks)
              if isinstance(cb, _SKORCH_CHECKPOINTS)]

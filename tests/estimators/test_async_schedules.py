@@ -111,6 +111,30 @@ def test_2bw_fit_equals_its_rule(data, p, m, opt):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("p,m,opt,how", [
+    (4, 4, "sgd", "max_grad_norm"), (2, 3, "adam", "max_grad_norm"),
+    (2, 2, "sgd", "callback"), (2, 2, "sgd", "replicas"),
+])
+def test_2bw_clips_each_batch_by_its_global_norm(data, p, m, opt, how):
+    """Each batch's gradient (taken at W_{t-1}, over every stage) clipped by its 2-norm before
+    its update, as clip_grad_norm_ clips one device's: the rule with the clip, not without."""
+    net = network(p)
+    max_norm = 0.5 if opt == "sgd" else 0.05  # below most batches' norms: the clip bites
+    expected, losses = reference_2bw(copy.deepcopy(net), opt, data, max_norm=max_norm)
+    unclipped, _ = reference_2bw(copy.deepcopy(net), opt, data)
+    assert any(not torch.allclose(expected[n], unclipped[n], atol=1e-3) for n in expected)
+    kw = dict(max_grad_norm=max_norm)
+    if how == "callback":
+        kw = dict(callbacks=[skorch.callbacks.GradientNormClipping(max_norm)])
+    elif how == "replicas":  # the replicas' summed gradient is the batch's: the same clip
+        kw["n_replicas"] = 2
+    est = fit(net, data, "2bw", p, m, opt, **kw)
+    assert_weights(est, expected)
+    got = [b["train_loss"] for epoch in est.history_ for b in epoch["batches"]]
+    np.testing.assert_allclose(got, losses, atol=1e-5)
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("p,m", [(2, 2), (4, 2)])
 def test_pipedream_fit_equals_its_rule(data, p, m, opt):
@@ -127,13 +151,13 @@ from tests.estimators import test_async_schedules as T
 dist.init_process_group("gloo")
 X, y = T.data.__wrapped__()
 worst = 0.0
-for schedule in ("2bw", "pipedream"):
+for schedule, clip in (("2bw", None), ("pipedream", None), ("2bw", 0.05)):
     net = T.network(2)
     if schedule == "2bw":
-        expected = T.reference_2bw(copy.deepcopy(net), "adam", (X, y))[0]
+        expected = T.reference_2bw(copy.deepcopy(net), "adam", (X, y), max_norm=clip)[0]
     else:
         expected = T.reference_pipedream(copy.deepcopy(net), "adam", (X, y), 2, 2)
-    est = T.fit(net, (X, y), schedule, 2, 2, "adam", launcher="torchrun")
+    est = T.fit(net, (X, y), schedule, 2, 2, "adam", launcher="torchrun", max_grad_norm=clip)
     got = dict(est.module_.named_parameters())
     worst = max([worst] + [float((got[n] - e).abs().max()) for n, e in expected.items()])
 sys.stdout.write(f"rank {dist.get_rank()} max difference {worst:.3g}\\n")
@@ -193,8 +217,11 @@ def no_worker_may_start(monkeypatch):
      r"schedule='pipedream' updates after every micro-batch.*got n_replicas=2.*'2bw'"),
     (dict(schedule="2bw", checkpoint="always"),
      r"schedule='2bw' runs each forward on a stashed weight version; checkpoint='always'"),
-    (dict(schedule="2bw", max_grad_norm=1.0),
-     r"schedule='2bw' cannot clip by the global gradient norm \(got max_grad_norm\)"),
+    (dict(schedule="pipedream", max_grad_norm=1.0),
+     r"schedule='pipedream' cannot clip by the global gradient norm \(got max_grad_norm\).*"
+     r"Use schedule='2bw'"),
+    (dict(schedule="pipedream", callbacks=[skorch.callbacks.GradientNormClipping(1.0)]),
+     r"schedule='pipedream' cannot clip by the global gradient norm \(got GradientNormClipping\)"),
     (dict(schedule="2bw", callbacks=[WritesWeightsEachBatch()]),
      r"callbacks contains WritesWeightsEachBatch, which reads or writes the weights at "
      r"on_batch_end; with schedule='2bw' the batches overlap"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from ..plan._microbatch import (
 )
 from ..plan._timeline import Span
 from ..split._boundary import Boundary, boundary_tensors, leaves
+from ._clip import GlobalNormClip, PostedNorms
 from ._mailbox import BatchRows, Mailbox, PipelineFailed
 from ._ticks import Tick, async_order, version
 
@@ -47,7 +49,9 @@ class AsyncStage:
     real rows); ``optimizer`` steps its parameters; ``loss`` (a ``WeightedLoss``) on the last
     stage; ``group`` the pipeline's process group (``prev``/``next``: the neighbours' ranks in
     it); ``replica_group`` the same stage of every replica, over which each update's gradient is
-    summed. ``set_hyper`` gives the optimizer a batch's settings.
+    summed. ``set_hyper`` gives the optimizer a batch's settings. ``clips``: the global-norm
+    clips ``(max_norm, norm_type)`` of each update's gradient ('2bw' only; ``_clip``), whose
+    norms are summed over ``clip_group`` (the same stages as ``group``, a group of their own).
     """
 
     def __init__(
@@ -69,6 +73,8 @@ class AsyncStage:
         replica_group: Any = None,
         set_hyper: Callable[[torch.optim.Optimizer, list[dict[str, Any]]], None],
         span_rank: int = 0,
+        clips: Sequence[tuple[float, float]] = (),
+        clip_group: Any = None,
     ) -> None:
         self.schedule = schedule
         self.chunk: Any = chunk  # its micro-batch index and real rows are set per forward
@@ -83,6 +89,10 @@ class AsyncStage:
         self.replica_group = replica_group
         self.set_hyper = set_hyper
         self.span_rank = span_rank
+        if clips and schedule != "2bw":
+            raise ValueError(f"only '2bw' clips by the global gradient norm; got {schedule!r}")
+        self.clip = GlobalNormClip(clips, clip_group)
+        self._pending: _Update | None = None  # an update waiting for its batch's norm
         self.params = dict(chunk.named_parameters())
         self.versions: dict[int, list[torch.Tensor]] = {0: self._snapshot()}
         self.batches_done = 0  # batches of the fit whose updates are done (drained)
@@ -251,6 +261,10 @@ class AsyncStage:
         self._end_mb = max((t.mb for t in ticks), default=-1) + 1
         for tick in ticks:
             batch, k = divmod(tick.mb, self.m)
+            pending = self._pending
+            if pending is not None and (tick.kind == "U" or tick.version >= pending.version):
+                self._pending = None
+                self._apply(pending)
             t0 = time.time()
             if tick.kind == "F":
                 self._forward(tick, batch, k)
@@ -263,6 +277,9 @@ class AsyncStage:
                                        time.time()))
             self._drop_unused_versions()
             self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        if self._pending is not None:  # the drain: every update of the epoch is done
+            pending, self._pending = self._pending, None
+            self._apply(pending)
 
     def _forward(self, tick: Tick, batch: int, k: int) -> None:
         rows = self.mailbox.rows(batch)
@@ -347,29 +364,54 @@ class AsyncStage:
     def _update(self, tick: Tick, batch: int) -> None:
         """The stage's update: its batch's settings, the gradient summed over the replicas,
         the optimizer's step (none for a micro-batch without rows: nothing was learned), and
-        the new weights kept as the next version."""
+        the new weights kept as the next version. Where the gradient is clipped by its global
+        norm, the step waits (``_pending``) until the stages' parts of the norm are in."""
+        hyper = None
         if batch != self._hyper_batch:
             hyper = self.mailbox.hyper(batch)
             self._hyper_batch = batch
-            if hyper is not None:
-                self.set_hyper(self.optimizer, hyper)
         grads = self._grads
         self._grads = [None] * len(grads)
         if self.replica_group is not None:
             _sum_over(grads, list(self.params.values()), self.replica_group)
-        if self._real_since_update > 0 or self.replica_group is not None:
+        update = _Update(tick.version, grads, hyper,
+                         self._real_since_update > 0 or self.replica_group is not None)
+        self._real_since_update = 0
+        if self.clip:
+            update.norms = self.clip.post(grads, self.device)
+            self._pending = update
+        else:
+            self._apply(update)
+
+    def _apply(self, update: _Update) -> None:
+        if update.hyper is not None:
+            self.set_hyper(self.optimizer, update.hyper)
+        scale = 1.0 if update.norms is None else self.clip.coefficient(update.norms)
+        if update.step:
             # the versions still used keep the weights' storage; the parameters move to a copy,
             # which the optimizer steps (live + the stashed versions: no copy besides)
             self._drop_unused_versions()
             with torch.no_grad():
-                for p, g in zip(self.params.values(), grads, strict=True):
+                for p, g in zip(self.params.values(), update.grads, strict=True):
                     copy = p.detach().clone()
                     p.set_(copy.untyped_storage(), 0, copy.size(), copy.stride())
+                    if g is not None and scale != 1.0:
+                        g.mul_(scale)
                     p.grad = g
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self._real_since_update = 0
-        self.versions[tick.version] = self._snapshot()
+        self.versions[update.version] = self._snapshot()
+
+
+@dataclass
+class _Update:
+    """A stage's update, between its batch's last backward and its optimizer step."""
+
+    version: int  # the version it makes
+    grads: list[torch.Tensor | None]
+    hyper: list[dict[str, Any]] | None  # the batch's optimizer settings (None: unchanged)
+    step: bool  # False: no rows behind it, nothing learned
+    norms: PostedNorms | None = None
 
 
 def _sum_over(grads: list[torch.Tensor | None], params: Sequence[torch.Tensor], group: Any) -> None:

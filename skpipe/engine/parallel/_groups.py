@@ -168,6 +168,21 @@ def mesh_groups(
     return _MESHES[key]
 
 
+_SIDE_GROUPS: dict[tuple[tuple[int, ...], ...], Any] = {}
+
+
+def side_group(groups: list[list[int]]) -> Any:
+    """This rank's group of ``groups`` (ranks of the default group, which cover it; every rank
+    calls this with the same list), a group of its own: for the collectives that a thread issues
+    while the main thread uses the usual groups (a group's collectives must come in one order on
+    every rank). Kept per list, as the mesh's groups are."""
+    key = tuple(tuple(g) for g in groups)
+    if key not in _SIDE_GROUPS:
+        mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in key])
+        _SIDE_GROUPS[key] = mine
+    return _SIDE_GROUPS[key]
+
+
 def broadcast_object(value: object, src: int = 0) -> object:
     """``value`` as rank ``src`` has it, on every rank of the default group (or as given,
     outside a multi-process group)."""

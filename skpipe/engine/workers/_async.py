@@ -8,6 +8,7 @@ from typing import Any
 
 from ..asyncpipe._executor import AsyncStage
 from ..asyncpipe._mailbox import BatchRows
+from ..parallel._groups import side_group
 from ..state._named import set_hyperparameters
 
 
@@ -15,6 +16,10 @@ def async_stage(host: Any, replica_group: Any) -> AsyncStage:
     """The executor of ``host`` (a ``StageHost`` of an asynchronous schedule: one chunk)."""
     cfg = host.config
     (c,) = host.chunk_ids
+    # a clip's norms are summed over the stages by the stage's thread, on a group of their own
+    # (under torchrun the main thread uses the pipeline's group meanwhile)
+    clip_group = side_group([[cfg.rank_of(r, s) for s in range(cfg.n_stages)]
+                             for r in range(cfg.n_replicas)]) if host.clips else None
     return AsyncStage(
         cfg.schedule,
         host.chunks[c],
@@ -32,6 +37,8 @@ def async_stage(host: Any, replica_group: Any) -> AsyncStage:
         replica_group=replica_group,
         set_hyper=set_hyperparameters,
         span_rank=host.replica * cfg.n_stages + host.rank,
+        clips=host.clips,
+        clip_group=clip_group,
     )
 
 

@@ -14,10 +14,11 @@ def mse(t, out, y):
     return nn.functional.mse_loss(out, y)
 
 
-def reference_2bw(net, make_opt, batches, loss_of=mse, lr_of=None):
+def reference_2bw(net, make_opt, batches, loss_of=mse, lr_of=None, max_norm=None):
     """W_{-1} = W_0; batch t's gradient at W_{t-1}; W_{t+1} = opt_step(W_t, grad).
     ``loss_of(t, output, target)``: batch t's loss; ``lr_of(t)``: the rate of update t (None:
-    the optimizer's own). Returns the final weights and each batch's loss."""
+    the optimizer's own); ``max_norm``: each batch's gradient clipped by its global 2-norm
+    (``clip_grad_norm_``) before its step. Returns the final weights and each batch's loss."""
     opt = make_opt(net.parameters())
     previous = params(net)  # W_{t-1}
     losses = []
@@ -28,6 +29,8 @@ def reference_2bw(net, make_opt, batches, loss_of=mse, lr_of=None):
         grads = torch.autograd.grad(loss, list(weights.values()))
         for p, g in zip(net.parameters(), grads):
             p.grad = g
+        if max_norm is not None:
+            nn.utils.clip_grad_norm_(net.parameters(), max_norm)
         if lr_of is not None:
             opt.param_groups[0]["lr"] = lr_of(t)
         opt.step()
