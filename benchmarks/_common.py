@@ -88,14 +88,14 @@ def runner_step_times(
 
 def cpu_config(
     *, n_stages: int, n_microbatches: int, schedule: str, batch_size: int,
-    launcher: str = "spawn", checkpoint: str = "never",
+    launcher: str = "spawn", checkpoint: str = "never", max_grad_norm: float | None = None,
 ) -> PipelineConfig:
     """A pipeline configuration on CPU workers with the defaults every benchmark shares."""
     return make_config(
         n_stages=n_stages, n_microbatches=n_microbatches, schedule=schedule,
         chunks_per_stage="auto", balance="uniform", checkpoint=checkpoint, launcher=launcher,
         devices=("cpu",) * n_stages, batch_size=batch_size, precision="float32",
-        max_grad_norm=None, timeout=300.0,
+        max_grad_norm=max_grad_norm, timeout=300.0,
     )
 
 

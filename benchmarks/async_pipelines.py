@@ -9,7 +9,8 @@ what ``plan()`` predicts (the planner's replay of the executor's order with its 
 measurements of the layers, the messages and the optimizer): the step a batch adds, against the
 measured epoch per batch (which also carries the epoch's one fill and drain). Last, memory:
 the peak RSS of the worker holding a 4096 x 4096 Linear (64 MiB) with `2bw` against `1f1b`, in
-copies of that layer (PipeDream-2BW keeps one stashed copy besides the live weights).
+copies of that layer (PipeDream-2BW keeps one stashed copy besides the live weights). Also
+``2bw`` with ``max_grad_norm``: its stages sum each batch's norm while they work on.
 
     python benchmarks/async_pipelines.py [--quick] [--runs 3]
 """
@@ -35,6 +36,7 @@ from skpipe.engine.plan._schedules import resolve_chunks  # noqa: E402
 from skpipe.engine.runners._runners import make_runner  # noqa: E402
 
 SCHEDULES = ("2bw", "pipedream", "1f1b", "interleaved_1f1b")
+CLIPPED = "2bw+max_grad_norm"  # '2bw' clipping each batch by its global norm
 
 
 def network(schedule: str, p: int, f: float, b: float) -> nn.Sequential:
@@ -56,13 +58,17 @@ def predicted_step(schedule: str, p: int, m: int, f: float, b: float) -> float:
 
 
 def epoch_seconds(schedule: str, p: int, m: int, batches: int, f: float, b: float,
-                  epochs: int, actions: list[float] | None = None) -> list[float]:
+                  epochs: int, actions: list[float] | None = None,
+                  max_grad_norm: float | None = None) -> list[float]:
     """Seconds of each of ``epochs`` epochs of ``batches`` batches (after one warm epoch).
     ``actions``: where given, the medians of the last stage's recorded forward and backward
-    seconds over those epochs are added to it (what a 10 ms sleep really takes here)."""
+    seconds over those epochs are added to it (what a 10 ms sleep really takes here).
+    ``max_grad_norm``: clip each batch's gradient by its global norm (the stages' norms summed
+    while they work on; '2bw' only)."""
     net = network(schedule, p, f, b)
     rows = 4 * m
-    cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=rows)
+    cfg = cpu_config(n_stages=p, n_microbatches=m, schedule=schedule, batch_size=rows,
+                     max_grad_norm=max_grad_norm)
     spec = TrainSpec(optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.0},
                      criterion=nn.MSELoss())
     x, y = torch.randn(rows, 8), torch.randn(rows, 8)
@@ -135,16 +141,18 @@ def main() -> None:
     else:
         p, m, batches, f, b, epochs, runs = 4, 4, 16, 0.010, 0.020, 2, args.runs
     ideal = (batches * m + p - 1) * (f + b)
-    seconds: dict[str, list[float]] = {s: [] for s in SCHEDULES}
+    seconds: dict[str, list[float]] = {s: [] for s in (*SCHEDULES, CLIPPED)}
     actions: list[float] = []  # 2bw's last stage: forward, backward seconds, run by run
     for _ in range(runs):  # the schedules alternate within each run
         for schedule in SCHEDULES:
             seconds[schedule] += epoch_seconds(schedule, p, m, batches, f, b, epochs,
                                                actions if schedule == "2bw" else None)
+        seconds[CLIPPED] += epoch_seconds("2bw", p, m, batches, f, b, epochs, max_grad_norm=1.0)
     # the same fill and drain with the forward and backward a sleep really took here
     real = (batches * m + p - 1) * (median(actions[0::2]) + median(actions[1::2]))
     epoch = {s: median(t) for s, t in seconds.items()}
     predicted = {s: predicted_step(s, p, m, f, b) for s in SCHEDULES}
+    clipped = epoch.pop(CLIPPED)
     # 2bw's stashed weights: its second stage's peak against 1f1b's, in copies of the layer
     width = 512 if args.quick else 4096
     layer_mib = 4 * width * width / 2**20
@@ -161,6 +169,8 @@ def main() -> None:
         "one_fill_drain_at_measured_actions_s": round(real, 4),
         "2bw_over_one_fill_drain_at_measured_actions": round(epoch["2bw"] / real, 3),
         "2bw_over_1f1b": round(epoch["2bw"] / epoch["1f1b"], 3),
+        "2bw_max_grad_norm_epoch_s": round(clipped, 4),  # the norms summed while stages work
+        "2bw_max_grad_norm_over_2bw": round(clipped / epoch["2bw"], 3),
         "2bw_over_interleaved_1f1b": round(epoch["2bw"] / epoch["interleaved_1f1b"], 3),
         "pipedream_over_1f1b": round(epoch["pipedream"] / epoch["1f1b"], 3),
         "memory_layer_MiB": round(layer_mib, 1),
