@@ -263,3 +263,58 @@ def test_resume_continues_the_lr_schedule(tmp_path, classification_data, config,
     for (k, a), b in zip(resumed.module_.state_dict().items(), full.module_.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
     skpipe.shutdown_workers()
+
+
+TORCHRUN_RESUME = """
+import os, sys
+import numpy as np, torch.distributed as dist
+from skpipe import PipeNetClassifier
+from tests.test_checkpoints import CrashAt, make
+from pathlib import Path
+dist.init_process_group("gloo")
+rng = np.random.RandomState(0)
+X = rng.normal(size=(120, 6)).astype(np.float32); y = rng.randint(0, 3, size=120)
+for schedule, m in (("1f1b", 2), ("2bw", 2), ("pipedream", 2)):
+    config = dict(n_stages=2, n_microbatches=m, schedule=schedule)
+    folder = Path(sys.argv[1]) / schedule
+    full = PipeNetClassifier(module__hidden_layer_sizes=(12, 12), module__activation="tanh",
+                             max_epochs=6, batch_size=16, lr=0.01, random_state=0,
+                             **config).fit(X, y)
+    try:
+        make(folder, extra=[CrashAt(4)], **config).fit(X, y)
+        raise AssertionError("the crash did not happen")
+    except RuntimeError as e:
+        assert "simulated crash" in str(e), e
+    resumed = make(folder, **config).fit(X, y)
+    assert resumed.config_.launcher == "torchrun" and len(resumed.history_) == 6
+    diff = max(float((a - b).abs().max()) for a, b in zip(
+        resumed.module_.state_dict().values(), full.module_.state_dict().values()))
+    loss = float(np.abs(np.subtract(resumed.history_[:, "train_loss"],
+                                    full.history_[:, "train_loss"])).max())
+    os.write(1, f"rank {dist.get_rank()} {schedule} difference {max(diff, loss):.3g}\\n".encode())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_torchrun_ranks_resume_after_crash_equal_uninterrupted(tmp_path):
+    """Under torchrun each rank writes and reads its stage's part (for 2bw and pipedream with
+    its stashed weight versions): the resumed fit equals the uninterrupted one."""
+    from pathlib import Path
+
+    from tests.test_examples import free_port
+
+    script = tmp_path / "resume.py"
+    script.write_text(TORCHRUN_RESUME)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+           str(tmp_path / "ckpt")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("rank ")]
+    assert sorted((r[1], r[2]) for r in lines) == sorted(
+        (str(rank), s) for rank in (0, 1) for s in ("1f1b", "2bw", "pipedream")), out.stdout
+    assert max(float(r[-1]) for r in lines) < 1e-6, out.stdout
