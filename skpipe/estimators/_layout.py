@@ -28,7 +28,7 @@ from ..engine.plan._memory import human_bytes
 from ..engine.plan._schedules import SCHEDULES
 from ..engine.planner import _planner
 from ..engine.runners._runners import resolve_launcher, runner_class
-from ._checks import check_asynchronous, check_callbacks_fit
+from ._checks import check_asynchronous, check_callbacks_fit, grad_clips
 
 
 def provisional_schedule(chunks_per_stage: int | str) -> str:
@@ -186,6 +186,7 @@ def layout_config(est: Any, n_stages: int, schedule: str, batch: int) -> Pipelin
         batch_size=batch,
         precision=est.precision,
         max_grad_norm=est.max_grad_norm,
+        clips_gradients=bool(grad_clips(est.callbacks)),
         timeout=float(est.timeout),
     )
     check_asynchronous(config, est.callbacks, est.n_stages)  # what skpipe's own cannot run

@@ -327,3 +327,34 @@ def test_plan_predicts_the_step_of_an_asynchronous_schedule(data, monkeypatch):
     planned = PipeNetRegressor(schedule="1f1b", **{**kw, "balance": "auto"}).plan(*data)
     assert two.predicted_step_ms < min(c["predicted_step_ms"] for c in planned.candidates
                                        if c["schedule"] == "1f1b")
+
+
+def test_plan_memory_counts_the_gradient_a_clipped_2bw_stage_holds(data, monkeypatch):
+    """plan()'s memory per stage: clipping by the global norm (max_grad_norm or the callback)
+    makes a '2bw' stage hold one copy of its gradients more (the batch's, while the next
+    batch's accumulates), said in the plan; a synchronous schedule's clipping costs nothing."""
+    from skpipe.engine.planner import _planner
+    from skpipe.engine.planner._measure import MessageCost
+
+    monkeypatch.setattr(_planner, "message_cost", lambda device: MessageCost(1e-5, 1e-9, 1e-4))
+    wide = nn.Sequential(nn.Linear(5, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(),
+                         nn.Linear(512, 1))
+    per_stage = [sum(p.numel() * 4 for p in part.parameters()) / 2**20
+                 for part in (wide[:2], wide[2:4], wide[4:])]
+    kw = dict(module=wide, n_stages=3, n_microbatches=3, batch_size=BATCH, balance=[2, 2, 1],
+              launcher="spawn")
+
+    def mib(**more):
+        report = PipeNetRegressor(**{**kw, **more}).plan(*data)
+        return np.array(report.stage_MiB), str(report)
+
+    sync, _ = mib(schedule="1f1b")
+    sync_clipped, _ = mib(schedule="1f1b", max_grad_norm=1.0)
+    plain, plain_text = mib(schedule="2bw")
+    clipped, clipped_text = mib(schedule="2bw", max_grad_norm=1.0)
+    callback, _ = mib(schedule="2bw", callbacks=[skorch.callbacks.GradientNormClipping(1.0)])
+    np.testing.assert_allclose(sync_clipped, sync)
+    np.testing.assert_allclose(clipped - plain, per_stage, rtol=1e-6)
+    np.testing.assert_allclose(callback, clipped)
+    said = "one copy of its gradients while their global norm is summed"
+    assert said in clipped_text and said not in plain_text

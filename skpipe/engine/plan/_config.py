@@ -51,6 +51,9 @@ class PipelineConfig:
     batch_rows: int  # rows of every step of a replica: its share padded to a multiple of m
     precision: str = "float32"
     max_grad_norm: float | None = None
+    # whether the fit clips by the global gradient norm (max_grad_norm or a callback): a
+    # '2bw' stage then holds a batch's gradient until the norm is summed
+    clips_gradients: bool = False
     timeout: float = 300.0
     n_replicas: int = 1
     tensor_parallel: int = 1
@@ -138,6 +141,7 @@ def make_config(
     batch_size: int,
     precision: str,
     max_grad_norm: float | None,
+    clips_gradients: bool = False,
     timeout: float,
     n_replicas: int = 1,
     tensor_parallel: int = 1,
@@ -209,6 +213,7 @@ def make_config(
         batch_rows=step_rows(share, m),
         precision=precision,
         max_grad_norm=max_grad_norm,
+        clips_gradients=clips_gradients or max_grad_norm is not None,
         timeout=timeout,
         n_replicas=n_replicas,
         tensor_parallel=tensor_parallel,

@@ -147,18 +147,17 @@ class Plan:
     def stage_bytes(self, n_microbatches: int | None = None) -> list[float]:
         """Estimated peak bytes of each stage: 4 x its parameter bytes (weights, gradients and
         two Adam moments: an upper bound for SGD), the weight versions an asynchronous schedule
-        stashes, plus the activations of the micro-batches it
-        holds at its peak (``held_bytes_per_row``); the first chunk's stage also holds the
-        step's inputs, and the last chunk's its targets (as many bytes as the outputs: a
-        stand-in), for the whole step: every micro-batch is a view of them."""
+        stashes (and 2bw's pending gradient when clipping), plus the activations of the
+        micro-batches it holds at its peak (``held_bytes_per_row``); the first chunk's stage
+        also holds the step's inputs, and the last chunk's its targets (as many bytes as the
+        outputs: a stand-in), for the whole step: every micro-batch is a view of them."""
         cfg = self.config
         m = cfg.n_microbatches if n_microbatches is None else n_microbatches
         rows = -(-cfg.share_rows // m)  # a replica's share of the batch, per micro-batch
         held = _schedules.in_flight(cfg.schedule, cfg.n_stages, cfg.chunks_per_stage, m)
         need = [0.0] * cfg.n_stages
-        copies = _schedules.SCHEDULES[cfg.schedule].weight_copies  # stashed weight versions
         for c, rank in enumerate(self.owners):
-            need[rank] += self.state_bytes(c, 4 + copies(cfg.n_stages, rank))
+            need[rank] += self.state_bytes(c, _schedules.state_copies(cfg, rank))
             need[rank] += rows * self.held_bytes_per_row(c, held)
         need[self.owners[0]] += rows * m * boundary_bytes_per_row(self.shapes[0])
         need[self.owners[-1]] += rows * m * boundary_bytes_per_row(self.shapes[-1])
@@ -247,6 +246,7 @@ class Plan:
             n_replicas=cfg.n_replicas,
             tensor_parallel=cfg.tensor_parallel,
             shard=cfg.shard,
+            clips_gradients=cfg.clips_gradients,
             stage_MiB=[b / 2**20 for b in self.stage_bytes()],
             mesh=[
                 {

@@ -58,6 +58,7 @@ class PlanReport:
     n_replicas: int = 1
     tensor_parallel: int = 1
     shard: str = "none"
+    clips_gradients: bool = False  # by the global norm (max_grad_norm or a callback)
     # one row per rank of the (replica x stage x tensor) mesh: {'rank', 'replica', 'stage',
     # 'tensor', 'device'}
     mesh: list[dict[str, Any]] = field(default_factory=list)
@@ -138,6 +139,11 @@ class PlanReport:
                 + ", ".join(str(spec.weight_copies(self.n_stages, s)) for s in
                             range(self.n_stages))
                 + " stashed copies of its weights besides the live ones"
+                + (
+                    ", and one copy of its gradients while their global norm is summed"
+                    if self.clips_gradients and spec.clip_copies
+                    else ""
+                )
             )
         if self.predicted_step_ms is not None:
             tail += f"; predicted step time: {self.predicted_step_ms:.2f} ms"

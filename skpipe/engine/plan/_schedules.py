@@ -101,6 +101,9 @@ class ScheduleSpec:
     # (n_stages, stage) -> copies of the stage's weights held besides the live ones (the
     # asynchronous schedules' stashed versions)
     weight_copies: Callable[[int, int], int] = lambda p, s: 0
+    # copies of the stage's gradients held besides the one accumulating, when the fit clips
+    # by the global norm (2bw: a batch's gradient waits for the norm over the stages)
+    clip_copies: int = 0
     # what the schedule trains, where it is not what one device trains (plan() shows it)
     semantics: str = ""
 
@@ -185,6 +188,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             "2bw", "", "single", 1, 1, False, _two_versions, _one_per_chunk_in_pipe,
             asynchronous=True,
             weight_copies=lambda p, s: 1,
+            clip_copies=1,
             semantics=(
                 "does not train what one device trains: batch t's gradient is taken at the "
                 "weights before the last update, W_{t+1} = step(W_t, grad L_t(W_{t-1})) (one "
@@ -275,6 +279,16 @@ def check_microbatches(
     )
     if why is not None:
         raise ValueError(why)
+
+
+def state_copies(config: Any, stage: int) -> int:
+    """Copies of stage ``stage``'s parameter bytes it holds for training (``config``: a
+    ``PipelineConfig``): weights, gradients, two Adam moments, the weight versions an
+    asynchronous schedule stashes, and the gradient a '2bw' stage holds while the global norm
+    of the fit's clipping is summed (the next batch's gradient accumulating meanwhile)."""
+    spec = SCHEDULES[config.schedule]
+    clip = spec.clip_copies if config.clips_gradients else 0
+    return 4 + spec.weight_copies(config.n_stages, stage) + clip
 
 
 def in_flight(schedule: str, n_stages: int, chunks_per_stage: int, n_microbatches: int) -> int:
