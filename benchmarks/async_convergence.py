@@ -23,6 +23,10 @@ draws the curves of every seed.
 
     python benchmarks/async_convergence.py [--quick] [--seeds 5] [--epochs N]
         [--png docs/images/async_convergence.png]
+
+``--rule`` runs only a plain one-process loop of the 2bw rule against the synchronous one
+(no pipeline, Friedman #1, 8 epochs at a constant rate), for optimizers with and without
+momentum: how much of the delay's cost the optimizer decides.
 """
 
 from __future__ import annotations
@@ -104,6 +108,63 @@ def draw(curves: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# the optimizers the plain loop compares (--rule): the delay against momentum
+RULE_OPTIMIZERS = {
+    "adam_lr1e-3": ("Adam", dict(lr=1e-3)),
+    "adam_beta1_0": ("Adam", dict(lr=1e-3, betas=(0.0, 0.999))),
+    "sgd_momentum_0.9_lr0.01": ("SGD", dict(lr=0.01, momentum=0.9)),
+    "sgd_lr0.05": ("SGD", dict(lr=0.05)),
+}
+
+
+def rule_loop(X: np.ndarray, y: np.ndarray, optimizer: str, delay: bool, seed: int,
+              epochs: int, batch_size: int) -> float:
+    """The last validation loss of a plain one-process loop (no pipeline): the 2bw rule
+    (batch t's gradient at W_{t-1}) with ``delay``, else the synchronous one; the estimator's
+    MLP, a constant rate, the last 20 % of the rows held out."""
+    import torch
+    from torch import nn
+    from torch.func import functional_call
+
+    from skpipe.modules import MLP
+
+    torch.set_num_threads(1)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)[:, None]
+    cut = len(Xt) * 4 // 5
+    torch.manual_seed(seed)
+    net = MLP(X.shape[1], 1, (64, 64, 64, 32))
+    name, kw = RULE_OPTIMIZERS[optimizer]
+    opt = getattr(torch.optim, name)(net.parameters(), **kw)
+    previous = {n: p.detach().clone() for n, p in net.named_parameters()}
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(cut, generator=order)
+        for i in range(0, cut, batch_size):
+            rows = perm[i:i + batch_size]
+            current = {n: p.detach().clone() for n, p in net.named_parameters()}
+            at = {n: t.requires_grad_(True) for n, t in (previous if delay else current).items()}
+            loss = nn.functional.mse_loss(functional_call(net, at, (Xt[rows],)), yt[rows])
+            grads = torch.autograd.grad(loss, list(at.values()))
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p.grad = g
+            opt.step()
+            previous = current
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(net(Xt[cut:]), yt[cut:]))
+
+
+def rule_figures(quick: bool, seeds: int) -> dict:
+    X, y = datasets(quick)["friedman1"]
+    epochs = 1 if quick else 8
+    out: dict = {"rule_setting": f"plain loop, Friedman #1 {len(X)} rows, {epochs} epochs at "
+                                 f"a constant rate, batch 128, median of {seeds} seeds"}
+    for optimizer in RULE_OPTIMIZERS:
+        for delay in (False, True):
+            losses = [rule_loop(X, y, optimizer, delay, seed, epochs, 128) for seed in range(seeds)]
+            out[f"rule_{optimizer}_{'2bw' if delay else 'sync'}"] = round(median(losses), 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
@@ -113,7 +174,13 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--png", default=None, help="where to draw the curves")
+    ap.add_argument("--rule", action="store_true",
+                    help="only the plain one-process loop of the rule, sync against delayed, "
+                         "for optimizers with and without momentum")
     args = ap.parse_args()
+    if args.rule:
+        emit("async_convergence_rule", rule_figures(args.quick, 1 if args.quick else 3))
+        return
     seeds, stages = (1, 2) if args.quick else (args.seeds, args.stages)
     lr = args.lr
     figures: dict = {"setting": f"MLP over {stages} spawned stages, m=4, Adam lr {lr:g} under a "
