@@ -157,7 +157,7 @@ class Plan:
         held = _schedules.in_flight(cfg.schedule, cfg.n_stages, cfg.chunks_per_stage, m)
         need = [0.0] * cfg.n_stages
         for c, rank in enumerate(self.owners):
-            need[rank] += self.state_bytes(c, _schedules.state_copies(cfg, rank))
+            need[rank] += self.state_bytes(c, _schedules.state_copies(cfg.schedule, cfg, rank))
             need[rank] += rows * self.held_bytes_per_row(c, held)
         need[self.owners[0]] += rows * m * boundary_bytes_per_row(self.shapes[0])
         need[self.owners[-1]] += rows * m * boundary_bytes_per_row(self.shapes[-1])

@@ -281,12 +281,13 @@ def check_microbatches(
         raise ValueError(why)
 
 
-def state_copies(config: Any, stage: int) -> int:
-    """Copies of stage ``stage``'s parameter bytes it holds for training (``config``: a
-    ``PipelineConfig``): weights, gradients, two Adam moments, the weight versions an
-    asynchronous schedule stashes, and the gradient a '2bw' stage holds while the global norm
-    of the fit's clipping is summed (the next batch's gradient accumulating meanwhile)."""
-    spec = SCHEDULES[config.schedule]
+def state_copies(schedule: str, config: Any, stage: int) -> int:
+    """Copies of stage ``stage``'s parameter bytes it holds for training under ``schedule``
+    (``config``: a ``PipelineConfig``, for the stages and the clipping): weights, gradients,
+    two Adam moments, the weight versions an asynchronous schedule stashes, and the gradient
+    a '2bw' stage holds while the global norm of the fit's clipping is summed (the next
+    batch's gradient accumulating meanwhile)."""
+    spec = SCHEDULES[schedule]
     clip = spec.clip_copies if config.clips_gradients else 0
     return 4 + spec.weight_copies(config.n_stages, stage) + clip
 

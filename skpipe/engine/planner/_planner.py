@@ -127,7 +127,7 @@ def predict(
     for c, (s, e) in enumerate(bounds):
         largest[owners[c]] = max([largest[owners[c]], *profile.parameter_bytes[s:e]])
     peaks = [
-        rank_state_bytes(b, largest[s], config, _schedules.state_copies(config, s))
+        rank_state_bytes(b, largest[s], config, _schedules.state_copies(schedule, config, s))
         for s, b in enumerate(params)
     ]
     if local:
