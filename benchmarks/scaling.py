@@ -13,10 +13,17 @@
    buckets between two gloo processes (ms and the bandwidth it implies), and what a skpipe step
    still waited for after its backward (the rest overlapped with it).
 
+5. Each synchronous step's next batch sent along with it (``P.SyncStep``: the spawned stages
+   compute its forward and backward while the driver runs the step's callbacks and makes the
+   next message) against plain steps (the driver's round trip between two steps), on
+   ``n_replicas=2, n_stages=1``: on sleep layers (forward 5 ms, backward 10 ms: the CPU idles
+   while the "device" works, as spawned GPU stages leave it), and on the MLP of 3 (two workers
+   taking both cores of a 2-core machine, so that the driver has no core of its own).
+
 Every ratio compares runs made side by side in this script, alternated ``--runs`` times;
 figures are medians.
 
-    python benchmarks/scaling.py [--quick] [--runs 3] [--only ddp]
+    python benchmarks/scaling.py [--quick] [--runs 3] [--only ddp|ahead]
 """
 
 from __future__ import annotations
@@ -168,6 +175,63 @@ def versus_ddp(quick: bool, runs: int) -> dict:
     }
 
 
+class SleepNet(nn.Module):
+    """A linear layer, then a layer that sleeps ``f`` seconds forward and ``b`` backward."""
+
+    def __init__(self, n_features_in: int, n_outputs: int, f: float = 0.005,
+                 b: float = 0.010) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(n_features_in, 8), SleepLayer(f, b),
+                                  nn.Linear(8, n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def step_ahead(quick: bool, runs: int) -> dict:
+    """Seconds per step with the next batch sent ahead and without, side by side."""
+    from skpipe.engine.runners import _spawn
+
+    rng = np.random.RandomState(0)
+    out = {}
+    for workload in ("sleep layers", "mlp 512 x 8, 2 workers on 2 cores"):
+        if workload == "sleep layers":
+            n, batch, epochs = (256, 32, 2) if quick else (2048, 64, 4)
+            X = rng.normal(size=(n, 8)).astype(np.float32)
+            kw: dict = dict(module=SleepNet)
+        else:
+            n, batch, epochs = (512, 64, 2) if quick else (8192, 256, 4)
+            X = rng.normal(size=(n, 512)).astype(np.float32)
+            kw = dict(module__hidden_layer_sizes=(64 if quick else 512,) * 8)
+        data = (X, (X[:, 0] > 0).astype(np.int64))
+        times: dict[bool, list[float]] = {True: [], False: []}
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "2"  # two cores for the two workers: one thread each
+        try:
+            for _ in range(runs):
+                for ahead in (True, False):
+                    _spawn.STEP_AHEAD = ahead
+                    seconds = epoch_time(1, data, n_replicas=2, n_stages=1, launcher="spawn",
+                                         max_epochs=epochs, batch_size=batch,
+                                         train_split=None, random_state=0,
+                                         optimizer=torch.optim.Adam, lr=1e-3, **kw)
+                    times[ahead].append(seconds / (n // batch))
+                    shutdown_workers()
+        finally:
+            _spawn.STEP_AHEAD = True
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+        out[workload] = {
+            "ahead_ms_per_step": round(median(times[True]) * 1e3, 2),
+            "plain_ms_per_step": round(median(times[False]) * 1e3, 2),
+            "ahead_vs_plain": round(median([a / b for a, b in zip(times[True], times[False],
+                                                                  strict=True)]), 3),
+        }
+    return out
+
+
 def _raw_allreduce(rank: int, world: int, sizes: list[int], steps: int) -> list[float]:
     """All-reduce ``sizes`` bytes in skpipe's buckets between ``world`` plain gloo processes."""
     out = []
@@ -215,11 +279,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", choices=["ddp"], help="only the comparison with raw DDP")
+    ap.add_argument("--only", choices=["ddp", "ahead"],
+                    help="only the comparison with raw DDP, or only the next batch ahead")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
     if args.only == "ddp":
         emit("scaling", {"runs": runs, "versus_ddp": versus_ddp(args.quick, runs)})
+        return
+    if args.only == "ahead":
+        emit("scaling", {"runs": runs, "next_batch_ahead": step_ahead(args.quick, runs)})
         return
     if args.quick:
         weak = weak_scaling(0.002, 0.004, 2, 2, runs)
@@ -231,8 +299,9 @@ def main() -> None:
     ddp = versus_ddp(args.quick, runs)  # goal: skpipe_vs_ddp <= 1.05
     sizes = [1.0, 4.0] if args.quick else [4.0, 16.0, 64.0, 256.0]
     cost = allreduce_cost(sizes, 2 if args.quick else 5)
+    ahead = step_ahead(args.quick, runs)
     emit("scaling", {"runs": runs, "weak_scaling_sleep": weak, "real_compute": real,
-                     "versus_ddp": ddp, "gradient_allreduce": cost})
+                     "versus_ddp": ddp, "gradient_allreduce": cost, "next_batch_ahead": ahead})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim import lr_scheduler as sched
 
 from skpipe import PipeNetClassifier
+from skpipe.engine.runners import _spawn as spawn_runner
 
 X_ALL, Y_ALL = load_breast_cancer(return_X_y=True)
 X = StandardScaler().fit_transform(X_ALL).astype(np.float32)[:240]
@@ -42,6 +43,8 @@ MODES = {
     "one device": dict(n_stages=1),
     "local": dict(n_stages=2, launcher="local"),
     "spawn": dict(n_stages=2, launcher="spawn"),
+    # each step's next batch sent along and computed while the callbacks run (P.SyncStep)
+    "spawn, next batch ahead": dict(n_stages=2, launcher="spawn"),
 }
 BASE = dict(
     module__hidden_layer_sizes=(16, 16), optimizer=torch.optim.SGD, lr=0.05,
@@ -56,6 +59,22 @@ class ShrinkOnEpochBegin(Callback):
         with torch.no_grad():
             for p in net.module_.parameters():
                 p.mul_(0.9)
+
+
+class ShrinkEveryThirdBatch(Callback):
+    """A user's callback that writes the weights between two steps of an epoch."""
+
+    def initialize(self):
+        self.batches_ = 0
+        return self
+
+    def on_batch_end(self, net, training=False, **kwargs):
+        if training:
+            self.batches_ += 1
+            if self.batches_ % 3 == 0:
+                with torch.no_grad():
+                    for p in net.module_.parameters():
+                        p.mul_(0.8)
 
 
 class RecordNorms(Callback):
@@ -130,6 +149,9 @@ SETTINGS = {
         callbacks=[ParamMapper("*.bias", fn=lambda p: p.data.fill_(0.5), at=2)]
     ),
     "user callback writes weights": lambda d: dict(callbacks=[ShrinkOnEpochBegin()]),
+    "user callback writes weights between steps": lambda d: dict(
+        callbacks=[ShrinkEveryThirdBatch()]
+    ),
     "user callback reads weights": lambda d: dict(callbacks=[("norms", RecordNorms())]),
     "GradientNormClipping": lambda d: dict(callbacks=[GradientNormClipping(0.05)]),
     "GradientNormClipping inf-norm": lambda d: dict(
@@ -240,10 +262,11 @@ def one_device(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", ["local", "spawn"])
+@pytest.mark.parametrize("mode", ["local", "spawn", "spawn, next batch ahead"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_setting_trains_what_one_device_trains(setting, mode, one_device, tmp_path):
+def test_setting_trains_what_one_device_trains(setting, mode, one_device, tmp_path, monkeypatch):
     ref, ref_params, ref_folder = one_device(setting)
+    monkeypatch.setattr(spawn_runner, "STEP_AHEAD", mode == "spawn, next batch ahead")
     est, params, folder = _fit(setting, mode, tmp_path)
     _same_state(est.module_.state_dict(), ref.module_.state_dict())
     assert np.allclose(est.history_[:, "train_loss"], ref.history_[:, "train_loss"], atol=1e-5)

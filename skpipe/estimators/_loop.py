@@ -183,14 +183,19 @@ class TrainingLoop(NeuralNet):
                          **fit_params: Any) -> None:
         """skorch's epoch; with an asynchronous schedule, the stages are told how many
         training batches come, each step takes the next batch along (``_Ahead``), and the
-        epoch ends once the pipeline drained."""
-        if not (training and iterator is not None and self.runner.asynchronous):
+        epoch ends once the pipeline drained. Spawned synchronous stages take the next batch
+        along too (``Runner.prefetches``)."""
+        runner = self.runner
+        if not (training and iterator is not None
+                and (runner.asynchronous or runner.prefetches)):
             super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
             return
         expected = len(iterator)
-        self.runner.begin_epoch(expected)
-        ahead = _Ahead(iterator, self.runner.prefetch)
+        runner.begin_epoch(expected)
+        ahead = _Ahead(iterator, runner.prefetch)
         super().run_single_epoch(ahead, training, prefix, step_fn, **fit_params)
+        if not runner.asynchronous:
+            return
         if ahead.count != expected:
             raise RuntimeError(
                 f"the training iterator gave {ahead.count} batches where its len() said "

@@ -95,6 +95,12 @@ class Runner(ABC):
 
         return SCHEDULES[self.config.schedule].asynchronous
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether a synchronous step takes the next batch along (``prefetch``), so that the
+        stages compute it while the driver's callbacks run."""
+        return False
+
     def begin_epoch(self, n_batches: int) -> None:  # noqa: B027 - synchronous: nothing to fill
         """An epoch of ``n_batches`` training batches begins (asynchronous: the pipe fills)."""
 

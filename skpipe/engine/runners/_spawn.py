@@ -22,6 +22,13 @@ from ..workers._pool import STARTUP_TIMEOUT, acquire_group, release_group
 from ._hyper import HyperChannel, driver_optimizer
 from ._runner import Runner
 
+# Whether a synchronous step's next batch goes along with it (``P.SyncStep``): the stages then
+# compute its forward and backward while this process runs the step's callbacks and makes the
+# next message, instead of waiting for them (nothing of the step's update is needed before
+# it). Measured in benchmarks/scaling.py --only ahead, even where two CPU workers take both
+# cores. False only to measure what it saves.
+STEP_AHEAD = True
+
 
 class SpawnRunner(Runner):
     """Drives one worker per rank of the (replica x stage) mesh: with one replica, one per
@@ -156,7 +163,9 @@ class SpawnRunner(Runner):
             raise RuntimeError("spawned stages do not show their gradients to this process")
         hyper = self.hyper.pending()
         if self.asynchronous:
-            replies = self._async_step(x, y, w, hyper)
+            replies = self._step_with_next(P.AsyncStep, x, y, w, hyper)
+        elif self.prefetches:
+            replies = self._step_with_next(P.SyncStep, x, y, w, hyper)
         else:
             replies = self.group.ask_all(self._steps(x, y, w, hyper))
         self._optimizer.step()  # steps nothing; LR schedulers check that a step came first
@@ -179,23 +188,29 @@ class SpawnRunner(Runner):
             messages.append(P.Step(xs, ys, n_share, ws, n, total_weight, hyper, denominator))
         return messages
 
-    # -- asynchronous epochs: the stages run on while this loop waits for each batch's loss ----
+    # -- asynchronous epochs: the stages run on while this loop waits for each batch's loss;
+    # -- synchronous ones: each step's next batch goes along, computed while the callbacks run
+    @property
+    def prefetches(self) -> bool:
+        return STEP_AHEAD and not self.asynchronous
+
     def begin_epoch(self, n_batches: int) -> None:
+        self._ahead = self._upcoming = None
         if self.asynchronous:
-            self._ahead = self._upcoming = None
             self.group.ask_all(P.AsyncBegin(n_batches))
 
     def prefetch(self, x: Any, y: Any, w: Any) -> None:
         self._upcoming = None if x is None else (x, y, w)
 
-    def _async_step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
-                    hyper: Any) -> list[Any]:
-        """Give the stages this batch (unless it went ahead) and the next one; the replies."""
+    def _step_with_next(self, kind: type, x: torch.Tensor, y: torch.Tensor,
+                        w: torch.Tensor | None, hyper: Any) -> list[Any]:
+        """Give the stages this batch (unless it went ahead) and the next one, in a ``kind``
+        message (``P.AsyncStep`` or ``P.SyncStep``); the replies."""
         now = None if self._ahead is not None else self._steps(x, y, w)
         ahead = None if self._upcoming is None else self._steps(*self._upcoming)
         self._ahead, self._upcoming = ahead, None
         return self.group.ask_all([
-            P.AsyncStep(hyper, None if now is None else now[rank],
+            kind(hyper, None if now is None else now[rank],
                         None if ahead is None else ahead[rank])
             for rank in range(self.config.world_size)
         ])

@@ -76,6 +76,19 @@ class AsyncStep(Message):
 
 
 @dataclass(frozen=True)
+class SyncStep(Message):
+    """A synchronous step whose next batch goes along (``Step`` records): the rank updates with
+    ``now``'s gradients (None: the batch that went ahead with the previous ``SyncStep``, whose
+    forward and backward the rank computed after replying to it) and the settings ``hyper``
+    (None: unchanged), replies as ``Step`` does, then computes ``ahead``'s forward and backward
+    (None: the epoch's last batch) while the driver runs its callbacks."""
+
+    hyper: list[dict[str, Any]] | None
+    now: Step | None
+    ahead: Step | None
+
+
+@dataclass(frozen=True)
 class AsyncEnd(Message):
     """Reply once the epoch's pipeline drained (every update done)."""
 

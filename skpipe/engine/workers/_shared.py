@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ._protocol import AsyncStep, Forward, Step
+from ._protocol import AsyncStep, Forward, Step, SyncStep
 
-BATCH_MESSAGES = (Step, AsyncStep, Forward)  # the messages that carry a batch's rows
+BATCH_MESSAGES = (Step, AsyncStep, SyncStep, Forward)  # the messages that carry a batch's rows
 SHM_DIR = "/dev/shm"
 SMALLEST = 64 * 2**10  # arrays smaller than this go inside the message
 ALIGN = 64

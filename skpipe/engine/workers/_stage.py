@@ -115,6 +115,9 @@ class StageHost(StageState):
         self.pipe = async_stage(self, replica_group) if self.asynchronous else None
         self._schedule: Any = None if self.pipe else self._build_schedule()
         self.meter: ActivationMeter | None = None
+        # a batch's forward and backward done, its update not yet (see compute_gradients)
+        self._computed: tuple[Any, ...] | None = None
+        self._recorded = False  # whether the timeline recorded that batch
         # timeline rows are ranks of the whole (replica x stage x tensor) mesh
         self.recorder = Recorder(
             config.rank_of(replica, rank, tensor_rank),
@@ -228,8 +231,26 @@ class StageHost(StageState):
         ``denominator``: the whole batch's class-weight sum (``WeightedLoss``); ``on_grads``:
         called with the batch's gradients, before they are clipped and stepped.
         """
-        if hyper is not None:
-            self.hyperparameters(hyper)
+        self.compute_gradients(
+            x, y, n_real, w, total_rows=total_rows, total_weight=total_weight,
+            denominator=denominator,
+        )
+        return self.update(hyper, on_grads)
+
+    def compute_gradients(
+        self,
+        x: torch.Tensor | None,
+        y: torch.Tensor | None,
+        n_real: int,
+        w: torch.Tensor | None = None,
+        *,
+        total_rows: int | None = None,
+        total_weight: float | None = None,
+        denominator: float | None = None,
+    ) -> None:
+        """The first half of ``train_step``: the batch's forward and backward, and the
+        gradients summed over the replicas; the weights and the optimizer are left as they are
+        (``update`` steps them, ``discard_gradients`` drops what this computed)."""
         self.train(True)
         self.optimizer.zero_grad(set_to_none=True)
         m = self.config.n_microbatches
@@ -272,8 +293,24 @@ class StageHost(StageState):
                 uninstall()
                 self.recorder.steps_left -= 1
             self.recorder.step += 1
+        self._recorded = uninstall is not None
         if self.replica_grads is not None:
             self.replica_grads.finish()  # the batch's gradient: the replicas' parts summed
+        self._computed = (losses, out, n_real, rows, m)
+
+    def update(
+        self,
+        hyper: list[dict[str, Any]] | None = None,
+        on_grads: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The second half of ``train_step``: the optimizer's new settings (if any), the
+        gradients clipped and stepped; the loss and outputs of the computed batch."""
+        if self._computed is None:
+            raise RuntimeError("a stage was asked to update before it computed a batch")
+        losses, out, n_real, rows, m = self._computed
+        self._computed = None
+        if hyper is not None:
+            self.hyperparameters(hyper)
         if on_grads is not None:
             on_grads()
         for max_norm, norm_type in self.clips:
@@ -302,6 +339,18 @@ class StageHost(StageState):
                 g.mul_(coef)
 
     # -- what the driver's callbacks change ------------------------------------------------
+    def discard_gradients(self) -> None:
+        """Drop what ``compute_gradients`` computed: the weights and the optimizer are as if it
+        had not run (its batch can be computed again)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._computed is not None:  # its place in the timeline back, its spans dropped
+            rec = self.recorder
+            rec.step -= 1
+            if self._recorded:
+                rec.steps_left += 1
+                rec.spans = [span for span in rec.spans if span.step != rec.step]
+        self._computed = None
+
     def hyperparameters(self, groups: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Give the optimizer the settings ``groups`` (None: leave them); its settings."""
         if groups is not None:

@@ -13,7 +13,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Client
 from typing import Any
 
@@ -61,6 +62,42 @@ def _reply(conn: Any, result: Any) -> None:
     write_tensors(conn.fileno(), tensors)
 
 
+class _Then:
+    """A handler's reply, and what the worker does once it is sent."""
+
+    def __init__(self, reply: Any, then: Callable[[], None]) -> None:
+        self.reply = reply
+        self.then = then
+
+
+def _rows(m: P.Step) -> dict[str, Any]:
+    """A step message's batch, as ``StageHost.compute_gradients`` takes it."""
+    return {
+        "x": _tensor(m.x), "y": _tensor(m.y), "n_real": m.n_real, "w": _tensor(m.w),
+        "total_rows": m.total_rows, "total_weight": m.total_weight,
+        "denominator": m.denominator,
+    }
+
+
+def _loss_reply(loss: Any, out: Any) -> Any:
+    return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
+
+
+def _rng_state(device: str) -> Any:
+    import torch
+
+    cuda = torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: str, state: Any) -> None:
+    import torch
+
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def _tensor(a: Any) -> Any:
     import torch
 
@@ -75,6 +112,11 @@ class Worker:
         self.world = world
         self.host: Any = None  # StageHost, once set up
         self.device = "cpu"
+        # a synchronous step's next batch, sent along with it; whether its forward and backward
+        # ran (and the random state from before they did)
+        self._ahead: P.Step | None = None
+        self._computed_ahead = False
+        self._rng: Any = None
 
     def stages(self) -> Any:
         if self.host is None:
@@ -117,20 +159,13 @@ class Worker:
             tensor_styles=m.tensor_styles,
         )
 
-    def step(self, m: P.Step) -> Any:
+    @contextmanager
+    def _out_of_memory_named(self) -> Iterator[None]:
+        """An out-of-memory error of a step, said with the stage, the device and what it held."""
         from ..plan._memory import out_of_memory, out_of_memory_in
 
         try:
-            loss, out = self.stages().train_step(
-                _tensor(m.x),
-                _tensor(m.y),
-                m.n_real,
-                _tensor(m.w),
-                total_rows=m.total_rows,
-                total_weight=m.total_weight,
-                hyper=m.hyper,
-                denominator=m.denominator,
-            )
+            yield
         except Exception as exc:
             oom = out_of_memory_in(exc)  # torch's schedule wraps what a stage raised
             if oom is None:
@@ -140,7 +175,47 @@ class Worker:
             raise out_of_memory(
                 oom, f"stage {host.rank}", self.device, held, host.config.n_stages
             ) from None
-        return None if loss is None else (loss.cpu().numpy(), out.cpu().numpy())
+
+    def step(self, m: P.Step) -> Any:
+        with self._out_of_memory_named():
+            loss, out = self.stages().train_step(**_rows(m), hyper=m.hyper)
+        return _loss_reply(loss, out)
+
+    # -- synchronous steps whose next batch goes along (P.SyncStep) ---------------------------
+    def sync_step(self, m: P.SyncStep) -> Any:
+        host = self.stages()
+        with self._out_of_memory_named():
+            if m.now is not None:
+                self.discard_ahead()
+                self._ahead = None
+                host.compute_gradients(**_rows(m.now))
+            elif self._ahead is None:
+                raise RuntimeError("a step came without its batch, and none went ahead")
+            elif not self._computed_ahead:  # dropped by a message since: computed again
+                host.compute_gradients(**_rows(self._ahead))
+            self._ahead, self._computed_ahead = None, False
+            loss, out = host.update(m.hyper)
+        reply = _loss_reply(loss, out)
+        ahead = m.ahead
+        if ahead is None:
+            return reply
+        return _Then(reply, lambda: self._compute_ahead(ahead))
+
+    def _compute_ahead(self, rows: P.Step) -> None:
+        """The next batch's forward and backward, while the driver runs its callbacks."""
+        self._ahead = rows
+        self._rng = _rng_state(self.device)
+        with self._out_of_memory_named():
+            self.stages().compute_gradients(**_rows(rows))
+        self._computed_ahead = True
+
+    def discard_ahead(self) -> None:
+        """Undo the next batch's forward and backward (a message that may change the weights
+        came first): its gradients dropped, the random state back; its rows kept."""
+        if self._computed_ahead:
+            self.stages().discard_gradients()
+            _set_rng_state(self.device, self._rng)
+            self._computed_ahead = False
 
     def async_begin(self, m: P.AsyncBegin) -> None:
         self.pipe().begin(m.n_batches)
@@ -225,6 +300,7 @@ class Worker:
 HANDLERS: dict[type[P.Message], Callable[[Worker, Any], Any]] = {
     P.Setup: Worker.setup,
     P.Step: Worker.step,
+    P.SyncStep: Worker.sync_step,
     P.AsyncBegin: Worker.async_begin,
     P.AsyncStep: Worker.async_step,
     P.AsyncEnd: Worker.async_end,
@@ -243,6 +319,11 @@ HANDLERS: dict[type[P.Message], Callable[[Worker, Any], Any]] = {
     P.TrackMemory: Worker.track_memory,
     P.Stats: Worker.stats,
 }
+
+
+# the messages that leave a computed next batch as it is: they read the stage, or change only
+# the optimizer's settings (which its update then takes)
+KEEP_AHEAD = (P.SyncStep, P.Hyper, P.GetState, P.Collect, P.Spans, P.Stats)
 
 
 def main() -> None:
@@ -277,7 +358,14 @@ def main() -> None:
             handler = HANDLERS.get(type(message))
             if handler is None:
                 raise ValueError(f"unknown message {type(message).__name__}")
-            _reply(conn, handler(worker, message))
+            if not isinstance(message, KEEP_AHEAD):
+                worker.discard_ahead()
+            result = handler(worker, message)
+            if isinstance(result, _Then):
+                _reply(conn, result.reply)
+                result.then()  # a failure is the reply to the next message
+            else:
+                _reply(conn, result)
         except BaseException:  # noqa: BLE001 - everything goes back to the driver
             text = traceback.format_exc()
             try:
