@@ -72,6 +72,12 @@ class Candidate:
         return dict(self.__dict__)
 
 
+def _spawn_steps_ahead() -> bool:
+    from ..runners import _spawn
+
+    return _spawn.STEP_AHEAD
+
+
 def _chunk_options(schedule: str, n_stages: int, n_layers: int, fixed: int | None) -> list[int]:
     spec = _schedules.SCHEDULES[schedule]
     top = spec.max_chunks or 4
@@ -119,7 +125,9 @@ def predict(
         busy, activations = sim.busy_seconds, sim.peak_activation_bytes
         step = optimizer_finish(profile, config, bounds, owners, sim, optimizer)
         step += replica_sum_seconds(profile, config, bounds, owners, spec, message, busy)
-        if config.launcher == "spawn":  # torchrun ranks have the data; 'local' sends nothing
+        if config.launcher == "spawn" and not _spawn_steps_ahead():
+            # torchrun ranks have the data; 'local' sends nothing; spawned stages that take
+            # the next batch along compute it while its message and the reply travel
             step += driver_message_seconds(profile, config, message)
     # weights, gradients, two Adam moments, and the versions an asynchronous stage keeps
     params = stage_sums(profile.parameter_bytes, bounds, owners, config.n_stages)

@@ -78,10 +78,13 @@ def test_advice_names_one_stage_when_it_is_faster_and_fits():
     assert PL.Choice(cfg, (best,), 9.0, one_stage_fits=True, seconds=0.1).advice is None
 
 
-def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver():
+def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver(monkeypatch):
     """A ring of two replicas sends each stage's gradient bytes once: all of it after a
     zero-bubble schedule, what the backward does not hide (at least the last bucket) after the
-    others; spawned stages also wait for the driver's step message and its reply."""
+    others; spawned stages also wait for the driver's step message and its reply, unless the
+    next batch goes along with each step (the default: it is computed while they travel)."""
+    from skpipe.engine.runners import _spawn
+
     msg = PL.MessageCost(0.0, 1e-9, 0.0)  # 1 ns per byte
     prof = profile([(1e-4, 1e-4, 1e-4)] * 4, params=4_000_000, out=32.0)
     one = pipeline_config(n_stages=2, batch_size=64, launcher="spawn")
@@ -96,7 +99,10 @@ def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver(
     spawned = PL.predict(prof, one, "1f1b", 4, 1, msg, local=False)[0]
     in_job = PL.predict(prof, pipeline_config(n_stages=2, batch_size=64, launcher="torchrun"),
                         "1f1b", 4, 1, msg, local=False)[0]
-    assert spawned - in_job == pytest.approx(64 * 32 * 1e-9)  # the outputs' reply
+    assert spawned == pytest.approx(in_job)  # the next batch went ahead
+    monkeypatch.setattr(_spawn, "STEP_AHEAD", False)
+    waiting = PL.predict(prof, one, "1f1b", 4, 1, msg, local=False)[0]
+    assert waiting - in_job == pytest.approx(64 * 32 * 1e-9)  # the outputs' reply
     # the planner cannot import parallel/ (the floors): its bucket is the replicas' own
     from skpipe.engine.parallel._replicas import BUCKET_BYTES
 
