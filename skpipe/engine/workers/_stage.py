@@ -339,6 +339,11 @@ class StageHost(StageState):
                 g.mul_(coef)
 
     # -- what the driver's callbacks change ------------------------------------------------
+    @property
+    def computed(self) -> bool:
+        """Whether a batch's gradients are computed and its update is still to come."""
+        return self._computed is not None
+
     def discard_gradients(self) -> None:
         """Drop what ``compute_gradients`` computed: the weights and the optimizer are as if it
         had not run (its batch can be computed again)."""

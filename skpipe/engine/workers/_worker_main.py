@@ -112,10 +112,9 @@ class Worker:
         self.world = world
         self.host: Any = None  # StageHost, once set up
         self.device = "cpu"
-        # a synchronous step's next batch, sent along with it; whether its forward and backward
-        # ran (and the random state from before they did)
+        # a synchronous step's next batch, sent along with it, and the random state from before
+        # its forward and backward ran (whether they did: the host's ``computed``)
         self._ahead: P.Step | None = None
-        self._computed_ahead = False
         self._rng: Any = None
 
     def stages(self) -> Any:
@@ -191,9 +190,9 @@ class Worker:
                 host.compute_gradients(**_rows(m.now))
             elif self._ahead is None:
                 raise RuntimeError("a step came without its batch, and none went ahead")
-            elif not self._computed_ahead:  # dropped by a message since: computed again
+            elif not host.computed:  # dropped by a message since: computed again
                 host.compute_gradients(**_rows(self._ahead))
-            self._ahead, self._computed_ahead = None, False
+            self._ahead = None
             loss, out = host.update(m.hyper)
         reply = _loss_reply(loss, out)
         ahead = m.ahead
@@ -207,15 +206,13 @@ class Worker:
         self._rng = _rng_state(self.device)
         with self._out_of_memory_named():
             self.stages().compute_gradients(**_rows(rows))
-        self._computed_ahead = True
 
     def discard_ahead(self) -> None:
         """Undo the next batch's forward and backward (a message that may change the weights
         came first): its gradients dropped, the random state back; its rows kept."""
-        if self._computed_ahead:
-            self.stages().discard_gradients()
+        if self.host is not None and self.host.computed:
+            self.host.discard_gradients()
             _set_rng_state(self.device, self._rng)
-            self._computed_ahead = False
 
     def async_begin(self, m: P.AsyncBegin) -> None:
         self.pipe().begin(m.n_batches)

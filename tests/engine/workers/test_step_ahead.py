@@ -24,11 +24,8 @@ PARAMS = dict(
 )
 
 
-class ShrinkAt(Callback):
-    """Writes the weights after the training batches given (counted over the fit)."""
-
-    def __init__(self, at=(2, 5, 9)):
-        self.at = at
+class _AfterTrainingBatches(Callback):
+    """Counts the fit's training batches; ``after(net)`` once each has ended."""
 
     def initialize(self):
         self.seen_ = 0
@@ -37,13 +34,23 @@ class ShrinkAt(Callback):
     def on_batch_end(self, net, training=False, **kwargs):
         if training:
             self.seen_ += 1
-            if self.seen_ in self.at:
-                with torch.no_grad():
-                    for p in net.module_.parameters():
-                        p.mul_(0.9)
+            self.after(net)
 
 
-class InterruptAt(Callback):
+class ShrinkAt(_AfterTrainingBatches):
+    """Writes the weights after the training batches given (counted over the fit)."""
+
+    def __init__(self, at=(2, 5, 9)):
+        self.at = at
+
+    def after(self, net):
+        if self.seen_ in self.at:
+            with torch.no_grad():
+                for p in net.module_.parameters():
+                    p.mul_(0.9)
+
+
+class InterruptAt(_AfterTrainingBatches):
     """Interrupts the fit after its ``at``-th training batch."""
 
     needs_weights = False
@@ -51,15 +58,9 @@ class InterruptAt(Callback):
     def __init__(self, at=4):
         self.at = at
 
-    def initialize(self):
-        self.seen_ = 0
-        return self
-
-    def on_batch_end(self, net, training=False, **kwargs):
-        if training:
-            self.seen_ += 1
-            if self.seen_ == self.at:
-                raise KeyboardInterrupt
+    def after(self, net):
+        if self.seen_ == self.at:
+            raise KeyboardInterrupt
 
 
 def _fit(ahead, monkeypatch, **params):
