@@ -190,7 +190,7 @@ class SleepNet(nn.Module):
 
 def step_ahead(quick: bool, runs: int) -> dict:
     """Seconds per step with the next batch sent ahead and without, side by side."""
-    from skpipe.engine.runners import _spawn
+    from skpipe.engine.plan import _config
 
     rng = np.random.RandomState(0)
     out = {}
@@ -210,7 +210,7 @@ def step_ahead(quick: bool, runs: int) -> dict:
         try:
             for _ in range(runs):
                 for ahead in (True, False):
-                    _spawn.STEP_AHEAD = ahead
+                    _config.STEP_AHEAD = ahead
                     seconds = epoch_time(1, data, n_replicas=2, n_stages=1, launcher="spawn",
                                          max_epochs=epochs, batch_size=batch,
                                          train_split=None, random_state=0,
@@ -218,7 +218,7 @@ def step_ahead(quick: bool, runs: int) -> dict:
                     times[ahead].append(seconds / (n // batch))
                     shutdown_workers()
         finally:
-            _spawn.STEP_AHEAD = True
+            _config.STEP_AHEAD = True
             if saved is None:
                 os.environ.pop("OMP_NUM_THREADS")
             else:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim import lr_scheduler as sched
 
 from skpipe import PipeNetClassifier
-from skpipe.engine.runners import _spawn as spawn_runner
+from skpipe.engine.plan import _config as engine_config
 
 X_ALL, Y_ALL = load_breast_cancer(return_X_y=True)
 X = StandardScaler().fit_transform(X_ALL).astype(np.float32)[:240]
@@ -266,7 +266,7 @@ def one_device(tmp_path_factory):
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_setting_trains_what_one_device_trains(setting, mode, one_device, tmp_path, monkeypatch):
     ref, ref_params, ref_folder = one_device(setting)
-    monkeypatch.setattr(spawn_runner, "STEP_AHEAD", mode == "spawn, next batch ahead")
+    monkeypatch.setattr(engine_config, "STEP_AHEAD", mode == "spawn, next batch ahead")
     est, params, folder = _fit(setting, mode, tmp_path)
     _same_state(est.module_.state_dict(), ref.module_.state_dict())
     assert np.allclose(est.history_[:, "train_loss"], ref.history_[:, "train_loss"], atol=1e-5)

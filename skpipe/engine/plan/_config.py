@@ -18,6 +18,14 @@ CHECKPOINTS = ("never", "except_last", "always")
 PRECISIONS = ("float32", "bf16")
 SHARDS = ("none", "optimizer", "full")
 
+# Whether a spawned synchronous step's next batch goes along with it (``P.SyncStep``): the
+# stages then compute its forward and backward while the driver runs the step's callbacks and
+# makes the next message, instead of waiting for them (nothing of the step's update is needed
+# before it). Read by the spawn runner and by the planner, which then counts no driver round
+# trip in the step. Measured in benchmarks/scaling.py --only ahead. False only to measure what
+# it saves.
+STEP_AHEAD = True
+
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..plan import _schedules
+from ..plan import _config, _schedules
 from ..plan._config import PipelineConfig
 from ..plan._memory import human_bytes
 from ..plan._microbatch import step_rows
@@ -72,12 +72,6 @@ class Candidate:
         return dict(self.__dict__)
 
 
-def _spawn_steps_ahead() -> bool:
-    from ..runners import _spawn
-
-    return _spawn.STEP_AHEAD
-
-
 def _chunk_options(schedule: str, n_stages: int, n_layers: int, fixed: int | None) -> list[int]:
     spec = _schedules.SCHEDULES[schedule]
     top = spec.max_chunks or 4
@@ -125,7 +119,7 @@ def predict(
         busy, activations = sim.busy_seconds, sim.peak_activation_bytes
         step = optimizer_finish(profile, config, bounds, owners, sim, optimizer)
         step += replica_sum_seconds(profile, config, bounds, owners, spec, message, busy)
-        if config.launcher == "spawn" and not _spawn_steps_ahead():
+        if config.launcher == "spawn" and not _config.STEP_AHEAD:
             # torchrun ranks have the data; 'local' sends nothing; spawned stages that take
             # the next batch along compute it while its message and the reply travel
             step += driver_message_seconds(profile, config, message)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..plan import _config
 from ..plan._config import TrainSpec
 from ..plan._microbatch import class_weight_sum, class_weighted, replica_shares
 from ..plan._plan import Plan
@@ -21,14 +22,6 @@ from ..workers import _protocol as P
 from ..workers._pool import STARTUP_TIMEOUT, acquire_group, release_group
 from ._hyper import HyperChannel, driver_optimizer
 from ._runner import Runner
-
-# Whether a synchronous step's next batch goes along with it (``P.SyncStep``): the stages then
-# compute its forward and backward while this process runs the step's callbacks and makes the
-# next message, instead of waiting for them (nothing of the step's update is needed before
-# it). Measured in benchmarks/scaling.py --only ahead, even where two CPU workers take both
-# cores. False only to measure what it saves.
-STEP_AHEAD = True
-
 
 class SpawnRunner(Runner):
     """Drives one worker per rank of the (replica x stage) mesh: with one replica, one per
@@ -192,7 +185,7 @@ class SpawnRunner(Runner):
     # -- synchronous ones: each step's next batch goes along, computed while the callbacks run
     @property
     def prefetches(self) -> bool:
-        return STEP_AHEAD and not self.asynchronous
+        return _config.STEP_AHEAD and not self.asynchronous
 
     def begin_epoch(self, n_batches: int) -> None:
         self._ahead = self._upcoming = None

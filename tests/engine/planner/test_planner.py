@@ -83,7 +83,7 @@ def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver(
     zero-bubble schedule, what the backward does not hide (at least the last bucket) after the
     others; spawned stages also wait for the driver's step message and its reply, unless the
     next batch goes along with each step (the default: it is computed while they travel)."""
-    from skpipe.engine.runners import _spawn
+    from skpipe.engine.plan import _config
 
     msg = PL.MessageCost(0.0, 1e-9, 0.0)  # 1 ns per byte
     prof = profile([(1e-4, 1e-4, 1e-4)] * 4, params=4_000_000, out=32.0)
@@ -100,7 +100,7 @@ def test_replicas_wait_for_their_gradient_sum_and_spawned_stages_for_the_driver(
     in_job = PL.predict(prof, pipeline_config(n_stages=2, batch_size=64, launcher="torchrun"),
                         "1f1b", 4, 1, msg, local=False)[0]
     assert spawned == pytest.approx(in_job)  # the next batch went ahead
-    monkeypatch.setattr(_spawn, "STEP_AHEAD", False)
+    monkeypatch.setattr(_config, "STEP_AHEAD", False)
     waiting = PL.predict(prof, one, "1f1b", 4, 1, msg, local=False)[0]
     assert waiting - in_job == pytest.approx(64 * 32 * 1e-9)  # the outputs' reply
     # the planner cannot import parallel/ (the floors): its bucket is the replicas' own

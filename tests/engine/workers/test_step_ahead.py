@@ -10,7 +10,7 @@ import torch
 from skorch.callbacks import Callback
 
 from skpipe import PipeNetClassifier
-from skpipe.engine.runners import _spawn as spawn_runner
+from skpipe.engine.plan import _config as engine_config
 
 pytestmark = pytest.mark.distributed
 
@@ -64,7 +64,7 @@ class InterruptAt(_AfterTrainingBatches):
 
 
 def _fit(ahead, monkeypatch, **params):
-    monkeypatch.setattr(spawn_runner, "STEP_AHEAD", ahead)
+    monkeypatch.setattr(engine_config, "STEP_AHEAD", ahead)
     return PipeNetClassifier(**{**PARAMS, **params}).fit(X, Y)
 
 
