@@ -24,6 +24,10 @@ draws the curves of every seed.
     python benchmarks/async_convergence.py [--quick] [--seeds 5] [--epochs N]
         [--png docs/images/async_convergence.png]
 
+One protocol's seeds can be split over runs (``--first-seed``, ``--data``, ``--curves-out``)
+and reported together (``--from-curves a.json b.json --png ...``): a fit's curve depends only
+on its seed, not on what runs beside it.
+
 ``--rule`` runs only a plain one-process loop of the 2bw rule against the synchronous one
 (no pipeline, Friedman #1, 8 epochs at a constant rate), for optimizers with and without
 momentum: how much of the delay's cost the optimizer decides.
@@ -32,7 +36,9 @@ momentum: how much of the delay's cost the optimizer decides.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -165,15 +171,66 @@ def rule_figures(quick: bool, seeds: int) -> dict:
     return out
 
 
+def report(curves: dict, seeds: list[int], figures: dict) -> None:
+    """The figures of every data set: medians over ``seeds`` of the last loss and of each
+    seed's gap to the same seed's ``1f1b`` fit (also the quartiles of those gaps: how far the
+    seeds disagree), and the gap a quarter of the way through."""
+    for name, per_schedule in curves.items():
+        sync = [per_schedule["1f1b"][seed] for seed in seeds]
+        finals = [c[-1] for c in sync]
+        figures[f"{name}_1f1b_valid_loss"] = round(median(finals), 4)
+        # how far the synchronous fits' own last losses lie apart over the seeds (the noise
+        # the 2 % is measured against)
+        figures[f"{name}_1f1b_seed_spread"] = round((max(finals) - min(finals)) / median(finals), 3)
+        quarter = max(1, len(sync[0]) // 4) - 1
+        for s in SCHEDULES[1:]:
+            if s not in per_schedule:
+                continue
+            runs = [per_schedule[s][seed] for seed in seeds]
+            figures[f"{name}_{s}_valid_loss"] = round(median([c[-1] for c in runs]), 4)
+            gaps = [c[-1] / ref[-1] - 1 for c, ref in zip(runs, sync, strict=True)]
+            gap = median(gaps)
+            figures[f"{name}_{s}_relative_gap"] = round(gap, 4)
+            if len(gaps) >= 4:
+                q1, _, q3 = statistics.quantiles(gaps, n=4)
+                figures[f"{name}_{s}_gap_quartiles"] = [round(q1, 4), round(q3, 4)]
+            figures[f"{name}_{s}_within_2pct"] = abs(gap) <= 0.02
+            figures[f"{name}_{s}_gap_at_epoch_{quarter + 1}"] = round(median(
+                [c[quarter] / ref[quarter] - 1 for c, ref in zip(runs, sync, strict=True)]), 4)
+
+
+def merged(paths: list[str]) -> tuple[dict, list[int]]:
+    """The curves of several ``--curves-out`` files (seeds of separate runs) as one, with the
+    seeds every schedule of every data set has."""
+    curves: dict = {}
+    for path in paths:
+        with open(path) as f:
+            for name, per_schedule in json.load(f).items():
+                for s, runs in per_schedule.items():
+                    curves.setdefault(name, {}).setdefault(s, {}).update(
+                        {int(seed): run for seed, run in runs.items()})
+    seeds = sorted(set.intersection(*(set(runs) for per in curves.values()
+                                      for runs in per.values())))
+    return curves, seeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first-seed .. first-seed + seeds - 1 (to split one protocol's "
+                         "seeds over runs, merged by --from-curves)")
+    ap.add_argument("--data", default=",".join(SETTINGS),
+                    help=f"comma-separated data sets, of {', '.join(SETTINGS)}")
     ap.add_argument("--epochs", type=int, default=None,
                     help="epochs of every data set (default: each set's own, see SETTINGS)")
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--png", default=None, help="where to draw the curves")
+    ap.add_argument("--curves-out", default=None, help="write every curve here (JSON)")
+    ap.add_argument("--from-curves", nargs="+", default=None, metavar="JSON",
+                    help="fit nothing: report (and draw) the curves of these --curves-out files")
     ap.add_argument("--rule", action="store_true",
                     help="only the plain one-process loop of the rule, sync against delayed, "
                          "for optimizers with and without momentum")
@@ -181,34 +238,36 @@ def main() -> None:
     if args.rule:
         emit("async_convergence_rule", rule_figures(args.quick, 1 if args.quick else 3))
         return
-    seeds, stages = (1, 2) if args.quick else (args.seeds, args.stages)
-    lr = args.lr
-    figures: dict = {"setting": f"MLP over {stages} spawned stages, m=4, Adam lr {lr:g} under a "
-                                f"cosine schedule, 20 % held out, median of {seeds} seeds"}
-    curves: dict = {}
-    for name, (X, y) in datasets(args.quick).items():
-        epochs, batch_size = SETTINGS[name]
-        epochs = 2 if args.quick else (args.epochs or epochs)
-        figures[f"{name}_setting"] = f"{len(X)} rows, {epochs} epochs, batch {batch_size}"
-        curves[name] = {s: [curve(X, y, s, seed, epochs, stages, lr, batch_size)
-                            for seed in range(seeds)] for s in SCHEDULES}
-        sync = curves[name]["1f1b"]
-        finals = [c[-1] for c in sync]
-        figures[f"{name}_1f1b_valid_loss"] = round(median(finals), 4)
-        # how far the synchronous fits' own last losses lie apart over the seeds (the noise
-        # the 2 % is measured against)
-        figures[f"{name}_1f1b_seed_spread"] = round((max(finals) - min(finals)) / median(finals), 3)
-        quarter = max(1, epochs // 4) - 1
-        for s in SCHEDULES[1:]:
-            runs = curves[name][s]
-            figures[f"{name}_{s}_valid_loss"] = round(median([c[-1] for c in runs]), 4)
-            gap = median([c[-1] / ref[-1] - 1 for c, ref in zip(runs, sync, strict=True)])
-            figures[f"{name}_{s}_relative_gap"] = round(gap, 4)
-            figures[f"{name}_{s}_within_2pct"] = abs(gap) <= 0.02
-            figures[f"{name}_{s}_gap_at_epoch_{quarter + 1}"] = round(median(
-                [c[quarter] / ref[quarter] - 1 for c, ref in zip(runs, sync, strict=True)]), 4)
+    names = args.data.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        ap.error(f"--data: unknown data set(s) {unknown}; choose from {list(SETTINGS)}")
+    figures: dict = {}
+    if args.from_curves:
+        curves, seeds = merged(args.from_curves)
+        figures["setting"] = f"curves of {args.from_curves}, seeds {seeds}"
+    else:
+        n_seeds, stages = (1, 2) if args.quick else (args.seeds, args.stages)
+        seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+        figures["setting"] = (f"MLP over {stages} spawned stages, m=4, Adam lr {args.lr:g} "
+                              f"under a cosine schedule, 20 % held out, seeds {seeds}")
+        curves = {}
+        for name, (X, y) in datasets(args.quick).items():
+            if name not in names:
+                continue
+            epochs, batch_size = SETTINGS[name]
+            epochs = 2 if args.quick else (args.epochs or epochs)
+            figures[f"{name}_setting"] = f"{len(X)} rows, {epochs} epochs, batch {batch_size}"
+            curves[name] = {s: {seed: curve(X, y, s, seed, epochs, stages, args.lr, batch_size)
+                                for seed in seeds} for s in SCHEDULES}
+        if args.curves_out:
+            with open(args.curves_out, "w") as f:
+                json.dump(curves, f)
+            figures["curves"] = args.curves_out
+    report(curves, seeds, figures)
     if args.png:
-        draw(curves, args.png)
+        draw({name: {s: [runs[seed] for seed in seeds] for s, runs in per.items()}
+              for name, per in curves.items()}, args.png)
         figures["png"] = args.png
     emit("async_convergence", figures)
 
