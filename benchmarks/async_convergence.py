@@ -21,7 +21,7 @@ seeds of the relative gap, each seed paired with the same seed's ``1f1b`` fit). 
 quarter of the way through the fit is printed too: the delay costs most early. ``--png``
 draws the curves of every seed.
 
-    python benchmarks/async_convergence.py [--quick] [--seeds 5] [--epochs N]
+    python benchmarks/async_convergence.py [--quick] [--seeds 10] [--epochs N]
         [--png docs/images/async_convergence.png]
 
 One protocol's seeds can be split over runs (``--first-seed``, ``--data``, ``--curves-out``)
@@ -217,7 +217,7 @@ def merged(paths: list[str]) -> tuple[dict, list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny setting (for the test suite)")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeds first-seed .. first-seed + seeds - 1 (to split one protocol's "
                          "seeds over runs, merged by --from-curves)")
