@@ -184,8 +184,6 @@ def report(curves: dict, seeds: list[int], figures: dict) -> None:
         figures[f"{name}_1f1b_seed_spread"] = round((max(finals) - min(finals)) / median(finals), 3)
         quarter = max(1, len(sync[0]) // 4) - 1
         for s in SCHEDULES[1:]:
-            if s not in per_schedule:
-                continue
             runs = [per_schedule[s][seed] for seed in seeds]
             figures[f"{name}_{s}_valid_loss"] = round(median([c[-1] for c in runs]), 4)
             gaps = [c[-1] / ref[-1] - 1 for c, ref in zip(runs, sync, strict=True)]

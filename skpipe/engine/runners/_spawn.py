@@ -23,6 +23,7 @@ from ..workers._pool import STARTUP_TIMEOUT, acquire_group, release_group
 from ._hyper import HyperChannel, driver_optimizer
 from ._runner import Runner
 
+
 class SpawnRunner(Runner):
     """Drives one worker per rank of the (replica x stage) mesh: with one replica, one per
     pipeline stage."""
@@ -204,7 +205,7 @@ class SpawnRunner(Runner):
         self._ahead, self._upcoming = ahead, None
         return self.group.ask_all([
             kind(hyper, None if now is None else now[rank],
-                        None if ahead is None else ahead[rank])
+                 None if ahead is None else ahead[rank])
             for rank in range(self.config.world_size)
         ])
 

@@ -186,7 +186,6 @@ class Worker:
         with self._out_of_memory_named():
             if m.now is not None:
                 self.discard_ahead()
-                self._ahead = None
                 host.compute_gradients(**_rows(m.now))
             elif self._ahead is None:
                 raise RuntimeError("a step came without its batch, and none went ahead")
